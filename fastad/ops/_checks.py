@@ -1,0 +1,30 @@
+"""Input validation shared by the ops: every message says what was wrong and what was expected."""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(name: str, t, *, ndim: int | tuple[int, ...] | None = None, finite: bool = True) -> None:
+    """Raise TypeError/ValueError unless ``t`` is a non-empty floating tensor of the given rank with finite values."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), got {t.dtype}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else ndim
+        if t.dim() not in allowed:
+            raise ValueError(f"{name} must have {' or '.join(map(str, allowed))} dimensions, got shape {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(t.shape)}); expected at least one element")
+    if finite and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or inf values; expected finite values")
+
+
+def check_same_device(**tensors: torch.Tensor) -> None:
+    """Raise ValueError unless all tensors live on one device."""
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"tensors must be on the same device, got {listing}")

@@ -1,0 +1,122 @@
+"""A bank of feature vectors with exact (or IVF) k-nearest-neighbour search.
+
+Backends:
+- ``torch``: exact, chunked ``|q|^2 + |b|^2 - 2 q.b`` plus ``topk``; CPU or CUDA, never an
+  (all queries x all bank) matrix.
+- ``faiss``: ``IndexFlatL2`` (exact) or, with ``ivf_nlist``, ``IndexIVFFlat`` (approximate) on the
+  CPU; moved to the GPU when the queries are CUDA tensors and faiss was built with GPU support
+  (the ``gpu`` extra).
+Both return **squared** L2 distances, as FAISS does and as PatchCore's official code uses them.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._checks import check_tensor
+
+__all__ = ["FeatureBank"]
+
+_CHUNK_ELEMENTS = 1 << 24  # queries x bank block size of the torch backend
+
+
+class FeatureBank:
+    """Stores (N, dim) features and answers k-nearest-neighbour queries.
+
+    Args:
+        dim: feature dimension.
+        backend: ``'torch'`` or ``'faiss'``.
+        device: device of the stored features (torch backend); faiss keeps them on the CPU.
+        ivf_nlist: faiss only: number of IVF lists (approximate search for very large banks);
+            trained on the first ``add``.
+        nprobe: faiss IVF lists visited per query.
+    """
+
+    def __init__(self, dim: int, backend: str = "torch", device=None, ivf_nlist: int | None = None, nprobe: int = 8):
+        if backend not in ("torch", "faiss"):
+            raise ValueError(f"backend must be 'torch' or 'faiss', got {backend!r}")
+        if ivf_nlist is not None and backend != "faiss":
+            raise ValueError("ivf_nlist needs backend='faiss'")
+        self.dim, self.backend = int(dim), backend
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self._features = torch.empty(0, self.dim, device=self.device)
+        self._index = None
+        if backend == "faiss":
+            import faiss  # imported lazily: optional for torch-only users
+
+            self._faiss = faiss
+            if ivf_nlist is None:
+                self._index = faiss.IndexFlatL2(self.dim)
+            else:
+                self._quantizer = faiss.IndexFlatL2(self.dim)
+                self._index = faiss.IndexIVFFlat(self._quantizer, self.dim, int(ivf_nlist))
+                self._index.nprobe = int(nprobe)
+            self._gpu_index = None
+
+    def __len__(self) -> int:
+        return self._features.shape[0]
+
+    @property
+    def features(self) -> torch.Tensor:
+        """(N, dim) float32 tensor of everything added so far."""
+        return self._features
+
+    def add(self, features: torch.Tensor) -> None:
+        """Append (n, dim) floating, finite features."""
+        check_tensor("features", features, ndim=2)
+        if features.shape[1] != self.dim:
+            raise ValueError(f"features must be (n, {self.dim}), got {tuple(features.shape)}")
+        f = features.detach().float().to(self.device)
+        self._features = torch.cat([self._features, f]) if len(self) else f.contiguous()
+        if self.backend == "faiss":
+            arr = f.cpu().numpy()
+            if not self._index.is_trained:
+                if arr.shape[0] < self._index.nlist:
+                    raise ValueError(f"IVF needs at least nlist={self._index.nlist} vectors to train, got {arr.shape[0]}")
+                self._index.train(arr)
+            self._index.add(arr)
+            self._gpu_index = None
+
+    def search(self, queries: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """k nearest bank entries of every query.
+
+        Args:
+            queries: (Q, dim) floating, finite.
+            k: 1 <= k <= len(bank).
+        Returns:
+            (Q, k) float32 squared L2 distances (ascending) and (Q, k) int64 bank indices, on
+            ``queries.device``.
+        """
+        check_tensor("queries", queries, ndim=2)
+        if queries.shape[1] != self.dim:
+            raise ValueError(f"queries must be (Q, {self.dim}), got {tuple(queries.shape)}")
+        if len(self) == 0:
+            raise ValueError("the feature bank is empty: call add() first")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(self):
+            raise ValueError(f"k must be an int in [1, {len(self)}] (bank size), got {k!r}")
+        if self.backend == "faiss":
+            return self._search_faiss(queries, k)
+        return self._search_torch(queries, k)
+
+    def _search_torch(self, queries, k):
+        bank = self._features
+        q = queries.detach().float().to(bank.device)
+        bank_sq = bank.pow(2).sum(1)
+        rows = max(1, _CHUNK_ELEMENTS // max(1, len(self)))
+        dists, idxs = [], []
+        for start in range(0, q.shape[0], rows):
+            qc = q[start : start + rows]
+            d = torch.addmm(bank_sq.unsqueeze(0), qc, bank.t(), beta=1.0, alpha=-2.0).add_(qc.pow(2).sum(1, keepdim=True))
+            v, i = torch.topk(d.clamp_min_(0.0), k, dim=1, largest=False, sorted=True)
+            dists.append(v)
+            idxs.append(i)
+        return torch.cat(dists).to(queries.device), torch.cat(idxs).to(queries.device)
+
+    def _search_faiss(self, queries, k):
+        index = self._index
+        if queries.is_cuda and hasattr(self._faiss, "StandardGpuResources"):
+            if self._gpu_index is None:
+                self._gpu_res = self._faiss.StandardGpuResources()
+                self._gpu_index = self._faiss.index_cpu_to_gpu(self._gpu_res, queries.device.index or 0, index)
+            index = self._gpu_index
+        d, i = index.search(queries.detach().float().cpu().numpy(), k)
+        return torch.from_numpy(d).to(queries.device), torch.from_numpy(i).long().to(queries.device)

