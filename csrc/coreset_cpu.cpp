@@ -15,6 +15,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <cmath>
 #include <limits>
 #include <vector>
 

@@ -25,7 +25,7 @@ void check(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "fastad::", what, ": CUDA error: ", cudaGetErrorString(err));
 }
 
-constexpr int64_t kMaxSharedDim = 12288;  // 48 KiB of float32 center in shared memory
+constexpr int64_t kMaxSharedDim = 11776;  // float32 center + reduction scratch within 48 KiB of shared memory
 
 at::Tensor kcenter_greedy_cuda(const at::Tensor& features, const at::Tensor& starts, int64_t k) {
   TORCH_CHECK(features.dim() == 2 && features.scalar_type() == at::kFloat,
