@@ -115,10 +115,16 @@ def greedy_coreset(
     Raises:
         TypeError/ValueError: wrong dtype or rank, empty input, NaN/inf, bad k or ratio.
     """
-    check_tensor("features", features, ndim=2)
+    check_tensor("features", features, ndim=2, finite=False)
     n = features.shape[0]
     k = coreset_size(n, k, ratio)
     projected = project_features(features, projection_dim, seed)
+    # NaN/inf never project to finite values, and the projection is 12x smaller than 1536-d input
+    if not bool(torch.isfinite(projected).all()):
+        raise ValueError(
+            "features contain NaN or inf values (or values so large that the projection overflows float32); "
+            "expected finite values"
+        )
     starts = starting_points(n, num_starts, seed)
     if use_kernel(projected.device):
         return torch.ops.fastad.kcenter_greedy(projected, starts.to(projected.device), k)
