@@ -1,14 +1,24 @@
 """fastad ops: each public op has a pure-PyTorch reference beside it (``<op>_reference``)."""
 from .coreset import greedy_coreset, greedy_coreset_reference
 from .feature_bank import FeatureBank
+from .hard_mining import adc_loss, adc_loss_reference, hard_mining_cosine_loss, hard_mining_cosine_loss_reference
 from .nearest import nearest_reference, nearest_reference_reference
+from .select import quantile, quantile_reference, select_rank, select_rank_reference
 from .smoothing import gaussian_blur
 
 __all__ = [
     "FeatureBank",
+    "adc_loss",
+    "adc_loss_reference",
     "gaussian_blur",
     "greedy_coreset",
     "greedy_coreset_reference",
+    "hard_mining_cosine_loss",
+    "hard_mining_cosine_loss_reference",
     "nearest_reference",
     "nearest_reference_reference",
+    "quantile",
+    "quantile_reference",
+    "select_rank",
+    "select_rank_reference",
 ]

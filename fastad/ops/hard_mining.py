@@ -1,0 +1,333 @@
+"""Quantile hard-mining losses: MiniMaxAD's ADCLoss and Dinomaly's hard-mining global cosine loss.
+
+Both pick the hardest points of a map by a quantile or top-k threshold. The authors' code sorts the
+whole map (``torch.quantile``, ``torch.topk``) and builds the selection with several full-size
+temporaries; here the threshold comes from :mod:`fastad.ops.select` (exact radix select), and each
+loss reads its inputs in one fused Triton pass forward and writes the gradient in one pass backward.
+Without Triton (CPU without ``TRITON_INTERPRET=1``) the same steps run as PyTorch expressions.
+
+The ``*_reference`` functions are the authors' formulations (spec sections 4.5 and 5.5) and are the
+test oracles.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import _triton
+from ._checks import check_same_device, check_tensor
+from ._triton import tl, triton
+
+if _triton.HAS_TRITON:
+    from ._triton import store_rounded
+from .select import _check_q, _quantile, quantile_reference, select_rank
+
+__all__ = ["adc_loss", "adc_loss_reference", "hard_mining_cosine_loss", "hard_mining_cosine_loss_reference"]
+
+_COS_EPS = 1e-8  # torch.nn.CosineSimilarity's default, clamps each norm
+
+
+# ----------------------------------------------------------------------------------------------------
+# MiniMaxAD ADCLoss
+
+
+def _check_adc(maps: torch.Tensor, p_hard: float, p_lim: float) -> None:
+    check_tensor("maps", maps, finite=False)  # finiteness is checked by the first select pass
+    if maps.numel() < 2:
+        raise ValueError(f"maps needs at least 2 elements (the loss uses their std), got shape {tuple(maps.shape)}")
+    _check_q("p_hard", p_hard, open_=True)
+    _check_q("p_lim", p_lim, open_=True)
+
+
+def adc_loss_reference(maps: torch.Tensor, p_hard: float = 0.9999, p_lim: float = 0.9995) -> torch.Tensor:
+    """MiniMaxAD's ADCLoss as in the authors' code (spec 5.5), with a full sort for each quantile.
+
+    Same arguments and result as :func:`adc_loss`.
+    """
+    _check_adc(maps, p_hard, p_lim)
+    s = maps.float() if maps.dtype in (torch.float16, torch.bfloat16) else maps
+    sigma = torch.std(s)
+    s2 = s**2
+    tau = quantile_reference(s.detach(), p_hard) - sigma.detach() ** 2
+    if int((s2 >= tau).sum()) < s.numel() * (1 - p_lim):
+        tau = quantile_reference(s2.detach(), p_lim) - sigma.detach() ** 2
+    return s2[s2 >= tau].mean()
+
+
+def adc_loss(maps: torch.Tensor, p_hard: float = 0.9999, p_lim: float = 0.9995) -> torch.Tensor:
+    """MiniMaxAD's adaptive contraction hard-mining loss (ADCLoss, the -fr variant).
+
+    With S = ``maps``, sigma = std(S) (unbiased, whole batch) and tau = quantile(S, p_hard) - sigma**2:
+    if fewer than ``numel * (1 - p_lim)`` points have S**2 >= tau, tau = quantile(S**2, p_lim) - sigma**2.
+    The loss is the mean of S**2 over the points with S**2 >= tau; the others get no gradient.
+
+    Args:
+        maps: (B, H, W) (any shape) floating map S, the summed per-level ``1 - cos`` of MiniMaxAD. 16-bit
+            maps are computed in float32.
+        p_hard: primary mining quantile, in (0, 1).
+        p_lim: lower-bound mining quantile, in (0, 1).
+    Returns:
+        0-d loss, float32 (float64 for float64 maps), differentiable with respect to ``maps``.
+    """
+    _check_adc(maps, p_hard, p_lim)
+    return _ADCLoss.apply(maps, p_hard, p_lim)
+
+
+class _ADCLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, maps, p_hard, p_lim):
+        flat = maps.detach().contiguous().view(-1)
+        n = flat.numel()
+        var = torch.std(flat.float() if flat.dtype != torch.float64 else flat).cpu() ** 2  # as the reference
+        # the quantile's first radix pass also rejects NaN/inf maps
+        tau = _quantile(flat, p_hard, square=False).cpu() - var
+        count, total = _square_tail(flat, tau)
+        if count < n * (1 - p_lim):
+            tau = _quantile(flat, p_lim, square=True).cpu() - var
+            count, total = _square_tail(flat, tau)
+        ctx.save_for_backward(flat)
+        ctx.tau, ctx.count, ctx.shape = tau, count, maps.shape
+        return (total / count).to(var.dtype).to(maps.device)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (flat,) = ctx.saved_tensors
+        scale = (grad / ctx.count).reshape(1)
+        if _triton.use_triton(flat) and flat.dtype != torch.float64:
+            out = torch.empty_like(flat)
+            n = flat.numel()
+            block = 1024
+            _adc_backward_kernel[(triton.cdiv(n, block),)](flat, out, scale, n, float(ctx.tau), BLOCK=block)
+        else:
+            s = flat.to(scale.dtype)
+            out = torch.where(s * s >= ctx.tau.to(flat.device), 2 * s * scale, 0).to(flat.dtype)
+        return out.view(ctx.shape), None, None
+
+
+def _square_tail(flat: torch.Tensor, tau: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """(count, float64 sum) of S**2 over the points with S**2 >= tau (S**2 in the compute dtype)."""
+    if _triton.use_triton(flat) and flat.dtype != torch.float64:
+        n = flat.numel()
+        block = 65536 if not flat.is_cuda else 2048
+        grid = max(1, min(triton.cdiv(n, block), _triton.max_programs(flat)))
+        counts = torch.empty(grid, dtype=torch.int32, device=flat.device)
+        sums = torch.empty(grid, dtype=torch.float32, device=flat.device)
+        _square_tail_kernel[(grid,)](flat, n, float(tau), counts, sums, BLOCK=block)
+        return int(counts.sum()), sums.double().sum().cpu()  # per-program partials: deterministic
+    s2 = flat.to(tau.dtype) ** 2
+    keep = s2 >= tau.to(flat.device)
+    return int(keep.sum()), s2[keep].double().sum().cpu()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dinomaly hard-mining global cosine loss
+
+
+def _pairs(enc_feats, dec_feats) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    if isinstance(enc_feats, torch.Tensor) and isinstance(dec_feats, torch.Tensor):
+        enc_feats, dec_feats = [enc_feats], [dec_feats]
+    if not isinstance(enc_feats, Sequence) or not isinstance(dec_feats, Sequence):
+        raise TypeError("enc_feats and dec_feats must both be tensors or both sequences of tensors")
+    if len(enc_feats) != len(dec_feats) or not enc_feats:
+        raise ValueError(f"need as many encoder as decoder groups (>= 1), got {len(enc_feats)} and {len(dec_feats)}")
+    for i, (a, b) in enumerate(zip(enc_feats, dec_feats)):
+        check_tensor(f"enc_feats[{i}]", a, finite=False)  # non-finite values surface in the point distances
+        check_tensor(f"dec_feats[{i}]", b, finite=False)
+        if a.dim() != 4 or a.shape != b.shape:
+            raise ValueError(
+                f"group {i}: encoder and decoder features must both be (B, C, H, W) of one shape, "
+                f"got {tuple(a.shape)} and {tuple(b.shape)}"
+            )
+        check_same_device(enc=a, dec=b)
+    return list(zip(enc_feats, dec_feats))
+
+
+def _check_p(p: float, factor: float, n_points: int) -> int:
+    """Validates p and factor; returns Dinomaly's k = int(n_points * (1 - p))."""
+    _check_q("p", p, high=1.0)
+    if p >= 1:
+        raise ValueError(f"p must be in [0, 1), got {p}")
+    _check_q("factor", factor, high=float("inf"))
+    k = int(n_points * (1 - p))
+    if k < 1:
+        raise ValueError(f"p={p} keeps no hard point among {n_points} (int(N * (1 - p)) = 0); lower p")
+    return k
+
+
+def hard_mining_cosine_loss_reference(enc_feats, dec_feats, p: float, factor: float = 0.1) -> torch.Tensor:
+    """Dinomaly's ``global_cosine_hm_percent`` as in the authors' code (spec 4.5): a full top-k for
+    the threshold and a backward hook on the decoder features. Same arguments and result as
+    :func:`hard_mining_cosine_loss`."""
+    pairs = _pairs(enc_feats, dec_feats)
+    cos = torch.nn.CosineSimilarity()
+    loss = 0
+    for a, b in pairs:
+        a = a.detach()
+        b = b.view_as(b)  # a fresh node to hook, so no hook is left on the caller's tensor
+        with torch.no_grad():
+            point_dist = 1 - cos(a, b).unsqueeze(1)
+        k = _check_p(p, factor, point_dist.numel())
+        thresh = torch.topk(point_dist.reshape(-1), k=k)[0][-1]
+        loss = loss + torch.mean(1 - cos(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)))
+        if b.requires_grad:
+            easy = (point_dist < thresh).expand_as(b)
+            b.register_hook(lambda g, easy=easy: g if g is None else torch.where(easy, g * factor, g))
+    return loss / len(pairs)
+
+
+def hard_mining_cosine_loss(enc_feats, dec_feats, p: float, factor: float = 0.1) -> torch.Tensor:
+    """Dinomaly's global cosine loss with hard mining (``global_cosine_hm_percent``).
+
+    For each group: d = 1 - cos(a, b) along channels at every point (no gradient); thresh = the k-th
+    largest d over the whole batch, k = int(numel(d) * (1 - p)); loss = mean over samples of
+    1 - cos(flatten(a_n), flatten(b_n)); in the backward pass the gradient at points with d < thresh
+    (the easy ones) is multiplied by ``factor``. The result is the mean over groups.
+
+    Args:
+        enc_feats: (B, C, H, W) encoder features, or a sequence of them (one per group). Treated as
+            constants (the encoder is frozen): no gradient flows to them.
+        dec_feats: decoder features, same shapes. Any floating dtype; computed in float32 (float64 stays
+            float64).
+        p: hard-mining fraction in [0, 1); Dinomaly ramps it from 0 to 0.9. p = 0 down-weights nothing.
+        factor: gradient multiplier of the easy points (Dinomaly: 0.1).
+    Returns:
+        0-d loss, differentiable with respect to ``dec_feats``.
+    """
+    pairs = _pairs(enc_feats, dec_feats)
+    terms = [_HardMiningCosine.apply(a.detach(), b, p, factor) for a, b in pairs]
+    return sum(terms) / len(terms)
+
+
+class _HardMiningCosine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, p, factor):
+        bsz, c = a.shape[:2]
+        a3, b3 = a.reshape(bsz, c, -1), b.reshape(bsz, c, -1)
+        dot, na, nb = _point_stats(a3, b3)  # (B, P) each, float32 or float64
+        point_dist = 1 - dot / (na.sqrt().clamp_min(_COS_EPS) * nb.sqrt().clamp_min(_COS_EPS))
+        if not bool(torch.isfinite(point_dist).all()):
+            raise ValueError("enc_feats or dec_feats contains NaN or inf values; expected finite values")
+        k = _check_p(p, factor, point_dist.numel())
+        thresh = select_rank(point_dist, point_dist.numel() - k)
+        # per-sample global cosine from the per-point sums (float64 for the long reduction)
+        dot_n, na_n, nb_n = dot.double().sum(1), na.double().sum(1).sqrt(), nb.double().sum(1).sqrt()
+        na_n, nb_n = na_n.clamp_min(_COS_EPS), nb_n.clamp_min(_COS_EPS)
+        cos_n = dot_n / (na_n * nb_n)
+        ctx.save_for_backward(a3, b3, point_dist, thresh, cos_n, na_n, nb_n)
+        ctx.factor, ctx.shape = factor, b.shape
+        return (1 - cos_n).mean().to(dot.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a3, b3, point_dist, thresh, cos_n, na_n, nb_n = ctx.saved_tensors
+        bsz = a3.shape[0]
+        # d(1 - cos_n)/db = -a / (|a||b|) + cos_n * b / |b|^2, times grad / B
+        g = grad.double() / bsz
+        coef_a = (-g / (na_n * nb_n)).to(point_dist.dtype)
+        coef_b = (g * cos_n / nb_n**2).to(point_dist.dtype)
+        scale = torch.ones_like(point_dist).masked_fill_(point_dist < thresh, ctx.factor)
+        if _triton.use_triton(b3) and b3.dtype != torch.float64:
+            out = torch.empty(b3.shape, dtype=b3.dtype, device=b3.device)
+            _cosine_grad_kernel[_point_grid(b3)](
+                a3, b3, out, coef_a, coef_b, scale, b3.shape[1], b3.shape[2],
+                *a3.stride(), *b3.stride(), BLOCK_C=_BLOCK_C, BLOCK_P=_BLOCK_P,
+            )  # fmt: skip
+        else:
+            cdt = point_dist.dtype
+            out = (coef_a[:, None, None] * a3.to(cdt) + coef_b[:, None, None] * b3.to(cdt)) * scale[:, None]
+            out = out.to(b3.dtype)
+        return None, out.view(ctx.shape), None, None
+
+
+_BLOCK_C, _BLOCK_P = 32, 64
+
+
+def _point_grid(t: torch.Tensor):
+    return (triton.cdiv(t.shape[2], _BLOCK_P), t.shape[0])
+
+
+def _point_stats(a3: torch.Tensor, b3: torch.Tensor):
+    """Per point (B, P): sum_c a*b, sum_c a*a, sum_c b*b, accumulated in float32 (float64 inputs: float64)."""
+    if _triton.use_triton(a3) and a3.dtype != torch.float64:
+        bsz, c, n = a3.shape
+        out = torch.empty((3, bsz, n), dtype=torch.float32, device=a3.device)
+        _point_stats_kernel[_point_grid(a3)](
+            a3, b3, out, c, n, *a3.stride(), *b3.stride(), BLOCK_C=_BLOCK_C, BLOCK_P=_BLOCK_P
+        )
+        return out[0], out[1], out[2]
+    cdt = torch.float64 if a3.dtype == torch.float64 else torch.float32
+    a, b = a3.to(cdt), b3.to(cdt)
+    return (a * b).sum(1), (a * a).sum(1), (b * b).sum(1)
+
+
+if _triton.HAS_TRITON:
+
+    @triton.jit
+    def _square_tail_kernel(x_ptr, n, tau, count_ptr, sum_ptr, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        count = tl.zeros([BLOCK], dtype=tl.int32)
+        total = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(pid * BLOCK, n, tl.num_programs(0) * BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            x = tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+            sq = x * x
+            keep = (offs < n) & (sq >= tau)
+            count += keep.to(tl.int32)
+            total += tl.where(keep, sq, 0.0)
+        tl.store(count_ptr + pid, tl.sum(count))
+        tl.store(sum_ptr + pid, tl.sum(total))
+
+    @triton.jit
+    def _adc_backward_kernel(x_ptr, out_ptr, scale_ptr, n, tau, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < n
+        x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        scale = tl.load(scale_ptr).to(tl.float32)
+        g = tl.where(x * x >= tau, 2 * x * scale, 0.0)
+        store_rounded(out_ptr + offs, g, m)
+
+    @triton.jit
+    def _point_stats_kernel(
+        a_ptr, b_ptr, out_ptr, C, P, sab, sac, sap, sbb, sbc, sbp,
+        BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    ):  # fmt: skip
+        pb = tl.program_id(1)
+        ps = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+        pm = ps < P
+        dot = tl.zeros([BLOCK_P], dtype=tl.float32)
+        na = tl.zeros([BLOCK_P], dtype=tl.float32)
+        nb = tl.zeros([BLOCK_P], dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            cs = c0 + tl.arange(0, BLOCK_C)
+            m = (cs[:, None] < C) & pm[None, :]
+            a = tl.load(a_ptr + pb * sab + cs[:, None] * sac + ps[None, :] * sap, mask=m, other=0.0).to(tl.float32)
+            b = tl.load(b_ptr + pb * sbb + cs[:, None] * sbc + ps[None, :] * sbp, mask=m, other=0.0).to(tl.float32)
+            dot += tl.sum(a * b, axis=0)
+            na += tl.sum(a * a, axis=0)
+            nb += tl.sum(b * b, axis=0)
+        base = pb * P + ps
+        nbp = tl.num_programs(1) * P
+        tl.store(out_ptr + base, dot, mask=pm)
+        tl.store(out_ptr + nbp + base, na, mask=pm)
+        tl.store(out_ptr + 2 * nbp + base, nb, mask=pm)
+
+    @triton.jit
+    def _cosine_grad_kernel(
+        a_ptr, b_ptr, out_ptr, coef_a_ptr, coef_b_ptr, scale_ptr, C, P, sab, sac, sap, sbb, sbc, sbp,
+        BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    ):  # fmt: skip
+        pb = tl.program_id(1)
+        ps = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+        pm = ps < P
+        ca = tl.load(coef_a_ptr + pb)
+        cb = tl.load(coef_b_ptr + pb)
+        scale = tl.load(scale_ptr + pb * P + ps, mask=pm, other=0.0)
+        for c0 in range(0, C, BLOCK_C):
+            cs = c0 + tl.arange(0, BLOCK_C)
+            m = (cs[:, None] < C) & pm[None, :]
+            a = tl.load(a_ptr + pb * sab + cs[:, None] * sac + ps[None, :] * sap, mask=m, other=0.0).to(tl.float32)
+            b = tl.load(b_ptr + pb * sbb + cs[:, None] * sbc + ps[None, :] * sbp, mask=m, other=0.0).to(tl.float32)
+            g = (ca * a + cb * b) * scale[None, :]
+            store_rounded(out_ptr + pb * C * P + cs[:, None] * P + ps[None, :], g, m)

@@ -1,0 +1,245 @@
+"""Exact k-th value and quantile of a whole tensor, of any size, without sorting it.
+
+The Triton path is a three-pass radix select: the float32 values are mapped to order-preserving
+uint32 keys, and each pass histograms 11 (then 11, then 10) bits of the keys that still match the
+prefix found so far, 2048 bins, keeping one histogram per program in registers. The first pass also
+counts NaN/inf, so checking the input costs no extra read. After the last pass the bin holding the
+rank *is* the value; the next larger value (needed by the interpolation of :func:`quantile`) is
+almost always in the same histogram, else one masked min finds it.
+
+Off the Triton path (CPU without ``TRITON_INTERPRET=1``, float64) ``torch.kthvalue`` selects, which
+has no size limit either.
+
+:func:`quantile` reproduces ``torch.quantile(x, q)`` (linear interpolation) bit for bit: ``q`` is
+rounded to the input dtype, the rank ``q * (n - 1)`` is taken in float64 and ``torch.lerp``
+interpolates in the input dtype (what torch 2.14 does; older torch raised above 2**24 elements).
+16-bit inputs are computed, and returned, in float32.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _triton
+from ._checks import check_tensor
+from ._triton import tl, triton
+
+__all__ = ["quantile", "quantile_reference", "select_rank", "select_rank_reference"]
+
+_PASSES = ((21, 11), (10, 11), (0, 10))  # (shift, bits) of each radix pass, most significant first
+_BINS = 2048
+_MAX_NUMEL = 2**31 - 1  # int32 offsets in the kernels
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------------
+# references
+
+
+def select_rank_reference(x: torch.Tensor, rank: int) -> torch.Tensor:
+    """Oracle of :func:`select_rank`: ``sort(x.flatten())[rank]`` in the compute dtype."""
+    check_tensor("x", x)
+    _check_rank(rank, x.numel())
+    return torch.sort(x.flatten().to(_compute_dtype(x))).values[rank]
+
+
+def quantile_reference(x: torch.Tensor, q: float) -> torch.Tensor:
+    """Oracle of :func:`quantile`: a full sort, then ``torch.quantile``'s linear interpolation."""
+    check_tensor("x", x)
+    _check_q("q", q)
+    s = torch.sort(x.flatten().to(_compute_dtype(x))).values
+    lo, hi, w = _ranks(q, s.numel(), s.dtype)
+    return torch.lerp(s[lo], s[hi], w.to(s.device))
+
+
+# ----------------------------------------------------------------------------------------------------
+# public ops
+
+
+def select_rank(x: torch.Tensor, rank: int) -> torch.Tensor:
+    """The ``rank``-th smallest value (0-based) of all elements of ``x``.
+
+    Args:
+        x: floating tensor of any shape and size (< 2**31 elements on the Triton path), finite.
+        rank: 0 <= rank < x.numel().
+    Returns:
+        0-d tensor on ``x.device``; float32 for 16-bit and float32 inputs, float64 for float64.
+    """
+    flat = _prepare(x)
+    _check_rank(rank, flat.numel())
+    if _triton.use_triton(flat) and flat.dtype != torch.float64:
+        return _radix_select(flat, rank, square=False)[0]
+    _check_finite(flat)
+    return torch.kthvalue(flat.to(_compute_dtype(x)), rank + 1).values
+
+
+def quantile(x: torch.Tensor, q: float) -> torch.Tensor:
+    """``torch.quantile(x, q)`` over all elements (linear interpolation), exact, for any size.
+
+    Args:
+        x: floating tensor of any shape, finite.
+        q: quantile in [0, 1].
+    Returns:
+        0-d tensor on ``x.device``; float32 for 16-bit and float32 inputs, float64 for float64.
+    """
+    flat = _prepare(x)
+    _check_q("q", q)
+    return _quantile(flat, q, square=False)
+
+
+def _quantile(flat: torch.Tensor, q: float, square: bool) -> torch.Tensor:
+    """Quantile of ``flat`` (or of ``flat**2`` with ``square``); ``flat`` is 1-D and contiguous."""
+    cdt = _compute_dtype(flat)
+    lo, hi, w = _ranks(q, flat.numel(), cdt)
+    if _triton.use_triton(flat) and cdt == torch.float32:
+        v_lo, last_hist, bin_rank = _radix_select(flat, lo, square)
+        v_hi = v_lo if hi == lo else _next_from_hist(v_lo, last_hist, bin_rank)
+    else:
+        _check_finite(flat)
+        v_lo = torch.kthvalue(_values(flat, square), lo + 1).values
+        v_hi = v_lo if hi == lo else None
+    if v_hi is None:
+        v_hi = _next_value(_values(flat, square), v_lo, lo)
+    return torch.lerp(v_lo, v_hi, w.to(v_lo.device))
+
+
+# ----------------------------------------------------------------------------------------------------
+# validation and shared arithmetic
+
+
+def _prepare(x: torch.Tensor) -> torch.Tensor:
+    check_tensor("x", x, finite=False)  # finiteness: in the first radix pass, or _check_finite
+    if x.numel() > _MAX_NUMEL:
+        raise ValueError(f"x has {x.numel()} elements; at most {_MAX_NUMEL} are supported")
+    return x.contiguous().view(-1)
+
+
+def _check_finite(flat: torch.Tensor) -> None:
+    if not bool(torch.isfinite(flat).all()):
+        raise ValueError("x contains NaN or inf values; expected finite values")
+
+
+def _check_rank(rank: int, n: int) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise TypeError(f"rank must be an int, got {type(rank).__name__}")
+    if not 0 <= rank < n:
+        raise ValueError(f"rank={rank} must be in [0, {n}) for a tensor of {n} elements")
+
+
+def _check_q(name: str, q: float, *, low: float = 0.0, high: float = 1.0, open_: bool = False) -> None:
+    if isinstance(q, bool) or not isinstance(q, (int, float)) or not math.isfinite(q):
+        raise ValueError(f"{name} must be a finite number, got {q!r}")
+    inside = low < q < high if open_ else low <= q <= high
+    if not inside:
+        bounds = f"({low}, {high})" if open_ else f"[{low}, {high}]"
+        raise ValueError(f"{name} must be in {bounds}, got {q}")
+
+
+def _ranks(q: float, n: int, dtype: torch.dtype):
+    """torch.quantile's ranks: q rounded to ``dtype``, rank = q * (n - 1) in float64."""
+    rank = torch.tensor(q, dtype=dtype).double() * (n - 1)
+    lo, hi = int(rank.floor()), int(rank.ceil())
+    return lo, hi, (rank - lo).to(dtype)
+
+
+def _values(flat: torch.Tensor, square: bool) -> torch.Tensor:
+    v = flat.to(_compute_dtype(flat))
+    return v * v if square else v
+
+
+def _next_value(values: torch.Tensor, v: torch.Tensor, rank: int) -> torch.Tensor:
+    """sorted(values)[rank + 1] given v = sorted(values)[rank]."""
+    if int((values <= v).sum()) > rank + 1:
+        return v
+    return torch.where(values > v, values, torch.full_like(values, math.inf)).amin()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Triton radix select
+
+
+def _key_to_value(key: int) -> float:
+    bits = key ^ 0x80000000 if key & 0x80000000 else ~key & 0xFFFFFFFF
+    return torch.tensor([bits], dtype=torch.int64).to(torch.int32).view(torch.float32).item()
+
+
+def _radix_select(flat: torch.Tensor, rank: int, square: bool):
+    """Returns (value, last pass histogram, rank within the value's bin) for ``flat`` (or its square)."""
+    n = flat.numel()
+    block = 65536 if not flat.is_cuda else 4096
+    grid = (max(1, min(triton.cdiv(n, block), _triton.max_programs(flat))),)
+    hist = torch.zeros((len(_PASSES), _BINS), dtype=torch.int32, device=flat.device)
+    bad = torch.zeros(1, dtype=torch.int32, device=flat.device)
+    prefix = 0
+    for p, (shift, bits) in enumerate(_PASSES):
+        _radix_hist_kernel[grid](
+            flat, n, hist[p], bad, prefix,
+            SHIFT=shift, PREFIX_SHIFT=shift + bits, DIGIT_MASK=(1 << bits) - 1,
+            FIRST=p == 0, SQUARE=square, BLOCK=block, BINS=_BINS,
+        )  # fmt: skip
+        h = hist[p].cpu().long()
+        if p == 0 and int(bad.item()):
+            raise ValueError(f"x contains {int(bad.item())} NaN or inf values; expected finite values")
+        cum = torch.cumsum(h, 0)
+        b = int(torch.searchsorted(cum, rank, right=True))
+        rank -= int(cum[b - 1]) if b else 0
+        prefix = (prefix << bits) | b
+    value = torch.tensor(_key_to_value(prefix), dtype=torch.float32, device=flat.device)
+    return value, (prefix, h), rank
+
+
+def _next_from_hist(v: torch.Tensor, last, rank_in_bin: int):
+    """The next sorted value after ``v`` from the last pass histogram, or None when it lies beyond it."""
+    prefix, h = last
+    b = prefix & ((1 << _PASSES[-1][1]) - 1)
+    if rank_in_bin + 1 < int(h[b]):
+        return v
+    above = torch.nonzero(h[b + 1 :])
+    if above.numel() == 0:
+        return None
+    key = prefix + 1 + int(above[0])
+    return torch.tensor(_key_to_value(key), dtype=torch.float32, device=v.device)
+
+
+if _triton.HAS_TRITON:
+
+    @triton.jit
+    def _ordered_keys(x, SQUARE: tl.constexpr):
+        """float32 (or its square) -> uint32 keys whose unsigned order is the float order."""
+        if SQUARE:
+            x = x * x
+        bits = x.to(tl.uint32, bitcast=True)
+        flip = (bits >> 31) * 0x7FFFFFFF | 0x80000000  # negative: invert all bits; positive: set the sign
+        return bits ^ flip
+
+    @triton.jit
+    def _radix_hist_kernel(
+        x_ptr, n, hist_ptr, bad_ptr, prefix,
+        SHIFT: tl.constexpr, PREFIX_SHIFT: tl.constexpr, DIGIT_MASK: tl.constexpr,
+        FIRST: tl.constexpr, SQUARE: tl.constexpr, BLOCK: tl.constexpr, BINS: tl.constexpr,
+    ):  # fmt: skip
+        pid = tl.program_id(0)
+        step = tl.num_programs(0) * BLOCK
+        hist = tl.zeros([BINS], dtype=tl.int32)
+        dropped = tl.zeros([BLOCK], dtype=tl.int32)
+        bad = tl.zeros([BLOCK], dtype=tl.int32)
+        for start in range(pid * BLOCK, n, step):
+            offs = start + tl.arange(0, BLOCK)
+            m = offs < n
+            x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            key = _ordered_keys(x, SQUARE)
+            if FIRST:
+                bad += ((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32)
+            else:
+                m = m & ((key >> PREFIX_SHIFT) == prefix.to(tl.uint32))
+            digit = tl.where(m, (key >> SHIFT) & DIGIT_MASK, 0).to(tl.int32)
+            hist += tl.histogram(digit, BINS)
+            dropped += (~m).to(tl.int32)  # counted in bin 0 above; taken out below
+        hist -= tl.where(tl.arange(0, BINS) == 0, tl.sum(dropped), 0)
+        tl.atomic_add(hist_ptr + tl.arange(0, BINS), hist)
+        if FIRST:
+            tl.atomic_add(bad_ptr, tl.sum(bad))

@@ -1,0 +1,101 @@
+import pytest
+import torch
+from conftest import DEVICES, skip_unless_runs
+
+from fastad.ops import _triton, quantile, quantile_reference, select_rank, select_rank_reference
+from fastad.ops.select import _quantile
+
+QS = [0.0, 1e-7, 0.123456789, 0.3, 0.5, 0.9995, 0.9999, 1.0]
+SIZES = [1, 2, 7, 2047, 2049, 65537, 1_000_003]  # around the 2048 bins and the 4096/65536 blocks
+
+
+def test_triton_kernels_run_in_ci():
+    # Without a GPU the Triton kernels must really execute (interpreted), not fall back silently.
+    assert _triton.HAS_TRITON
+    if not torch.cuda.is_available():
+        assert _triton.INTERPRET and _triton.use_triton(torch.zeros(1))
+
+
+@pytest.mark.parametrize("n", [5, 12345, 1_000_001, 2**24 + 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_reference_is_torch_quantile(n, dtype):
+    x = torch.randn(n, dtype=dtype)
+    for q in QS if n < 2**24 else (0.9999, 0.3):  # a full sort per q
+        assert torch.equal(quantile_reference(x, q), torch.quantile(x, q)), q
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_quantile_exact(path, device, n, dtype):
+    skip_unless_runs(path, device)
+    x = torch.randn(n, device=device).to(dtype)
+    for q in QS:
+        got = quantile(x, q)
+        want = quantile_reference(x, q)
+        assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        assert got.device == x.device
+        assert torch.equal(got, want), (q, got.item(), want.item())
+    rank = (n * 2) // 3
+    assert torch.equal(select_rank(x, rank), select_rank_reference(x, rank))
+
+
+def _awkward():
+    return {
+        "duplicates": torch.randint(-3, 4, (10001,)).float(),
+        "sparse": torch.cat([torch.zeros(5000), torch.tensor([1e-30, 1e18, -1e18, -0.0, 3.0, -1e-38])]),
+        "far_next": torch.tensor([1.0] * 9 + [1e15]),  # next value outside the last histogram
+        "negative": -torch.rand(33333),
+        "constant": torch.full((4099,), 2.5),
+        "shape_3d": torch.randn(3, 50, 77),
+        "non_contiguous": torch.randn(64, 100).t(),
+    }
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", list(_awkward()))
+def test_quantile_awkward_data(path, device, name):
+    skip_unless_runs(path, device)
+    x = _awkward()[name].to(device)
+    for q in QS:
+        assert torch.equal(quantile(x, q), quantile_reference(x, q)), q
+        # the squared mode used by ADCLoss
+        assert torch.equal(_quantile(x.contiguous().view(-1), q, square=True), quantile_reference(x * x, q)), q
+    for rank in {0, x.numel() // 2, x.numel() - 1}:
+        assert torch.equal(select_rank(x, rank), select_rank_reference(x, rank))
+
+
+@pytest.mark.parametrize("n", [20_000_000, 100_000_000])
+def test_beyond_the_old_torch_quantile_limit(path, n):
+    # torch.quantile raised above 2**24 elements before torch 2.14; select has no such limit.
+    skip_unless_runs(path, DEVICES[-1])
+    x = torch.rand(n, device=DEVICES[-1])
+    assert torch.equal(quantile(x, 0.9999), quantile_reference(x, 0.9999))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_input(path, device):
+    skip_unless_runs(path, device)
+    x = torch.randn(100, device=device)
+    with pytest.raises(ValueError, match="empty"):
+        quantile(torch.empty(0, device=device), 0.5)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[57] = bad
+        with pytest.raises(ValueError, match="NaN or inf"):
+            quantile(y, 0.5)
+        with pytest.raises(ValueError, match="NaN or inf"):
+            select_rank(y, 3)
+    with pytest.raises(TypeError, match="floating"):
+        quantile(torch.arange(10, device=device), 0.5)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        quantile([1.0, 2.0], 0.5)
+    for q in (-0.1, 1.5, float("nan"), "0.5", True):
+        with pytest.raises(ValueError, match="q must be"):
+            quantile(x, q)
+    with pytest.raises(ValueError, match="rank=100"):
+        select_rank(x, 100)
+    with pytest.raises(ValueError, match="rank=-1"):
+        select_rank(x, -1)
+    with pytest.raises(TypeError, match="rank must be an int"):
+        select_rank(x, 2.0)
