@@ -3,7 +3,7 @@ import torch
 from conftest import DEVICES, skip_unless_runs
 
 from fastad.ops import _triton, quantile, quantile_reference, select_rank, select_rank_reference
-from fastad.ops.select import _quantile
+from fastad.ops.select import _quantile, _sorted_quantile
 
 QS = [0.0, 1e-7, 0.123456789, 0.3, 0.5, 0.9995, 0.9999, 1.0]
 SIZES = [1, 2, 7, 2047, 2049, 65537, 1_000_003]  # around the 2048 bins and the 4096/65536 blocks
@@ -18,10 +18,18 @@ def test_triton_kernels_run_in_ci():
 
 @pytest.mark.parametrize("n", [5, 12345, 1_000_001, 2**24 + 5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_reference_is_torch_quantile(n, dtype):
+def test_sort_fallback_is_torch_quantile(n, dtype, monkeypatch):
+    # the reference's fallback for a torch that refuses large inputs reproduces torch.quantile bit for bit
     x = torch.randn(n, dtype=dtype)
     for q in QS if n < 2**24 else (0.9999, 0.3):  # a full sort per q
-        assert torch.equal(quantile_reference(x, q), torch.quantile(x, q)), q
+        assert torch.equal(_sorted_quantile(x, q), torch.quantile(x, q)), q
+    want = quantile_reference(x, 0.9999)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("quantile() input tensor is too large")
+
+    monkeypatch.setattr(torch, "quantile", refuse)
+    assert torch.equal(quantile_reference(x, 0.9999), want)
 
 
 @pytest.mark.parametrize("device", DEVICES)

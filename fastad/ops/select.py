@@ -7,8 +7,9 @@ counts NaN/inf, so checking the input costs no extra read. After the last pass t
 rank *is* the value; the next larger value (needed by the interpolation of :func:`quantile`) is
 almost always in the same histogram, else one masked min finds it.
 
-Off the Triton path (CPU without ``TRITON_INTERPRET=1``, float64) ``torch.kthvalue`` selects, which
-has no size limit either.
+Off the Triton path (CPU without ``TRITON_INTERPRET=1``, float64) :func:`select_rank` uses
+``torch.kthvalue`` and :func:`quantile` is ``torch.quantile`` (a sort where an older torch refuses
+more than 2**24 elements): neither has a size limit.
 
 :func:`quantile` reproduces ``torch.quantile(x, q)`` (linear interpolation) bit for bit: ``q`` is
 rounded to the input dtype, the rank ``q * (n - 1)`` is taken in float64 and ``torch.lerp``
@@ -48,10 +49,19 @@ def select_rank_reference(x: torch.Tensor, rank: int) -> torch.Tensor:
 
 
 def quantile_reference(x: torch.Tensor, q: float) -> torch.Tensor:
-    """Oracle of :func:`quantile`: a full sort, then ``torch.quantile``'s linear interpolation."""
+    """Oracle of :func:`quantile`: ``torch.quantile(x.flatten(), q)``, or, where the installed torch
+    refuses the size (before 2.14: more than 2**24 elements), the same computation by a full sort."""
     check_tensor("x", x)
     _check_q("q", q)
-    s = torch.sort(x.flatten().to(_compute_dtype(x))).values
+    flat = x.flatten().to(_compute_dtype(x))
+    try:
+        return torch.quantile(flat, q)
+    except RuntimeError:  # "quantile() input tensor is too large"
+        return _sorted_quantile(flat, q)
+
+
+def _sorted_quantile(flat: torch.Tensor, q: float) -> torch.Tensor:
+    s = torch.sort(flat).values
     lo, hi, w = _ranks(q, s.numel(), s.dtype)
     return torch.lerp(s[lo], s[hi], w.to(s.device))
 
@@ -94,14 +104,11 @@ def quantile(x: torch.Tensor, q: float) -> torch.Tensor:
 def _quantile(flat: torch.Tensor, q: float, square: bool) -> torch.Tensor:
     """Quantile of ``flat`` (or of ``flat**2`` with ``square``); ``flat`` is 1-D and contiguous."""
     cdt = _compute_dtype(flat)
+    if not (_triton.use_triton(flat) and cdt == torch.float32):
+        return quantile_reference(_values(flat, square), q)
     lo, hi, w = _ranks(q, flat.numel(), cdt)
-    if _triton.use_triton(flat) and cdt == torch.float32:
-        v_lo, last_hist, bin_rank = _radix_select(flat, lo, square)
-        v_hi = v_lo if hi == lo else _next_from_hist(v_lo, last_hist, bin_rank)
-    else:
-        _check_finite(flat)
-        v_lo = torch.kthvalue(_values(flat, square), lo + 1).values
-        v_hi = v_lo if hi == lo else None
+    v_lo, last_hist, bin_rank = _radix_select(flat, lo, square)
+    v_hi = v_lo if hi == lo else _next_from_hist(v_lo, last_hist, bin_rank)
     if v_hi is None:
         v_hi = _next_value(_values(flat, square), v_lo, lo)
     return torch.lerp(v_lo, v_hi, w.to(v_lo.device))
@@ -113,8 +120,6 @@ def _quantile(flat: torch.Tensor, q: float, square: bool) -> torch.Tensor:
 
 def _prepare(x: torch.Tensor) -> torch.Tensor:
     check_tensor("x", x, finite=False)  # finiteness: in the first radix pass, or _check_finite
-    if x.numel() > _MAX_NUMEL:
-        raise ValueError(f"x has {x.numel()} elements; at most {_MAX_NUMEL} are supported")
     return x.contiguous().view(-1)
 
 
@@ -170,6 +175,8 @@ def _key_to_value(key: int) -> float:
 def _radix_select(flat: torch.Tensor, rank: int, square: bool):
     """Returns (value, last pass histogram, rank within the value's bin) for ``flat`` (or its square)."""
     n = flat.numel()
+    if n > _MAX_NUMEL:
+        raise ValueError(f"x has {n} elements; the Triton select supports at most {_MAX_NUMEL}")
     block = 65536 if not flat.is_cuda else 4096
     grid = (max(1, min(triton.cdiv(n, block), _triton.max_programs(flat))),)
     hist = torch.zeros((len(_PASSES), _BINS), dtype=torch.int32, device=flat.device)
