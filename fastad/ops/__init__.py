@@ -1,4 +1,12 @@
 """fastad ops: each public op has a pure-PyTorch reference beside it (``<op>_reference``)."""
+from .attention import (
+    linear_attention,
+    linear_attention_reference,
+    local_window_attention,
+    local_window_attention_reference,
+    neighbour_masked_attention,
+    neighbour_masked_attention_reference,
+)
 from .coreset import greedy_coreset, greedy_coreset_reference
 from .feature_bank import FeatureBank
 from .hard_mining import adc_loss, adc_loss_reference, hard_mining_cosine_loss, hard_mining_cosine_loss_reference
@@ -15,7 +23,13 @@ __all__ = [
     "greedy_coreset_reference",
     "hard_mining_cosine_loss",
     "hard_mining_cosine_loss_reference",
+    "linear_attention",
+    "linear_attention_reference",
+    "local_window_attention",
+    "local_window_attention_reference",
     "nearest_reference",
+    "neighbour_masked_attention",
+    "neighbour_masked_attention_reference",
     "nearest_reference_reference",
     "quantile",
     "quantile_reference",

@@ -1,0 +1,171 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICES, skip_unless_runs
+
+from fastad.ops import (
+    linear_attention,
+    linear_attention_reference,
+    local_window_attention,
+    local_window_attention_reference,
+    neighbour_masked_attention,
+    neighbour_masked_attention_reference,
+)
+
+MASKED = {
+    "neighbour": (neighbour_masked_attention, neighbour_masked_attention_reference),
+    "local": (local_window_attention, local_window_attention_reference),
+}
+# (grid, window): rows that span block boundaries, non-square grids, windows larger than the grid,
+# a single cell, and (4, 4) x 7 where the neighbour mask leaves no key at all
+GRIDS = [((5, 7), 3), ((9, 6), 5), ((3, 11), 11), ((4, 4), 7), ((4, 4), 5), ((1, 1), 1), ((2, 19), 1)]
+# tolerance of the outputs and gradients, relative to their largest magnitude
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+def _qkv(shape, dtype, device, scale=1.0):
+    return [(scale * torch.randn(shape, device=device)).to(dtype).requires_grad_() for _ in range(3)]
+
+
+def _compare(fn, ref, q, k, v, *args, tol):
+    out = fn(q, k, v, *args)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want = ref(q64, k64, v64, *args)
+    want_grads = torch.autograd.grad(want, (q64, k64, v64), g.double())
+    assert out.dtype == q.dtype and out.shape == q.shape
+    for got, exp in zip((out, *grads), (want, *want_grads)):
+        assert got.dtype == q.dtype and torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), exp, rtol=tol, atol=tol * max(exp.abs().max().item(), 1.0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", list(MASKED))
+@pytest.mark.parametrize("grid,window", GRIDS)
+@pytest.mark.parametrize("head_dim", [8, 20])
+def test_masked_attention_matches_reference(path, device, kind, grid, window, head_dim):
+    skip_unless_runs(path, device)
+    fn, ref = MASKED[kind]
+    q, k, v = _qkv((2, 3, grid[0] * grid[1], head_dim), torch.float32, device)
+    _compare(fn, ref, q, k, v, grid, window, tol=TOL[torch.float32])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", list(MASKED))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_masked_attention_half(path, device, kind, dtype):
+    skip_unless_runs(path, device)
+    fn, ref = MASKED[kind]
+    q, k, v = _qkv((2, 2, 6 * 5, 32), dtype, device)
+    _compare(fn, ref, q, k, v, (6, 5), 3, tol=TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", list(MASKED))
+def test_masked_attention_large(path, device, kind):
+    skip_unless_runs(path, device)
+    fn, ref = MASKED[kind]
+    q, k, v = _qkv((1, 2, 16 * 16, 64), torch.float32, device)  # UniAD-sized heads, 256 tokens
+    _compare(fn, ref, q, k, v, (16, 16), 5, tol=TOL[torch.float32])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_masked_attention_semantics(path, device):
+    skip_unless_runs(path, device)
+    q, k, v = (torch.randn(1, 2, 12, 16, device=device) for _ in range(3))
+    # a window covering the grid: local attention is full attention
+    torch.testing.assert_close(local_window_attention(q, k, v, (3, 4), 7), F.scaled_dot_product_attention(q, k, v))
+    # window 1 masks only the query's own cell
+    own = ~torch.eye(12, dtype=torch.bool, device=device)
+    torch.testing.assert_close(
+        neighbour_masked_attention(q, k, v, (3, 4), 1), F.scaled_dot_product_attention(q, k, v, attn_mask=own)
+    )
+    # a custom scale
+    torch.testing.assert_close(
+        local_window_attention(q, k, v, (3, 4), 7, scale=0.3), F.scaled_dot_product_attention(q, k, v, scale=0.3)
+    )
+    # rows with no key left are 0 (the centre of a 3 x 3 grid under a 3 x 3 mask), the others are not
+    out = neighbour_masked_attention(q[:, :, :9], k[:, :, :9], v[:, :, :9], (3, 3), 3)
+    assert torch.equal(out[:, :, 4], torch.zeros_like(out[:, :, 4]))
+    assert (out[:, :, [0, 1, 2, 3, 5, 6, 7, 8]].abs().sum(-1) > 0).all()
+
+
+def test_masked_attention_gradcheck(path):
+    for kind, (fn, ref) in MASKED.items():
+        q, k, v = (torch.randn(1, 2, 12, 5, dtype=torch.float64, requires_grad=True) for _ in range(3))
+        for f in (fn, ref):  # float64 runs the op's PyTorch path on either path
+            assert torch.autograd.gradcheck(lambda a, b, c: f(a, b, c, (4, 3), 3), (q, k, v)), (kind, f)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(2, 3, 37, 16), (1, 2, 5, 20), (2, 12, 70, 64), (1, 1, 1, 8)])
+@pytest.mark.parametrize("eps", [0.0, 1e-6])
+def test_linear_attention_matches_reference(path, device, shape, eps):
+    skip_unless_runs(path, device)
+    q, k, v = _qkv(shape, torch.float32, device)
+    _compare(linear_attention, linear_attention_reference, q, k, v, eps, tol=TOL[torch.float32])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_linear_attention_half(path, device, dtype):
+    skip_unless_runs(path, device)
+    q, k, v = _qkv((2, 2, 33, 32), dtype, device)
+    _compare(linear_attention, linear_attention_reference, q, k, v, tol=TOL[dtype])
+
+
+def test_linear_attention_gradcheck(path):
+    q, k, v = (torch.randn(1, 2, 7, 5, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    for f in (linear_attention, linear_attention_reference):
+        assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_and_opcheck(path, device):
+    skip_unless_runs(path, device)
+    q, k, v = _qkv((1, 2, 20, 16), torch.float32, device)
+    cases = [
+        lambda a, b, c: neighbour_masked_attention(a, b, c, (4, 5), 3),
+        lambda a, b, c: local_window_attention(a, b, c, (4, 5), 3),
+        linear_attention,
+    ]
+    for fn in cases:
+        eager = torch.autograd.grad(fn(q, k, v).square().sum(), (q, k, v))
+        compiled = torch.compile(lambda a, b, c: fn(a, b, c).square().sum(), backend="aot_eager", fullgraph=True)
+        torch.testing.assert_close(torch.autograd.grad(compiled(q, k, v), (q, k, v)), eager)
+    args = (q.detach(), k.detach(), v.detach())
+    torch.library.opcheck(torch.ops.fastad.grid_attention.default, (*args, 4, 5, 1, False, 0.25))
+    torch.library.opcheck(torch.ops.fastad.linear_attention.default, (*args, 0.0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_input(path, device):
+    skip_unless_runs(path, device)
+    q, k, v = (torch.randn(1, 2, 12, 8, device=device) for _ in range(3))
+    for fn in (neighbour_masked_attention, local_window_attention):
+        for window in (2, 0, -3, 1.0, True):
+            with pytest.raises(ValueError, match="window must be a positive odd int"):
+                fn(q, k, v, (3, 4), window)
+        with pytest.raises(ValueError, match="has 15 cells but q, k, v have N=12"):
+            fn(q, k, v, (3, 5), 3)
+        for grid in ((12,), (3, 0), (3.0, 4), "3x4"):
+            with pytest.raises(ValueError, match="grid must be"):
+                fn(q, k, v, grid, 3)
+        with pytest.raises(ValueError, match="scale must be"):
+            fn(q, k, v, (3, 4), 3, scale=float("nan"))
+    for fn, extra in ((neighbour_masked_attention, ((3, 4), 3)), (linear_attention, ())):
+        with pytest.raises(ValueError, match="of one shape"):
+            fn(q, k[:, :, :6], v, *extra)
+        with pytest.raises(ValueError, match="4 dimensions"):
+            fn(q[0], k[0], v[0], *extra)
+        with pytest.raises(TypeError, match="one dtype"):
+            fn(q, k.half(), v, *extra)
+        with pytest.raises(ValueError, match="empty"):
+            fn(q[:0], k[:0], v[:0], *extra)
+        bad = q.clone()
+        bad[0, 1, 5, 2] = float("nan")
+        with pytest.raises(ValueError, match="NaN or inf"):
+            fn(bad, k, v, *extra)
+    with pytest.raises(ValueError, match="eps must be"):
+        linear_attention(q, k, v, eps=-1e-6)
