@@ -134,6 +134,8 @@ def test_torch_compile_and_opcheck(path, device):
         eager = torch.autograd.grad(fn(q, k, v).square().sum(), (q, k, v))
         compiled = torch.compile(lambda a, b, c: fn(a, b, c).square().sum(), backend="aot_eager", fullgraph=True)
         torch.testing.assert_close(torch.autograd.grad(compiled(q, k, v), (q, k, v)), eager)
+    if path == "torch":
+        return  # the custom ops wrap the kernels only
     args = (q.detach(), k.detach(), v.detach())
     torch.library.opcheck(torch.ops.fastad.grid_attention.default, (*args, 4, 5, 1, False, 0.25))
     torch.library.opcheck(torch.ops.fastad.linear_attention.default, (*args, 0.0))

@@ -16,12 +16,18 @@ pass that recomputes the probabilities). Each block of queries (or, backward, of
 band of grid rows and columns its windows can reach: the whole grid for the neighbour mask, only the
 window for local attention, so that one costs O(N p^2 d) instead of O(N^2 d). The mask itself is
 computed from indices. The ``*_reference`` functions build the dense mask as the authors' code does.
+
+Off the kernels (CPU without ``TRITON_INTERPRET=1``, float64) the masked ops run PyTorch's
+``scaled_dot_product_attention`` with the dense boolean mask and linear attention runs the authors'
+einsums: the same results, at the baselines' speed and memory.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
+import torch.nn.functional as F
 
 from . import _triton
 from ._checks import check_same_device, check_tensor
@@ -85,9 +91,10 @@ def _validate(q, k, v, grid, window, scale) -> tuple[int, int, float]:
     return int(grid[0]), int(grid[1]), float(scale)
 
 
+@functools.lru_cache(maxsize=16)
 def _allowed_keys(h: int, w: int, window: int, only: bool, device):
     """(N, N) allowed pairs, and the (N, 1) rows that have none (softmax'd unmasked, then zeroed, so
-    that neither their output nor their gradient is NaN)."""
+    that neither their output nor their gradient is NaN). Cached: a model calls it once per layer."""
     inside = window_mask((h, w), window, device)
     allowed = inside if only else ~inside
     empty = ~allowed.any(-1, keepdim=True)
@@ -126,8 +133,7 @@ def neighbour_masked_attention(q, k, v, grid, window, scale=None):
         (batch, heads, N, head_dim) in the input dtype; rows with no key left are 0. Differentiable
         with respect to q, k and v.
     """
-    h, w, scale = _validate(q, k, v, grid, window, scale)
-    return torch.ops.fastad.grid_attention(q, k, v, h, w, window // 2, False, scale)[0]
+    return _grid_attention_dispatch(q, k, v, grid, window, scale, only=False)
 
 
 def local_window_attention(q, k, v, grid, window, scale=None):
@@ -136,42 +142,39 @@ def local_window_attention(q, k, v, grid, window, scale=None):
     Same arguments and result as :func:`neighbour_masked_attention`; every query sees at least its
     own cell, so no row is empty.
     """
+    return _grid_attention_dispatch(q, k, v, grid, window, scale, only=True)
+
+
+def _use_kernels(q: torch.Tensor) -> bool:
+    return _triton.use_triton(q) and q.dtype != torch.float64
+
+
+def _grid_attention_dispatch(q, k, v, grid, window, scale, only: bool):
     h, w, scale = _validate(q, k, v, grid, window, scale)
-    return torch.ops.fastad.grid_attention(q, k, v, h, w, window // 2, True, scale)[0]
+    if _use_kernels(q):
+        return torch.ops.fastad.grid_attention(q, k, v, h, w, window // 2, only, scale)[0]
+    # PyTorch path: SDPA (a fused CPU kernel) with the dense boolean mask
+    keep, empty = _allowed_keys(h, w, window, only, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale).masked_fill(empty, 0)
 
 
 # ----------------------------------------------------------------------------------------------------
 # the op: forward, backward, fake kernels, autograd
 
 
-def _dense_forward(q, k, v, h, w, radius, only, scale):
-    """PyTorch path (no Triton on this device, or float64): dense scores, same outputs as the kernel."""
-    keep, empty = _allowed_keys(h, w, 2 * radius + 1, only, q.device)
-    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    s = (q.to(cdt) @ k.to(cdt).transpose(-1, -2) * scale).masked_fill(~keep, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)
-    p = torch.where(empty, 0, torch.exp(s - lse[..., None]))
-    return (p @ v.to(cdt)).to(v.dtype), lse.masked_fill(empty[:, 0], float("inf")).float()
-
-
-def _dense_backward(do, q, k, v, o, h, w, radius, only, scale):
-    """PyTorch path of the backward pass: FlashAttention's formulas on the dense probabilities."""
-    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    do, q, k, v, o = (t.to(cdt) for t in (do, q, k, v, o))
-    keep, empty = _allowed_keys(h, w, 2 * radius + 1, only, q.device)
-    s = (q @ k.transpose(-1, -2) * scale).masked_fill(~keep, float("-inf"))
-    p = torch.where(empty, 0, torch.softmax(s, dim=-1))
-    ds = p * (do @ v.transpose(-1, -2) - (do * o).sum(-1, keepdim=True))
-    dq, dk, dv = ds @ k * scale, ds.transpose(-1, -2) @ q * scale, p.transpose(-1, -2) @ do
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+def _require_kernels(q: torch.Tensor) -> None:
+    if not _use_kernels(q):
+        raise RuntimeError(
+            "the fastad attention kernels need a CUDA tensor (or TRITON_INTERPRET=1 on the CPU) of a 16- or "
+            "32-bit float dtype; call the public functions, which take the PyTorch path otherwise"
+        )
 
 
 @torch.library.custom_op("fastad::grid_attention", mutates_args=())
 def _grid_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: int, w: int, radius: int, only: bool, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if not (_triton.use_triton(q) and q.dtype != torch.float64):
-        return _dense_forward(q, k, v, h, w, radius, only, scale)
+    _require_kernels(q)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     b, nh, n, d = q.shape
     o = torch.empty_like(q)
@@ -192,8 +195,7 @@ def _grid_attention_backward(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
     h: int, w: int, radius: int, only: bool, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    if not (_triton.use_triton(q) and q.dtype != torch.float64):
-        return _dense_backward(do, q, k, v, o, h, w, radius, only, scale)
+    _require_kernels(q)
     do, q, k, v = do.contiguous(), q.contiguous(), k.contiguous(), v.contiguous()
     b, nh, n, d = q.shape
     delta = (do.float() * o.float()).sum(-1)  # rowsum(dO * O), FlashAttention-2's D
@@ -266,7 +268,11 @@ def linear_attention(q, k, v, eps: float = 0.0):
         (batch, heads, N, head_dim) in the input dtype, differentiable with respect to q, k and v.
     """
     _validate_linear(q, k, v, eps)
-    return torch.ops.fastad.linear_attention(q, k, v, float(eps))[0]
+    if _use_kernels(q):
+        return torch.ops.fastad.linear_attention(q, k, v, float(eps))[0]
+    # PyTorch path: the authors' einsums, in float32 for 16-bit inputs as the kernel computes
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return linear_attention_reference(q.to(cdt), k.to(cdt), v.to(cdt), eps).to(q.dtype)
 
 
 def _validate_linear(q, k, v, eps) -> None:
@@ -275,39 +281,12 @@ def _validate_linear(q, k, v, eps) -> None:
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
 
 
-def _dphi(x: torch.Tensor) -> torch.Tensor:
-    return torch.where(x > 0, 1.0, torch.exp(x.clamp_max(0)))
-
-
-def _linear_dense_backward(do, q, k, v, kv, ksum, eps):
-    """PyTorch path of the backward pass, the kernel's formulas batched."""
-    cdt = kv.dtype
-    do, q, k, v = (t.to(cdt) for t in (do, q, k, v))
-    pq, pk = _phi(q), _phi(k)
-    num = pq @ kv
-    den = (pq * ksum[..., None, :]).sum(-1, keepdim=True) + eps
-    dnum = do / den
-    dden = -(dnum * num).sum(-1, keepdim=True) / den
-    dq = (dnum @ kv.transpose(-1, -2) + dden * ksum[..., None, :]) * _dphi(q)
-    dkv = pq.transpose(-1, -2) @ dnum
-    dksum = (dden * pq).sum(-2)
-    dk = (v @ dkv.transpose(-1, -2) + dksum[..., None, :]) * _dphi(k)
-    return dq.to(q.dtype), dk.to(k.dtype), (pk @ dkv).to(v.dtype)
-
-
 @torch.library.custom_op("fastad::linear_attention", mutates_args=())
 def _linear_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (out, KV (B, H, d, d), sum_s phi(k_s) (B, H, d)); the state is float32 (float64 for
-    float64 inputs)."""
-    if not (_triton.use_triton(q) and q.dtype != torch.float64):
-        cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-        pk = _phi(k.to(cdt))
-        kv, ksum = torch.einsum("...sd,...se->...de", pk, v.to(cdt)), pk.sum(-2)
-        pq = _phi(q.to(cdt))
-        out = (pq @ kv) / ((pq * ksum[..., None, :]).sum(-1, keepdim=True) + eps)
-        return out.to(q.dtype), kv, ksum
+    """Returns (out, KV (B, H, d, d) float32, sum_s phi(k_s) (B, H, d) float32)."""
+    _require_kernels(q)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     b, nh, n, d = q.shape
     out = torch.empty_like(q)
@@ -320,16 +299,14 @@ def _linear_attention(
 @_linear_attention.register_fake
 def _(q, k, v, eps):
     b, nh, _, d = q.shape
-    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return torch.empty_like(q), q.new_empty((b, nh, d, d), dtype=cdt), q.new_empty((b, nh, d), dtype=cdt)
+    return torch.empty_like(q), q.new_empty((b, nh, d, d), dtype=torch.float32), q.new_empty((b, nh, d), dtype=torch.float32)
 
 
 @torch.library.custom_op("fastad::linear_attention_backward", mutates_args=())
 def _linear_attention_backward(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor, ksum: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if not (_triton.use_triton(q) and q.dtype != torch.float64):
-        return _linear_dense_backward(do, q, k, v, kv, ksum, eps)
+    _require_kernels(q)
     do, q, k, v = do.contiguous(), q.contiguous(), k.contiguous(), v.contiguous()
     b, nh, n, d = q.shape
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
