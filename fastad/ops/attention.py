@@ -382,6 +382,15 @@ if _triton.HAS_TRITON:
         return (~inside) & valid
 
     @triton.jit
+    def _row_tile(A, B, base, r, c0, c_hi, W, D, offs_d, dm, BLOCK_N: tl.constexpr, F32: tl.constexpr):
+        """Rows of A and B for the grid cells (r, c0 .. c0 + BLOCK_N - 1), cut at column c_hi."""
+        cols = c0 + tl.arange(0, BLOCK_N)
+        valid = cols <= c_hi
+        ptrs = base + (r * W + cols)[:, None] * D + offs_d[None, :]
+        mask = valid[:, None] & dm[None, :]
+        return _ld(A + ptrs, mask, F32), _ld(B + ptrs, mask, F32), cols, valid
+
+    @triton.jit
     def _fwd_kernel(
         Q, K, V, O, LSE, scale, N, D, H, W, R,
         ONLY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, F32: tl.constexpr,
@@ -402,12 +411,7 @@ if _triton.HAS_TRITON:
         r_lo, r_hi, c_lo, c_hi = _band(first, tl.minimum(first + BLOCK_M, N) - 1, H, W, R, ONLY)
         for kr in range(r_lo, r_hi + 1):
             for c0 in range(c_lo, c_hi + 1, BLOCK_N):
-                cols_n = c0 + tl.arange(0, BLOCK_N)
-                cn = cols_n <= c_hi
-                offs_n = kr * W + cols_n
-                kv_mask = cn[:, None] & dm[None, :]
-                k = _ld(K + base + offs_n[:, None] * D + offs_d[None, :], kv_mask, F32)
-                v = _ld(V + base + offs_n[:, None] * D + offs_d[None, :], kv_mask, F32)
+                k, v, cols_n, cn = _row_tile(K, V, base, kr, c0, c_hi, W, D, offs_d, dm, BLOCK_N, F32)
                 s = _dot(q, tl.trans(k), F32) * scale
                 ok = _allowed(rows_m, cols_m, kr + tl.zeros([BLOCK_N], dtype=tl.int32), cols_n, cn[None, :], R, ONLY)
                 s = tl.where(ok, s, float("-inf"))
@@ -446,12 +450,7 @@ if _triton.HAS_TRITON:
         r_lo, r_hi, c_lo, c_hi = _band(first, tl.minimum(first + BLOCK_M, N) - 1, H, W, R, ONLY)
         for kr in range(r_lo, r_hi + 1):
             for c0 in range(c_lo, c_hi + 1, BLOCK_N):
-                cols_n = c0 + tl.arange(0, BLOCK_N)
-                cn = cols_n <= c_hi
-                offs_n = kr * W + cols_n
-                kv_mask = cn[:, None] & dm[None, :]
-                k = _ld(K + base + offs_n[:, None] * D + offs_d[None, :], kv_mask, F32)
-                v = _ld(V + base + offs_n[:, None] * D + offs_d[None, :], kv_mask, F32)
+                k, v, cols_n, cn = _row_tile(K, V, base, kr, c0, c_hi, W, D, offs_d, dm, BLOCK_N, F32)
                 s = _dot(q, tl.trans(k), F32) * scale
                 ok = _allowed(rows_m, cols_m, kr + tl.zeros([BLOCK_N], dtype=tl.int32), cols_n, cn[None, :], R, ONLY)
                 p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
@@ -483,12 +482,8 @@ if _triton.HAS_TRITON:
         r_lo, r_hi, c_lo, c_hi = _band(first, tl.minimum(first + BLOCK_M, N) - 1, H, W, R, ONLY)
         for qr in range(r_lo, r_hi + 1):
             for c0 in range(c_lo, c_hi + 1, BLOCK_N):
-                cols_q = c0 + tl.arange(0, BLOCK_N)
-                cq = cols_q <= c_hi
+                q, do, cols_q, cq = _row_tile(Q, DO, base, qr, c0, c_hi, W, D, offs_d, dm, BLOCK_N, F32)
                 offs_q = qr * W + cols_q
-                qd = cq[:, None] & dm[None, :]
-                q = _ld(Q + base + offs_q[:, None] * D + offs_d[None, :], qd, F32)
-                do = _ld(DO + base + offs_q[:, None] * D + offs_d[None, :], qd, F32)
                 lse = tl.load(LSE + bh * N + offs_q, mask=cq, other=float("inf"))
                 delta = tl.load(DELTA + bh * N + offs_q, mask=cq, other=0.0)
                 # transposed scores: keys x queries
