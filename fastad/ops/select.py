@@ -223,7 +223,7 @@ if _triton.HAS_TRITON:
         flip = (bits >> 31) * 0x7FFFFFFF | 0x80000000  # negative: invert all bits; positive: set the sign
         return bits ^ flip
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["prefix"])  # a prefix of 1 must not become a constexpr (no .to)
     def _radix_hist_kernel(
         x_ptr, n, hist_ptr, bad_ptr, prefix,
         SHIFT: tl.constexpr, PREFIX_SHIFT: tl.constexpr, DIGIT_MASK: tl.constexpr,
