@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -28,7 +29,7 @@ def _datasets(spec: str, classes: list[str] | None):
 
 
 def _fmt(v):
-    return "-" if v is None else f"{100 * v:.2f}"
+    return "-" if v is None or math.isnan(v) else f"{100 * v:.2f}"
 
 
 def run(args) -> int:
@@ -43,11 +44,13 @@ def run(args) -> int:
         res["class"] = name
         rows.append(res)
         print(f"{name}: image AUROC {_fmt(res['image_auroc'])}  pixel AUROC {_fmt(res['pixel_auroc'])}  "
+              f"AUPRO {_fmt(res['pixel_aupro'])}  mAD {_fmt(res['mad'])}  "
               f"fit {res['fit_s']:.1f}s  inference {res['images_per_s']:.1f} img/s", flush=True)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump(rows, f, indent=2)
+            # NaN (an undefined metric) is not JSON: write null
+            json.dump([{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in rows], f, indent=2)
     return 0
 
 

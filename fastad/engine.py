@@ -6,7 +6,7 @@ import time
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .metrics import auroc
+from .metrics import compute_metrics
 from .models import create_model
 
 
@@ -39,8 +39,9 @@ def evaluate(
 ) -> dict:
     """Fit ``model_name`` on ``train``, evaluate on ``test``.
 
-    Returns a dict with ``image_auroc``, ``pixel_auroc`` (None when the test set has no anomalous
-    pixel), ``fit_s``, ``predict_s``, ``images_per_s``, ``metrics_s`` and the model.
+    Returns a dict with the seven metrics of :func:`fastad.metrics.compute_metrics` and ``mad`` (NaN
+    where a level has a single class, e.g. no anomalous pixel), ``fit_s``, ``predict_s``,
+    ``images_per_s``, ``metrics_s`` and the model.
     """
     model = create_model(model_name, **model_kwargs).to(device)
     t0 = time.perf_counter()
@@ -48,14 +49,11 @@ def evaluate(
     t1 = time.perf_counter()
     scores, maps, labels, masks = predict(model, test, batch_size, num_workers)
     t2 = time.perf_counter()
-    image = auroc(scores, labels)
-    has_pixels = bool(masks.any()) and not bool(masks.all())
-    pixel = auroc(maps, masks) if has_pixels else None
+    metrics = compute_metrics(scores, labels, maps, masks)
     t3 = time.perf_counter()
     return {
         "model": model_name,
-        "image_auroc": image,
-        "pixel_auroc": pixel,
+        **metrics,
         "n_train": len(train),
         "n_test": len(test),
         "fit_s": t1 - t0,

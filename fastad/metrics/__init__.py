@@ -1,4 +1,16 @@
-"""Evaluation metrics (the full set lands with the evaluation issue)."""
-from .auroc import auroc
+"""Evaluation metrics: image and pixel AUROC, AP, F1-max, pixel AUPRO, all from one sort per level."""
+from .aupro import aupro, aupro_reference, label_regions
+from .ranking import RankedScores, auroc, average_precision, f1_max
+from .report import METRICS, compute_metrics
 
-__all__ = ["auroc"]
+__all__ = [
+    "METRICS",
+    "RankedScores",
+    "aupro",
+    "aupro_reference",
+    "auroc",
+    "average_precision",
+    "compute_metrics",
+    "f1_max",
+    "label_regions",
+]
