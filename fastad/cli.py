@@ -10,38 +10,87 @@ import sys
 from pathlib import Path
 
 
+KINDS = ("synthetic", "mvtec", "mpdd", "btad", "visa", "realiad", "mtd", "folder")
+
+
+def _class_names(kind: str, root: Path) -> list[str]:
+    """Every class a dataset root holds, sorted."""
+    if kind in ("mvtec", "mpdd", "btad"):
+        return sorted(d.name for d in root.iterdir() if (d / "train").is_dir())
+    if kind == "visa":
+        import csv
+
+        with open(root / "split_csv" / "1cls.csv", newline="") as f:
+            return sorted({row["object"] for row in csv.DictReader(f)})
+    if kind == "realiad":
+        return sorted(p.stem for p in (root / "realiad_jsons").glob("*.json"))
+    return [root.name]
+
+
 def _datasets(spec: str, classes: list[str] | None):
-    from .data import SyntheticDataset, mtd, mvtec
+    """[(class name, train set, test set)] for ``--data KIND:PATH``."""
+    from .data import SyntheticDataset, btad, folder, mtd, mvtec, realiad, visa
 
     kind, _, path = spec.partition(":")
+    if kind not in KINDS:
+        raise SystemExit(f"unknown data kind {kind!r}; expected one of {', '.join(KINDS)}")
     if kind == "synthetic":
         return [("synthetic", SyntheticDataset("train", 32), SyntheticDataset("test", 32))]
     if not path:
         raise SystemExit(f"--data {spec!r}: expected KIND:PATH, e.g. mvtec:/data/mvtec or mtd:/data/mtd")
+    root = Path(path)
+    if not root.is_dir():
+        raise SystemExit(f"--data {spec!r}: {root} is not a folder")
     if kind == "mtd":
-        return [("mtd", mtd(path, "train"), mtd(path, "test"))]
-    if kind == "mvtec":
-        names = classes or sorted(d.name for d in Path(path).iterdir() if (d / "train").is_dir())
-        if not names:
-            raise SystemExit(f"no MVTec AD class folders (with train/) under {path}")
-        return [(c, mvtec(path, c, "train"), mvtec(path, c, "test")) for c in names]
-    raise SystemExit(f"unknown data kind {kind!r}; expected synthetic, mvtec or mtd")
+        return [("mtd", mtd(root, "train"), mtd(root, "test"))]
+    if kind == "folder":
+        return [(root.name, folder(root, "train"), folder(root, "test"))]
+    try:
+        names = classes or _class_names(kind, root)
+    except FileNotFoundError as exc:
+        raise SystemExit(f"--data {spec!r}: {exc}") from None
+    if not names:
+        raise SystemExit(f"no {kind} classes found under {root}")
+    loader = {"mvtec": mvtec, "mpdd": mvtec, "btad": btad, "visa": visa, "realiad": realiad}[kind]
+    return [(c, loader(root, c, "train"), loader(root, c, "test")) for c in names]
 
 
 def _fmt(v):
     return "-" if v is None or math.isnan(v) else f"{100 * v:.2f}"
 
 
-def run(args) -> int:
-    from .engine import evaluate
+def results_markdown(rows: list[dict], title: str) -> str:
+    """Per-class table of the seven metrics and mAD (percent), with a mean row."""
+    from .metrics import METRICS
 
+    cols = [*METRICS, "mad"]
+    head = ["class", "I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO", "mAD", "fit s", "img/s"]
+    lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["class"], *(_fmt(r[c]) for c in cols), f"{r['fit_s']:.1f}", f"{r['images_per_s']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if len(rows) > 1:
+        mean = [_fmt(sum(r[c] for r in rows) / len(rows)) for c in cols]
+        lines.append("| **mean** | " + " | ".join(mean) + " | | |")
+    return "\n".join(lines) + "\n"
+
+
+def run(args) -> int:
+    from torch.utils.data import ConcatDataset
+
+    from .engine import fit_model, score
+
+    sets = _datasets(args.data, args.classes)
+    kwargs = {"coreset_ratio": args.coreset_ratio} if args.model == "patchcore" and args.coreset_ratio else {}
+    common = dict(batch_size=args.batch_size, num_workers=args.num_workers)
+    unified = None
+    if args.setting == "unified":  # one model for all classes, evaluated class by class
+        unified = fit_model(args.model, ConcatDataset([train for _, train, _ in sets]), device=args.device, **common, **kwargs)
     rows = []
-    for name, train, test in _datasets(args.data, args.classes):
-        kwargs = {"coreset_ratio": args.coreset_ratio} if args.model == "patchcore" and args.coreset_ratio else {}
-        res = evaluate(args.model, train, test, device=args.device, batch_size=args.batch_size,
-                       num_workers=args.num_workers, **kwargs)
-        res.pop("model_obj")
-        res["class"] = name
+    for name, train, test_set in sets:
+        model, fit_s = unified or fit_model(args.model, train, device=args.device, **common, **kwargs)
+        res = {"class": name, "model": args.model, "setting": args.setting, "n_train": len(train), "fit_s": fit_s}
+        res.update(score(model, test_set, **common))
         rows.append(res)
         print(f"{name}: image AUROC {_fmt(res['image_auroc'])}  pixel AUROC {_fmt(res['pixel_auroc'])}  "
               f"AUPRO {_fmt(res['pixel_aupro'])}  mAD {_fmt(res['mad'])}  "
@@ -51,6 +100,9 @@ def run(args) -> int:
         with open(os.path.join(args.out, "results.json"), "w") as f:
             # NaN (an undefined metric) is not JSON: write null
             json.dump([{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in rows], f, indent=2)
+        title = f"fastad {args.model} on {args.data} ({args.setting})"
+        with open(os.path.join(args.out, "results.md"), "w") as f:
+            f.write(results_markdown(rows, title))
     return 0
 
 
@@ -59,13 +111,15 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="fit and evaluate a model")
     r.add_argument("--model", default="patchcore", choices=["patchcore", "padim"])
-    r.add_argument("--data", default="synthetic", help="synthetic | mvtec:ROOT | mtd:ROOT")
-    r.add_argument("--classes", nargs="*", help="MVTec AD classes (default: all found)")
+    r.add_argument("--data", default="synthetic", help=f"synthetic or KIND:ROOT, KIND in {', '.join(KINDS[1:])}")
+    r.add_argument("--classes", nargs="*", help="classes to run (default: all found under ROOT)")
+    r.add_argument("--setting", default="separate", choices=["separate", "unified"],
+                   help="one model per class, or one model for all classes (multi-class)")
     r.add_argument("--device", default="cpu")
     r.add_argument("--batch-size", type=int, default=16)
     r.add_argument("--num-workers", type=int, default=0)
     r.add_argument("--coreset-ratio", type=float, default=None, help="PatchCore coreset fraction (default 0.1)")
-    r.add_argument("--out", default=None, help="folder for results.json")
+    r.add_argument("--out", default=None, help="folder for results.json and results.md")
     args = parser.parse_args(argv)
     return run(args)
 

@@ -27,38 +27,44 @@ def predict(model, ds: Dataset, batch_size: int = 16, num_workers: int = 0):
     return torch.cat(scores), torch.cat(maps), torch.cat(labels), torch.cat(masks)
 
 
+def fit_model(model_name: str, train: Dataset, *, device: str = "cpu", batch_size: int = 16, num_workers: int = 0, **model_kwargs):
+    """Create ``model_name`` with ``model_kwargs`` and fit it on ``train``. Returns (model, seconds)."""
+    model = create_model(model_name, **model_kwargs).to(device)
+    t0 = time.perf_counter()
+    model.fit(_loader(train, batch_size, num_workers))
+    return model, time.perf_counter() - t0
+
+
+def score(model, test_set: Dataset, *, batch_size: int = 16, num_workers: int = 0) -> dict:
+    """Score ``test_set`` and compute :func:`fastad.metrics.compute_metrics` (NaN where a level has a
+    single class, e.g. no anomalous pixel). Returns the metrics, ``mad``, ``n_test``, ``predict_s``,
+    ``images_per_s`` and ``metrics_s``."""
+    t0 = time.perf_counter()
+    scores, maps, labels, masks = predict(model, test_set, batch_size, num_workers)
+    t1 = time.perf_counter()
+    metrics = compute_metrics(scores, labels, maps, masks)
+    t2 = time.perf_counter()
+    return {
+        **metrics,
+        "n_test": len(test_set),
+        "predict_s": t1 - t0,
+        "images_per_s": len(test_set) / max(t1 - t0, 1e-9),
+        "metrics_s": t2 - t1,
+    }
+
+
 def evaluate(
     model_name: str,
     train: Dataset,
-    test: Dataset,
+    test_set: Dataset,
     *,
     device: str = "cpu",
     batch_size: int = 16,
     num_workers: int = 0,
     **model_kwargs,
 ) -> dict:
-    """Fit ``model_name`` on ``train``, evaluate on ``test``.
-
-    Returns a dict with the seven metrics of :func:`fastad.metrics.compute_metrics` and ``mad`` (NaN
-    where a level has a single class, e.g. no anomalous pixel), ``fit_s``, ``predict_s``,
-    ``images_per_s``, ``metrics_s`` and the model.
-    """
-    model = create_model(model_name, **model_kwargs).to(device)
-    t0 = time.perf_counter()
-    model.fit(_loader(train, batch_size, num_workers))
-    t1 = time.perf_counter()
-    scores, maps, labels, masks = predict(model, test, batch_size, num_workers)
-    t2 = time.perf_counter()
-    metrics = compute_metrics(scores, labels, maps, masks)
-    t3 = time.perf_counter()
-    return {
-        "model": model_name,
-        **metrics,
-        "n_train": len(train),
-        "n_test": len(test),
-        "fit_s": t1 - t0,
-        "predict_s": t2 - t1,
-        "images_per_s": len(test) / max(t2 - t1, 1e-9),
-        "metrics_s": t3 - t2,
-        "model_obj": model,
-    }
+    """Fit ``model_name`` on ``train``, evaluate on ``test_set``: the dict of :func:`score` plus
+    ``model``, ``n_train``, ``fit_s`` and ``model_obj`` (the fitted model)."""
+    model, fit_s = fit_model(model_name, train, device=device, batch_size=batch_size, num_workers=num_workers, **model_kwargs)
+    res = score(model, test_set, batch_size=batch_size, num_workers=num_workers)
+    return {"model": model_name, **res, "n_train": len(train), "fit_s": fit_s, "model_obj": model}

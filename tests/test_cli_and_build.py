@@ -29,3 +29,45 @@ def test_extension_is_built():
 
 def test_public_api():
     assert {"PatchCore", "PaDiM", "create_model", "ops"} <= set(fastad.__all__)
+
+
+def _two_class_mvtec(root):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+
+    def write(path, mode="RGB", value=None):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shape = (48, 48, 3) if mode == "RGB" else (48, 48)
+        arr = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8) if value is None else torch.full(shape, value, dtype=torch.uint8)
+        Image.fromarray(arr.numpy()).save(path)
+
+    for cls in ("aa", "bb"):
+        for i in range(2):
+            write(root / cls / f"train/good/{i}.png")
+        write(root / cls / "test/good/0.png")
+        write(root / cls / "test/dent/0.png")
+        write(root / cls / "ground_truth/dent/0_mask.png", mode="L", value=255)
+    return root
+
+
+@pytest.mark.parametrize("setting", ["separate", "unified"])
+def test_cli_results_table(tmp_path, setting):
+    root = _two_class_mvtec(tmp_path / "data")
+    out = tmp_path / "out"
+    assert main(["run", "--data", f"mvtec:{root}", "--setting", setting, "--coreset-ratio", "1.0", "--out", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["class"] for r in rows] == ["aa", "bb"] and all(r["setting"] == setting for r in rows)
+    table = (out / "results.md").read_text()
+    assert "| aa |" in table and "| bb |" in table and "| **mean** |" in table and "AUPRO" in table
+    if setting == "unified":  # one fit shared by both classes
+        assert rows[0]["fit_s"] == rows[1]["fit_s"]
+
+
+def test_cli_bad_data(tmp_path):
+    with pytest.raises(SystemExit, match="unknown data kind"):
+        main(["run", "--data", "nope:/x"])
+    with pytest.raises(SystemExit, match="is not a folder"):
+        main(["run", "--data", f"mvtec:{tmp_path / 'missing'}"])
+    with pytest.raises(SystemExit, match="no mvtec classes"):
+        main(["run", "--data", f"mvtec:{tmp_path}"])

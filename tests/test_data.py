@@ -1,9 +1,11 @@
+import json
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from fastad.data import ImageTransform, SyntheticDataset, mtd, mvtec
+from fastad.data import ImageTransform, SyntheticDataset, btad, folder, mtd, mvtec, realiad, visa
 from conftest import shared
 
 
@@ -58,3 +60,66 @@ def test_mtd_split_sizes():
     train, test = mtd(root, "train"), mtd(root, "test")
     assert len(train) == 761 and len(test) == 191 + 392
     assert int(test.labels.sum()) == 392
+
+
+def test_folder_and_mpdd_layout(tmp_path):
+    root = _mvtec_fixture(tmp_path)
+    ds = folder(root / "cls", "test", ImageTransform(32, 24))
+    assert ds.labels.tolist() == [1, 0] and ds[0]["class_name"] == "cls"
+    assert folder(root / "cls", "train", class_name="x")[0]["class_name"] == "x"
+
+
+def test_btad_layout(tmp_path):
+    _write(tmp_path / "01/train/ok/0000.bmp")
+    _write(tmp_path / "01/test/ok/0001.bmp")
+    _write(tmp_path / "01/test/ko/0002.bmp")
+    _write(tmp_path / "01/ground_truth/ko/0002.png", value=255, mode="L")
+    test = btad(tmp_path, "01", "test", ImageTransform(32, 24))
+    assert test.labels.tolist() == [1, 0] and test[0]["mask"].min() == 1 and test[1]["mask"].sum() == 0
+    assert len(btad(tmp_path, "01", "train")) == 1
+    (tmp_path / "01/ground_truth/ko/0002.png").unlink()
+    with pytest.raises(FileNotFoundError, match="0002"):
+        btad(tmp_path, "01", "test")
+
+
+def test_visa_layout(tmp_path):
+    _write(tmp_path / "candle/Data/Images/Normal/000.JPG")
+    _write(tmp_path / "candle/Data/Images/Normal/001.JPG")
+    _write(tmp_path / "candle/Data/Images/Anomaly/100.JPG")
+    _write(tmp_path / "candle/Data/Masks/Anomaly/100.png", value=255, mode="L")
+    (tmp_path / "split_csv").mkdir()
+    (tmp_path / "split_csv/1cls.csv").write_text(
+        "object,split,label,image,mask\n"
+        "candle,train,normal,candle/Data/Images/Normal/000.JPG,\n"
+        "candle,test,normal,candle/Data/Images/Normal/001.JPG,\n"
+        "candle,test,anomaly,candle/Data/Images/Anomaly/100.JPG,candle/Data/Masks/Anomaly/100.png\n"
+        "pcb1,test,normal,pcb1/x.JPG,\n"
+    )
+    test = visa(tmp_path, "candle", "test", ImageTransform(32, 24))
+    assert test.labels.tolist() == [0, 1] and test[1]["mask"].min() == 1
+    assert len(visa(tmp_path, "candle", "train")) == 1
+    with pytest.raises(ValueError, match="no train images of class 'pcb1'"):
+        visa(tmp_path, "pcb1", "train")
+    with pytest.raises(FileNotFoundError, match="1cls.csv"):
+        visa(tmp_path / "nope", "candle", "test")
+
+
+def test_realiad_layout(tmp_path):
+    img = tmp_path / "realiad_1024/audiojack"
+    _write(img / "S0001/OK/a.jpg")
+    _write(img / "S0002/NG/QS/b.jpg")
+    _write(img / "S0002/NG/QS/b.png", value=255, mode="L")
+    (tmp_path / "realiad_jsons").mkdir()
+    (tmp_path / "realiad_jsons/audiojack.json").write_text(json.dumps({
+        "train": [{"image_path": "S0001/OK/a.jpg", "mask_path": None, "anomaly_class": "OK"}],
+        "test": [
+            {"image_path": "S0001/OK/a.jpg", "mask_path": None, "anomaly_class": "OK"},
+            {"image_path": "S0002/NG/QS/b.jpg", "mask_path": "S0002/NG/QS/b.png", "anomaly_class": "QS"},
+        ],
+    }))
+    test = realiad(tmp_path, "audiojack", "test", ImageTransform(32, 24))
+    assert test.labels.tolist() == [0, 1] and test[1]["mask"].min() == 1 and test[1]["class_name"] == "audiojack"
+    with pytest.raises(FileNotFoundError, match="audiojack.json"):
+        realiad(tmp_path, "audiojack", "test", json_dir="other")
+    with pytest.raises(ValueError, match="split must be"):
+        realiad(tmp_path, "audiojack", "val")

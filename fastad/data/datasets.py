@@ -3,6 +3,8 @@
 ``class_name`` str, ``path`` str. Bad data raises an error naming the file."""
 from __future__ import annotations
 
+import csv
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,23 +72,118 @@ def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def mvtec(root: str | os.PathLike, category: str, split: str, transform: ImageTransform | None = None) -> AnomalyDataset:
-    """MVTec AD layout: ``root/category/{train/good, test/<defect>, ground_truth/<defect>/<name>_mask.png}``."""
-    base = Path(root) / category
+def _check_split(split: str) -> None:
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+
+
+def _folder_samples(base: Path, split: str, class_name: str, good: str, mask_for, layout: str) -> list[Sample]:
+    """``base/split/<good>`` normal, every other ``base/split/<defect>`` anomalous with ``mask_for(defect, path)``."""
+    _check_split(split)
     if not (base / split).is_dir():
-        raise FileNotFoundError(f"no MVTec AD split folder {base / split}")
+        raise FileNotFoundError(f"no {layout} split folder {base / split}")
     samples = []
     for defect in sorted(d.name for d in (base / split).iterdir() if d.is_dir()):
         for p in _images(base / split / defect):
-            if defect == "good":
-                samples.append(Sample(str(p), 0, None, category))
+            if defect == good:
+                samples.append(Sample(str(p), 0, None, class_name))
                 continue
-            mask = base / "ground_truth" / defect / f"{p.stem}_mask.png"
-            if not mask.is_file():
-                raise FileNotFoundError(f"missing mask {mask} for defect image {p}")
-            samples.append(Sample(str(p), 1, str(mask), category))
+            mask = mask_for(defect, p)
+            if mask is None or not mask.is_file():
+                raise FileNotFoundError(f"missing mask {mask or base / 'ground_truth' / defect / p.stem} for defect image {p}")
+            samples.append(Sample(str(p), 1, str(mask), class_name))
+    return samples
+
+
+def folder(
+    root: str | os.PathLike,
+    split: str,
+    transform: ImageTransform | None = None,
+    class_name: str | None = None,
+    layout: str = "folder-layout",
+) -> AnomalyDataset:
+    """The generic (MVTec-style) folder layout of one class: ``root/train/good``, ``root/test/good``,
+    ``root/test/<defect>``, ``root/ground_truth/<defect>/<name>_mask.png``."""
+    base = Path(root)
+    name = class_name or base.name
+    return AnomalyDataset(
+        _folder_samples(base, split, name, "good", lambda d, p: base / "ground_truth" / d / f"{p.stem}_mask.png", layout),
+        transform,
+    )
+
+
+def mvtec(root: str | os.PathLike, category: str, split: str, transform: ImageTransform | None = None) -> AnomalyDataset:
+    """MVTec AD layout: ``root/category/{train/good, test/<defect>, ground_truth/<defect>/<name>_mask.png}``.
+    MPDD uses the same layout."""
+    return folder(Path(root) / category, split, transform, category, "MVTec AD")
+
+
+def btad(root: str | os.PathLike, category: str, split: str, transform: ImageTransform | None = None) -> AnomalyDataset:
+    """BTAD layout: ``root/category/{train/ok, test/ok, test/ko, ground_truth/ko/<name>.<png|bmp>}``."""
+    base = Path(root) / category
+
+    def mask_for(defect: str, p: Path) -> Path | None:
+        masks = base / "ground_truth" / defect
+        found = [m for m in _images(masks) if m.stem == p.stem] if masks.is_dir() else []
+        return found[0] if found else None
+
+    return AnomalyDataset(_folder_samples(base, split, category, "ok", mask_for, "BTAD"), transform)
+
+
+def visa(root: str | os.PathLike, category: str, split: str, transform: ImageTransform | None = None) -> AnomalyDataset:
+    """VisA with its one-class split: ``root/split_csv/1cls.csv`` (columns object, split, label, image,
+    mask; label ``normal`` or ``anomaly``; paths relative to ``root``)."""
+    _check_split(split)
+    base = Path(root)
+    listing = base / "split_csv" / "1cls.csv"
+    if not listing.is_file():
+        raise FileNotFoundError(f"missing VisA split file {listing}")
+    samples = []
+    with open(listing, newline="") as f:
+        for row in csv.DictReader(f):
+            if row["object"] != category or row["split"] != split:
+                continue
+            image = base / row["image"]
+            if row["label"] == "normal":
+                samples.append(Sample(str(image), 0, None, category))
+            else:
+                if not row.get("mask"):
+                    raise FileNotFoundError(f"missing mask for defect image {image} in {listing}")
+                samples.append(Sample(str(image), 1, str(base / row["mask"]), category))
+    if not samples:
+        raise ValueError(f"no {split} images of class {category!r} in {listing}")
+    return AnomalyDataset(samples, transform)
+
+
+def realiad(
+    root: str | os.PathLike,
+    category: str,
+    split: str,
+    transform: ImageTransform | None = None,
+    json_dir: str = "realiad_jsons",
+    image_dir: str = "realiad_1024",
+) -> AnomalyDataset:
+    """Real-IAD with its JSON splits: ``root/<json_dir>/<category>.json`` holds ``train`` and ``test``
+    lists of {image_path, mask_path, anomaly_class}, paths relative to ``root/<image_dir>/<category>``;
+    ``anomaly_class`` ``OK`` is normal. ``json_dir="realiad_jsons_fuiad_0.0"`` etc. select the other
+    splits, ``image_dir="realiad_256"`` the smaller images."""
+    _check_split(split)
+    base = Path(root)
+    listing = base / json_dir / f"{category}.json"
+    if not listing.is_file():
+        raise FileNotFoundError(f"missing Real-IAD split file {listing}")
+    images = base / image_dir / category
+    samples = []
+    for item in json.loads(listing.read_text()).get(split, []):
+        image = images / item["image_path"]
+        if item.get("anomaly_class", "OK") == "OK":
+            samples.append(Sample(str(image), 0, None, category))
+        else:
+            if not item.get("mask_path"):
+                raise FileNotFoundError(f"missing mask for defect image {image} in {listing}")
+            samples.append(Sample(str(image), 1, str(images / item["mask_path"]), category))
+    if not samples:
+        raise ValueError(f"no {split} images in {listing}")
     return AnomalyDataset(samples, transform)
 
 
