@@ -1,5 +1,6 @@
 """The ``fastad`` command line: ``fastad run`` fits and evaluates a model (default: PatchCore with
-the offline EfficientNet-Lite0 backbone on the embedded synthetic data)."""
+the offline EfficientNet-Lite0 backbone on the embedded synthetic data); ``fastad bench`` runs the
+benchmark suites."""
 from __future__ import annotations
 
 import argparse
@@ -79,6 +80,7 @@ def run(args) -> int:
     from torch.utils.data import ConcatDataset
 
     from .engine import fit_model, score
+    from .overlays import save_overlays
 
     sets = _datasets(args.data, args.classes)
     kwargs = {"coreset_ratio": args.coreset_ratio} if args.model == "patchcore" and args.coreset_ratio else {}
@@ -90,8 +92,11 @@ def run(args) -> int:
     for name, train, test_set in sets:
         model, fit_s = unified or fit_model(args.model, train, device=args.device, **common, **kwargs)
         res = {"class": name, "model": args.model, "setting": args.setting, "n_train": len(train), "fit_s": fit_s}
-        res.update(score(model, test_set, **common))
+        metrics, (scores, maps, labels, _) = score(model, test_set, **common)
+        res.update(metrics)
         rows.append(res)
+        if args.out and args.overlays:
+            save_overlays(test_set, scores, maps, labels, os.path.join(args.out, "overlays"), name, args.overlays)
         print(f"{name}: image AUROC {_fmt(res['image_auroc'])}  pixel AUROC {_fmt(res['pixel_auroc'])}  "
               f"AUPRO {_fmt(res['pixel_aupro'])}  mAD {_fmt(res['mad'])}  "
               f"fit {res['fit_s']:.1f}s  inference {res['images_per_s']:.1f} img/s", flush=True)
@@ -104,6 +109,19 @@ def run(args) -> int:
         with open(os.path.join(args.out, "results.md"), "w") as f:
             f.write(results_markdown(rows, title))
     return 0
+
+
+def bench(args, extra: list[str]) -> int:
+    """Runs the pytest-benchmark suites of a source checkout's ``bench/``; each prints its ratio table."""
+    folder = Path(__file__).resolve().parents[1] / "bench"
+    if not folder.is_dir():
+        raise SystemExit(f"fastad bench runs the suites in a source checkout's bench/ folder; none at {folder}")
+    try:
+        import pytest
+    except ImportError:
+        raise SystemExit("fastad bench needs pytest and pytest-benchmark: pip install 'fastad[test]'") from None
+    os.environ["FASTAD_BENCH_DEVICE"] = args.device
+    return int(pytest.main([str(folder), "-s", "-q", "-p", "no:cacheprovider", "--benchmark-columns=min,mean,rounds", *extra]))
 
 
 def main(argv=None) -> int:
@@ -119,8 +137,16 @@ def main(argv=None) -> int:
     r.add_argument("--batch-size", type=int, default=16)
     r.add_argument("--num-workers", type=int, default=0)
     r.add_argument("--coreset-ratio", type=float, default=None, help="PatchCore coreset fraction (default 0.1)")
-    r.add_argument("--out", default=None, help="folder for results.json and results.md")
-    args = parser.parse_args(argv)
+    r.add_argument("--out", default=None, help="folder for results.json, results.md and overlays/")
+    r.add_argument("--overlays", type=int, default=4, help="anomaly-map overlay PNGs per class (0: none)")
+    b = sub.add_parser("bench", help="run the kernel benchmarks (source checkout) and print ratio tables; "
+                       "other arguments go to pytest, e.g. -k quantile")
+    b.add_argument("--device", default="cpu", help="cpu or cuda")
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "bench":
+        return bench(args, extra)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return run(args)
 
 

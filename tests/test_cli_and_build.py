@@ -60,6 +60,8 @@ def test_cli_results_table(tmp_path, setting):
     assert [r["class"] for r in rows] == ["aa", "bb"] and all(r["setting"] == setting for r in rows)
     table = (out / "results.md").read_text()
     assert "| aa |" in table and "| bb |" in table and "| **mean** |" in table and "AUPRO" in table
+    pngs = sorted(p.name for p in (out / "overlays").iterdir())
+    assert pngs == [f"{c}_{k}.png" for c in ("aa", "bb") for k in ("0_anomalous", "1_normal")]
     if setting == "unified":  # one fit shared by both classes
         assert rows[0]["fit_s"] == rows[1]["fit_s"]
 
@@ -71,3 +73,15 @@ def test_cli_bad_data(tmp_path):
         main(["run", "--data", f"mvtec:{tmp_path / 'missing'}"])
     with pytest.raises(SystemExit, match="no mvtec classes"):
         main(["run", "--data", f"mvtec:{tmp_path}"])
+
+
+def test_cli_bench_runs_a_suite():
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "fastad.cli", "bench", "-k", "test_quantile and 1048576"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "0"},
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "2 passed" in out.stdout and "quantile 0.9999, 1M: fastad" in out.stdout

@@ -1,0 +1,55 @@
+"""Anomaly-map overlays for a quick look at a run: image, map over image, ground truth (PNG)."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+
+def pick_examples(scores: torch.Tensor, labels: torch.Tensor, n: int = 4) -> list[int]:
+    """Indices of the ``n - 1`` highest-scoring anomalous images and the highest-scoring normal one
+    (the hardest false-positive candidate)."""
+    order = torch.argsort(scores, descending=True).tolist()
+    anomalous = [i for i in order if labels[i]][: max(n - 1, 0)]
+    normal = [i for i in order if not labels[i]][:1]
+    return anomalous + normal
+
+
+def save_overlays(test_set, scores: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor, out_dir: str, prefix: str, n: int = 4) -> list[str]:
+    """Writes one PNG per picked test image to ``out_dir``; returns their paths.
+
+    Args:
+        test_set: the dataset the predictions come from (its items' ``image`` and ``mask`` are shown).
+        scores: (N,) image scores; maps: (N, H, W) anomaly maps; labels: (N,) 0/1.
+        prefix: file name prefix (the class name).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    lo, hi = float(maps.min()), float(maps.max())  # one colour scale for the whole class
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    paths = []
+    for rank, i in enumerate(pick_examples(scores, labels, n)):
+        item = test_set[i]
+        image = (item["image"] * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+        fig, axes = plt.subplots(1, 3, figsize=(9, 3.2))
+        axes[0].imshow(image)
+        axes[0].set_title("image")
+        axes[1].imshow(image)
+        axes[1].imshow(maps[i].numpy(), cmap="jet", alpha=0.5, vmin=lo, vmax=hi)
+        axes[1].set_title(f"score {float(scores[i]):.3g}")
+        axes[2].imshow(item["mask"].numpy(), cmap="gray", vmin=0, vmax=1)
+        axes[2].set_title("anomalous" if labels[i] else "normal")
+        for ax in axes:
+            ax.axis("off")
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"{prefix}_{rank}_{'anomalous' if labels[i] else 'normal'}.png")
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+        paths.append(path)
+    return paths
