@@ -46,6 +46,9 @@ def test_bad_data_names_the_file(tmp_path):
         mvtec(root, "cls", "train")[0]
     with pytest.raises(FileNotFoundError, match="no MVTec AD split folder"):
         mvtec(root, "nope", "train")
+    (root / "empty/train/good").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no images under .*empty/train .*'empty'"):
+        mvtec(root, "empty", "train")
 
 
 def test_synthetic_is_deterministic_and_labelled():

@@ -92,6 +92,8 @@ def _folder_samples(base: Path, split: str, class_name: str, good: str, mask_for
             if mask is None or not mask.is_file():
                 raise FileNotFoundError(f"missing mask {mask or base / 'ground_truth' / defect / p.stem} for defect image {p}")
             samples.append(Sample(str(p), 1, str(mask), class_name))
+    if not samples:
+        raise ValueError(f"no images under {base / split} (class {class_name!r})")
     return samples
 
 
