@@ -132,6 +132,21 @@ def btad(root: str | os.PathLike, category: str, split: str, transform: ImageTra
     return AnomalyDataset(_folder_samples(base, split, category, "ok", mask_for, "BTAD"), transform)
 
 
+def _listed(image: Path, normal: bool, mask: Path | None, category: str, listing: Path) -> Sample:
+    """A sample of a split file; a defect image must name its mask."""
+    if normal:
+        return Sample(str(image), 0, None, category)
+    if mask is None:
+        raise FileNotFoundError(f"missing mask for defect image {image} in {listing}")
+    return Sample(str(image), 1, str(mask), category)
+
+
+def _listed_dataset(samples: list[Sample], split: str, category: str, listing: Path, transform) -> AnomalyDataset:
+    if not samples:
+        raise ValueError(f"no {split} images of class {category!r} in {listing}")
+    return AnomalyDataset(samples, transform)
+
+
 def visa(root: str | os.PathLike, category: str, split: str, transform: ImageTransform | None = None) -> AnomalyDataset:
     """VisA with its one-class split: ``root/split_csv/1cls.csv`` (columns object, split, label, image,
     mask; label ``normal`` or ``anomaly``; paths relative to ``root``)."""
@@ -145,16 +160,9 @@ def visa(root: str | os.PathLike, category: str, split: str, transform: ImageTra
         for row in csv.DictReader(f):
             if row["object"] != category or row["split"] != split:
                 continue
-            image = base / row["image"]
-            if row["label"] == "normal":
-                samples.append(Sample(str(image), 0, None, category))
-            else:
-                if not row.get("mask"):
-                    raise FileNotFoundError(f"missing mask for defect image {image} in {listing}")
-                samples.append(Sample(str(image), 1, str(base / row["mask"]), category))
-    if not samples:
-        raise ValueError(f"no {split} images of class {category!r} in {listing}")
-    return AnomalyDataset(samples, transform)
+            mask = base / row["mask"] if row.get("mask") else None
+            samples.append(_listed(base / row["image"], row["label"] == "normal", mask, category, listing))
+    return _listed_dataset(samples, split, category, listing, transform)
 
 
 def realiad(
@@ -177,16 +185,10 @@ def realiad(
     images = base / image_dir / category
     samples = []
     for item in json.loads(listing.read_text()).get(split, []):
-        image = images / item["image_path"]
-        if item.get("anomaly_class", "OK") == "OK":
-            samples.append(Sample(str(image), 0, None, category))
-        else:
-            if not item.get("mask_path"):
-                raise FileNotFoundError(f"missing mask for defect image {image} in {listing}")
-            samples.append(Sample(str(image), 1, str(images / item["mask_path"]), category))
-    if not samples:
-        raise ValueError(f"no {split} images in {listing}")
-    return AnomalyDataset(samples, transform)
+        mask = images / item["mask_path"] if item.get("mask_path") else None
+        normal = item.get("anomaly_class", "OK") == "OK"
+        samples.append(_listed(images / item["image_path"], normal, mask, category, listing))
+    return _listed_dataset(samples, split, category, listing, transform)
 
 
 def mtd(root: str | os.PathLike, split: str, transform: ImageTransform | None = None) -> AnomalyDataset:
