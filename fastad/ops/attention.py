@@ -425,7 +425,7 @@ if _triton.HAS_TRITON:
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
         store_rounded(O + base + offs_m[:, None] * D + offs_d[None, :], out, mm[:, None] & dm[None, :])
-        tl.store(LSE + bh * N + offs_m, tl.where(empty, float("inf"), m_i + tl.log(l_i)), mask=mm)
+        tl.store(LSE + bh * N + offs_m, tl.where(empty, float("inf"), m_i + tl.log(tl.where(empty, 1.0, l_i))), mask=mm)
 
     @triton.jit
     def _bwd_dq_kernel(
@@ -529,7 +529,7 @@ if _triton.HAS_TRITON:
             q = _ld(Q + base + offs_n[:, None] * D + offs_d[None, :], m, F32)
             pq = tl.where(m, _elu1(q.to(tl.float32)), 0.0)
             num = _dot(pq, kv, True)
-            den = tl.sum(pq * ksum[None, :], 1) + eps
+            den = tl.where(offs_n < N, tl.sum(pq * ksum[None, :], 1) + eps, 1.0)  # padding rows: no 0 / 0
             store_rounded(O + base + offs_n[:, None] * D + offs_d[None, :], num / den[:, None], m)
 
     @triton.jit
@@ -555,8 +555,7 @@ if _triton.HAS_TRITON:
             do = _ld(DO + ptrs, m, F32).to(tl.float32)
             pq = tl.where(m, _elu1(q), 0.0)
             num = _dot(pq, kv, True)
-            den = tl.sum(pq * ksum[None, :], 1) + eps
-            den = tl.where((offs_n < N), den, 1.0)
+            den = tl.where(offs_n < N, tl.sum(pq * ksum[None, :], 1) + eps, 1.0)
             dnum = do / den[:, None]
             dden = -tl.sum(dnum * num, 1) / den
             dpq = _dot(dnum, tl.trans(kv), True) + dden[:, None] * ksum[None, :]
