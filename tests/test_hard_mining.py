@@ -243,3 +243,19 @@ def test_hm_cosine_bad_input(path, device):
             hard_mining_cosine_loss(a, c, 0.5)
     with pytest.raises(TypeError, match="floating"):
         hard_mining_cosine_loss(a.int(), b.int(), 0.5)
+
+
+def test_losses_inside_torch_compile(path):
+    # the losses run eagerly inside compiled code (a graph break), with the same values and gradients
+    maps = (torch.rand(2, 16, 16) * 3).requires_grad_()
+    step = torch.compile(lambda m: adc_loss(m.square().sqrt()) * 2, backend="aot_eager")
+    loss = step(maps)
+    loss.backward()
+    ref = maps.detach().clone().requires_grad_()
+    (adc_loss_reference(ref) * 2).backward()
+    torch.testing.assert_close(loss, adc_loss_reference(maps.detach()) * 2)
+    torch.testing.assert_close(maps.grad, ref.grad)
+    a, b = _features((2, 8, 5, 5), "cpu")
+    b.requires_grad_()
+    hm = torch.compile(lambda x, y: hard_mining_cosine_loss(x, y * 1.0, 0.5), backend="aot_eager")(a, b)
+    torch.testing.assert_close(hm, hard_mining_cosine_loss_reference(a, b, 0.5), rtol=1e-5, atol=1e-6)

@@ -107,3 +107,9 @@ def test_bad_input(path, device):
         select_rank(x, -1)
     with pytest.raises(TypeError, match="rank must be an int"):
         select_rank(x, 2.0)
+
+
+def test_inside_torch_compile(path):
+    x = torch.rand(1000)
+    got = torch.compile(lambda t: quantile(t * 1.0, 0.9) + select_rank(t, 10), backend="aot_eager")(x)
+    assert torch.equal(got, quantile_reference(x, 0.9) + select_rank_reference(x, 10))

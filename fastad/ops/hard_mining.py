@@ -56,6 +56,7 @@ def adc_loss_reference(maps: torch.Tensor, p_hard: float = 0.9999, p_lim: float 
     return s2[s2 >= tau].mean()
 
 
+@torch.compiler.disable  # data-dependent thresholds: runs eagerly inside compiled code
 def adc_loss(maps: torch.Tensor, p_hard: float = 0.9999, p_lim: float = 0.9995) -> torch.Tensor:
     """MiniMaxAD's adaptive contraction hard-mining loss (ADCLoss, the -fr variant).
 
@@ -177,6 +178,7 @@ def hard_mining_cosine_loss_reference(enc_feats, dec_feats, p: float, factor: fl
     return loss / len(pairs)
 
 
+@torch.compiler.disable  # data-dependent thresholds: runs eagerly inside compiled code
 def hard_mining_cosine_loss(enc_feats, dec_feats, p: float, factor: float = 0.1) -> torch.Tensor:
     """Dinomaly's global cosine loss with hard mining (``global_cosine_hm_percent``).
 

@@ -70,6 +70,7 @@ def _sorted_quantile(flat: torch.Tensor, q: float) -> torch.Tensor:
 # public ops
 
 
+@torch.compiler.disable  # host-side radix passes: runs eagerly inside compiled code
 def select_rank(x: torch.Tensor, rank: int) -> torch.Tensor:
     """The ``rank``-th smallest value (0-based) of all elements of ``x``.
 
@@ -87,6 +88,7 @@ def select_rank(x: torch.Tensor, rank: int) -> torch.Tensor:
     return torch.kthvalue(flat.to(_compute_dtype(x)), rank + 1).values
 
 
+@torch.compiler.disable  # host-side radix passes: runs eagerly inside compiled code
 def quantile(x: torch.Tensor, q: float) -> torch.Tensor:
     """``torch.quantile(x, q)`` over all elements (linear interpolation), exact, for any size.
 
