@@ -8,22 +8,19 @@ from __future__ import annotations
 
 import torch
 
+from ..ops._checks import check_tensor
+
 __all__ = ["RankedScores", "auroc", "average_precision", "f1_max"]
 
 
 def _check(scores: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if not isinstance(scores, torch.Tensor) or not isinstance(labels, torch.Tensor):
-        raise TypeError("scores and labels must be torch.Tensors")
-    if not scores.is_floating_point():
-        raise TypeError(f"scores must be a floating tensor, got {scores.dtype}")
+    check_tensor("scores", scores)
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     s = scores.detach().reshape(-1)
     y = labels.detach().reshape(-1).to(s.device)
     if s.numel() != y.numel():
         raise ValueError(f"scores ({s.numel()}) and labels ({y.numel()}) differ in size")
-    if s.numel() == 0:
-        raise ValueError("scores are empty; expected at least one score")
-    if not bool(torch.isfinite(s).all()):
-        raise ValueError("scores contain NaN or inf; expected finite values")
     if y.dtype != torch.bool:
         if not bool(((y == 0) | (y == 1)).all()):
             raise ValueError("labels must be 0 or 1 (bool, integer or floating)")

@@ -84,7 +84,7 @@ def select_rank(x: torch.Tensor, rank: int) -> torch.Tensor:
     _check_rank(rank, flat.numel())
     if _triton.use_triton(flat) and flat.dtype != torch.float64:
         return _radix_select(flat, rank, square=False)[0]
-    _check_finite(flat)
+    check_tensor("x", flat)  # the finiteness check the radix pass does on the Triton path
     return torch.kthvalue(flat.to(_compute_dtype(x)), rank + 1).values
 
 
@@ -121,13 +121,8 @@ def _quantile(flat: torch.Tensor, q: float, square: bool) -> torch.Tensor:
 
 
 def _prepare(x: torch.Tensor) -> torch.Tensor:
-    check_tensor("x", x, finite=False)  # finiteness: in the first radix pass, or _check_finite
+    check_tensor("x", x, finite=False)  # finiteness: in the first radix pass, or on the torch path
     return x.contiguous().view(-1)
-
-
-def _check_finite(flat: torch.Tensor) -> None:
-    if not bool(torch.isfinite(flat).all()):
-        raise ValueError("x contains NaN or inf values; expected finite values")
 
 
 def _check_rank(rank: int, n: int) -> None:
