@@ -6,6 +6,11 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype the ops compute in: float64 for float64 inputs, float32 for every other float."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def check_tensor(name: str, t, *, ndim: int | tuple[int, ...] | None = None, finite: bool = True) -> None:
     """Raise TypeError/ValueError unless ``t`` is a non-empty floating tensor of the given rank with finite values."""
     if not isinstance(t, torch.Tensor):

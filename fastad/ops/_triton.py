@@ -24,8 +24,9 @@ enabled = True  # tests switch it off to run the PyTorch path of the same op
 
 
 def use_triton(t: torch.Tensor) -> bool:
-    """True when the Triton kernels can run on ``t``'s device."""
-    if not (HAS_TRITON and enabled):
+    """True when the Triton kernels can run on ``t``: its device has them, and it is a 16- or 32-bit
+    float (the kernels compute in float32; float64 keeps to the PyTorch path)."""
+    if not (HAS_TRITON and enabled) or t.dtype == torch.float64:
         return False
     return t.is_cuda or (INTERPRET and t.device.type == "cpu")
 

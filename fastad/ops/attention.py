@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _triton
-from ._checks import check_same_device, check_tensor
+from ._checks import check_same_device, check_tensor, compute_dtype
 from ._triton import tl, triton
 
 if _triton.HAS_TRITON:
@@ -145,13 +145,9 @@ def local_window_attention(q, k, v, grid, window, scale=None):
     return _grid_attention_dispatch(q, k, v, grid, window, scale, only=True)
 
 
-def _use_kernels(q: torch.Tensor) -> bool:
-    return _triton.use_triton(q) and q.dtype != torch.float64
-
-
 def _grid_attention_dispatch(q, k, v, grid, window, scale, only: bool):
     h, w, scale = _validate(q, k, v, grid, window, scale)
-    if _use_kernels(q):
+    if _triton.use_triton(q):
         return torch.ops.fastad.grid_attention(q, k, v, h, w, window // 2, only, scale)[0]
     # PyTorch path: SDPA (a fused CPU kernel) with the dense boolean mask
     keep, empty = _allowed_keys(h, w, window, only, q.device)
@@ -163,7 +159,7 @@ def _grid_attention_dispatch(q, k, v, grid, window, scale, only: bool):
 
 
 def _require_kernels(q: torch.Tensor) -> None:
-    if not _use_kernels(q):
+    if not _triton.use_triton(q):
         raise RuntimeError(
             "the fastad attention kernels need a CUDA tensor (or TRITON_INTERPRET=1 on the CPU) of a 16- or "
             "32-bit float dtype; call the public functions, which take the PyTorch path otherwise"
@@ -268,10 +264,10 @@ def linear_attention(q, k, v, eps: float = 0.0):
         (batch, heads, N, head_dim) in the input dtype, differentiable with respect to q, k and v.
     """
     _validate_linear(q, k, v, eps)
-    if _use_kernels(q):
+    if _triton.use_triton(q):
         return torch.ops.fastad.linear_attention(q, k, v, float(eps))[0]
     # PyTorch path: the authors' einsums, in float32 for 16-bit inputs as the kernel computes
-    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    cdt = compute_dtype(q)
     return linear_attention_reference(q.to(cdt), k.to(cdt), v.to(cdt), eps).to(q.dtype)
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _triton
-from ._checks import check_same_device, check_tensor
+from ._checks import check_same_device, check_tensor, compute_dtype
 from ._triton import tl, triton
 
 if _triton.HAS_TRITON:
@@ -81,7 +81,7 @@ class _ADCLoss(torch.autograd.Function):
     def forward(ctx, maps, p_hard, p_lim):
         flat = maps.detach().contiguous().view(-1)
         n = flat.numel()
-        var = torch.std(flat.float() if flat.dtype != torch.float64 else flat).cpu() ** 2  # as the reference
+        var = torch.std(flat.to(compute_dtype(flat))).cpu() ** 2  # as the reference
         # the quantile's first radix pass also rejects NaN/inf maps
         tau = _quantile(flat, p_hard, square=False).cpu() - var
         count, total = _square_tail(flat, tau)
@@ -96,7 +96,7 @@ class _ADCLoss(torch.autograd.Function):
     def backward(ctx, grad):
         (flat,) = ctx.saved_tensors
         scale = (grad / ctx.count).reshape(1)
-        if _triton.use_triton(flat) and flat.dtype != torch.float64:
+        if _triton.use_triton(flat):
             out = torch.empty_like(flat)
             n = flat.numel()
             block = 1024
@@ -109,7 +109,7 @@ class _ADCLoss(torch.autograd.Function):
 
 def _square_tail(flat: torch.Tensor, tau: torch.Tensor) -> tuple[int, torch.Tensor]:
     """(count, float64 sum) of S**2 over the points with S**2 >= tau (S**2 in the compute dtype)."""
-    if _triton.use_triton(flat) and flat.dtype != torch.float64:
+    if _triton.use_triton(flat):
         n = flat.numel()
         block = 65536 if not flat.is_cuda else 2048
         grid = max(1, min(triton.cdiv(n, block), _triton.max_programs(flat)))
@@ -198,20 +198,21 @@ def hard_mining_cosine_loss(enc_feats, dec_feats, p: float, factor: float = 0.1)
         0-d loss, differentiable with respect to ``dec_feats``.
     """
     pairs = _pairs(enc_feats, dec_feats)
-    terms = [_HardMiningCosine.apply(a.detach(), b, p, factor) for a, b in pairs]
+    # validated before any pass over the features; k = int(B * H * W * (1 - p)) hard points per group
+    ks = [_check_p(p, factor, a.shape[0] * a[0, 0].numel()) for a, _ in pairs]
+    terms = [_HardMiningCosine.apply(a.detach(), b, k, factor) for (a, b), k in zip(pairs, ks)]
     return sum(terms) / len(terms)
 
 
 class _HardMiningCosine(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a, b, p, factor):
+    def forward(ctx, a, b, k, factor):
         bsz, c = a.shape[:2]
         a3, b3 = a.reshape(bsz, c, -1), b.reshape(bsz, c, -1)
         dot, na, nb = _point_stats(a3, b3)  # (B, P) each, float32 or float64
         point_dist = 1 - dot / (na.sqrt().clamp_min(_COS_EPS) * nb.sqrt().clamp_min(_COS_EPS))
         if not bool(torch.isfinite(point_dist).all()):
             raise ValueError("enc_feats or dec_feats contains NaN or inf values; expected finite values")
-        k = _check_p(p, factor, point_dist.numel())
         thresh = select_rank(point_dist, point_dist.numel() - k)
         # per-sample global cosine from the per-point sums (float64 for the long reduction)
         dot_n, na_n, nb_n = dot.double().sum(1), na.double().sum(1).sqrt(), nb.double().sum(1).sqrt()
@@ -230,7 +231,7 @@ class _HardMiningCosine(torch.autograd.Function):
         coef_a = (-g / (na_n * nb_n)).to(point_dist.dtype)
         coef_b = (g * cos_n / nb_n**2).to(point_dist.dtype)
         scale = torch.ones_like(point_dist).masked_fill_(point_dist < thresh, ctx.factor)
-        if _triton.use_triton(b3) and b3.dtype != torch.float64:
+        if _triton.use_triton(b3):
             out = torch.empty(b3.shape, dtype=b3.dtype, device=b3.device)
             _cosine_grad_kernel[_point_grid(b3)](
                 a3, b3, out, coef_a, coef_b, scale, b3.shape[1], b3.shape[2],
@@ -252,14 +253,14 @@ def _point_grid(t: torch.Tensor):
 
 def _point_stats(a3: torch.Tensor, b3: torch.Tensor):
     """Per point (B, P): sum_c a*b, sum_c a*a, sum_c b*b, accumulated in float32 (float64 inputs: float64)."""
-    if _triton.use_triton(a3) and a3.dtype != torch.float64:
+    if _triton.use_triton(a3):
         bsz, c, n = a3.shape
         out = torch.empty((3, bsz, n), dtype=torch.float32, device=a3.device)
         _point_stats_kernel[_point_grid(a3)](
             a3, b3, out, c, n, *a3.stride(), *b3.stride(), BLOCK_C=_BLOCK_C, BLOCK_P=_BLOCK_P
         )
         return out[0], out[1], out[2]
-    cdt = torch.float64 if a3.dtype == torch.float64 else torch.float32
+    cdt = compute_dtype(a3)
     a, b = a3.to(cdt), b3.to(cdt)
     return (a * b).sum(1), (a * a).sum(1), (b * b).sum(1)
 

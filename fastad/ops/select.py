@@ -23,7 +23,7 @@ import math
 import torch
 
 from . import _triton
-from ._checks import check_tensor
+from ._checks import check_tensor, compute_dtype
 from ._triton import tl, triton
 
 __all__ = ["quantile", "quantile_reference", "select_rank", "select_rank_reference"]
@@ -31,10 +31,6 @@ __all__ = ["quantile", "quantile_reference", "select_rank", "select_rank_referen
 _PASSES = ((21, 11), (10, 11), (0, 10))  # (shift, bits) of each radix pass, most significant first
 _BINS = 2048
 _MAX_NUMEL = 2**31 - 1  # int32 offsets in the kernels
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -45,7 +41,7 @@ def select_rank_reference(x: torch.Tensor, rank: int) -> torch.Tensor:
     """Oracle of :func:`select_rank`: ``sort(x.flatten())[rank]`` in the compute dtype."""
     check_tensor("x", x)
     _check_rank(rank, x.numel())
-    return torch.sort(x.flatten().to(_compute_dtype(x))).values[rank]
+    return torch.sort(x.flatten().to(compute_dtype(x))).values[rank]
 
 
 def quantile_reference(x: torch.Tensor, q: float) -> torch.Tensor:
@@ -53,7 +49,7 @@ def quantile_reference(x: torch.Tensor, q: float) -> torch.Tensor:
     refuses the size (before 2.14: more than 2**24 elements), the same computation by a full sort."""
     check_tensor("x", x)
     _check_q("q", q)
-    flat = x.flatten().to(_compute_dtype(x))
+    flat = x.flatten().to(compute_dtype(x))
     try:
         return torch.quantile(flat, q)
     except RuntimeError:  # "quantile() input tensor is too large"
@@ -82,10 +78,10 @@ def select_rank(x: torch.Tensor, rank: int) -> torch.Tensor:
     """
     flat = _prepare(x)
     _check_rank(rank, flat.numel())
-    if _triton.use_triton(flat) and flat.dtype != torch.float64:
+    if _triton.use_triton(flat):
         return _radix_select(flat, rank, square=False)[0]
     check_tensor("x", flat)  # the finiteness check the radix pass does on the Triton path
-    return torch.kthvalue(flat.to(_compute_dtype(x)), rank + 1).values
+    return torch.kthvalue(flat.to(compute_dtype(x)), rank + 1).values
 
 
 @torch.compiler.disable  # host-side radix passes: runs eagerly inside compiled code
@@ -105,10 +101,9 @@ def quantile(x: torch.Tensor, q: float) -> torch.Tensor:
 
 def _quantile(flat: torch.Tensor, q: float, square: bool) -> torch.Tensor:
     """Quantile of ``flat`` (or of ``flat**2`` with ``square``); ``flat`` is 1-D and contiguous."""
-    cdt = _compute_dtype(flat)
-    if not (_triton.use_triton(flat) and cdt == torch.float32):
+    if not _triton.use_triton(flat):
         return quantile_reference(_values(flat, square), q)
-    lo, hi, w = _ranks(q, flat.numel(), cdt)
+    lo, hi, w = _ranks(q, flat.numel(), torch.float32)
     v_lo, last_hist, bin_rank = _radix_select(flat, lo, square)
     v_hi = v_lo if hi == lo else _next_from_hist(v_lo, last_hist, bin_rank)
     if v_hi is None:
@@ -149,7 +144,7 @@ def _ranks(q: float, n: int, dtype: torch.dtype):
 
 
 def _values(flat: torch.Tensor, square: bool) -> torch.Tensor:
-    v = flat.to(_compute_dtype(flat))
+    v = flat.to(compute_dtype(flat))
     return v * v if square else v
 
 
