@@ -1,6 +1,6 @@
 """fastad: fast unsupervised industrial image anomaly detection."""
 from . import ops
-from .models import PaDiM, PatchCore, create_model
+from .models import Dinomaly, MiniMaxAD, PaDiM, PatchCore, create_model, load_checkpoint
 
 __version__ = "0.1.0"
-__all__ = ["PaDiM", "PatchCore", "create_model", "ops"]
+__all__ = ["Dinomaly", "MiniMaxAD", "PaDiM", "PatchCore", "create_model", "load_checkpoint", "ops"]

@@ -28,9 +28,10 @@ def _class_names(kind: str, root: Path) -> list[str]:
     return [root.name]
 
 
-def _datasets(spec: str, classes: list[str] | None):
-    """[(class name, train set, test set)] for ``--data KIND:PATH``."""
-    from .data import SyntheticDataset, btad, folder, mtd, mvtec, realiad, visa
+def _datasets(spec: str, classes: list[str] | None, image_size: tuple[int, int] = (256, 224)):
+    """[(class name, train set, test set)] for ``--data KIND:PATH``, images resized and center-cropped
+    to the model's ``image_size`` (MTD tiles are resized to the crop size without cropping)."""
+    from .data import ImageTransform, SyntheticDataset, btad, folder, mtd, mvtec, realiad, visa
 
     kind, _, path = spec.partition(":")
     if kind not in KINDS:
@@ -42,10 +43,12 @@ def _datasets(spec: str, classes: list[str] | None):
     root = Path(path)
     if not root.is_dir():
         raise SystemExit(f"--data {spec!r}: {root} is not a folder")
+    t = ImageTransform(*image_size)
     if kind == "mtd":
-        return [("mtd", mtd(root, "train"), mtd(root, "test"))]
+        t = ImageTransform(image_size[1], image_size[1])
+        return [("mtd", mtd(root, "train", t), mtd(root, "test", t))]
     if kind == "folder":
-        return [(root.name, folder(root, "train"), folder(root, "test"))]
+        return [(root.name, folder(root, "train", t), folder(root, "test", t))]
     try:
         names = classes or _class_names(kind, root)
     except FileNotFoundError as exc:
@@ -53,7 +56,7 @@ def _datasets(spec: str, classes: list[str] | None):
     if not names:
         raise SystemExit(f"no {kind} classes found under {root}")
     loader = {"mvtec": mvtec, "mpdd": mvtec, "btad": btad, "visa": visa, "realiad": realiad}[kind]
-    return [(c, loader(root, c, "train"), loader(root, c, "test")) for c in names]
+    return [(c, loader(root, c, "train", t), loader(root, c, "test", t)) for c in names]
 
 
 def _fmt(v):
@@ -76,14 +79,32 @@ def results_markdown(rows: list[dict], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _model_args(pairs: list[str]) -> dict:
+    """``KEY=VALUE`` strings -> model keyword arguments; a VALUE that parses as JSON is decoded
+    (numbers, true/false, null, lists), anything else stays a string."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set expects KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def run(args) -> int:
     from torch.utils.data import ConcatDataset
 
     from .engine import fit_model, score
+    from .models import MODELS
     from .overlays import save_overlays
 
-    sets = _datasets(args.data, args.classes)
-    kwargs = {"coreset_ratio": args.coreset_ratio} if args.model == "patchcore" and args.coreset_ratio else {}
+    kwargs = _model_args(args.set)
+    if args.model == "patchcore" and args.coreset_ratio:
+        kwargs["coreset_ratio"] = args.coreset_ratio
+    sets = _datasets(args.data, args.classes, getattr(MODELS[args.model], "image_size", (256, 224)))
     common = dict(batch_size=args.batch_size, num_workers=args.num_workers)
     unified = None
     if args.setting == "unified":  # one model for all classes, evaluated class by class
@@ -128,7 +149,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastad", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="fit and evaluate a model")
-    r.add_argument("--model", default="patchcore", choices=["patchcore", "padim"])
+    from .models import MODELS
+
+    r.add_argument("--model", default="patchcore", choices=sorted(MODELS))
     r.add_argument("--data", default="synthetic", help=f"synthetic or KIND:ROOT, KIND in {', '.join(KINDS[1:])}")
     r.add_argument("--classes", nargs="*", help="classes to run (default: all found under ROOT)")
     r.add_argument("--setting", default="separate", choices=["separate", "unified"],
@@ -137,6 +160,8 @@ def main(argv=None) -> int:
     r.add_argument("--batch-size", type=int, default=16)
     r.add_argument("--num-workers", type=int, default=0)
     r.add_argument("--coreset-ratio", type=float, default=None, help="PatchCore coreset fraction (default 0.1)")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="model argument, repeatable, e.g. --set iterations=5000 --set weights=/w/dinov2.pth")
     r.add_argument("--out", default=None, help="folder for results.json, results.md and overlays/")
     r.add_argument("--overlays", type=int, default=4, help="anomaly-map overlay PNGs per class (0: none)")
     b = sub.add_parser("bench", help="run the kernel benchmarks (source checkout) and print ratio tables; "

@@ -23,18 +23,26 @@ def predict(model, ds: Dataset, batch_size: int = 16, num_workers: int = 0):
     scores, maps, labels, masks = [], [], [], []
     for batch in _loader(ds, batch_size, num_workers, "predict"):
         s, m = model(batch["image"])
+        mask = batch["mask"]
+        if mask.shape[-2:] != m.shape[-2:]:  # maps at their own size (Dinomaly: 256): masks follow, nearest
+            mask = torch.nn.functional.interpolate(mask.unsqueeze(1).float(), size=m.shape[-2:], mode="nearest").squeeze(1)
         scores.append(s.cpu())
         maps.append(m.cpu())
         labels.append(torch.as_tensor(batch["label"]))
-        masks.append(batch["mask"])
+        masks.append(mask)
     return torch.cat(scores), torch.cat(maps), torch.cat(labels), torch.cat(masks)
 
 
 def fit_model(model_name: str, train: Dataset, *, device: str = "cpu", batch_size: int = 16, num_workers: int = 0, **model_kwargs):
-    """Create ``model_name`` with ``model_kwargs`` and fit it on ``train``. Returns (model, seconds)."""
+    """Create ``model_name`` with ``model_kwargs`` and fit it on ``train``. Returns (model, seconds).
+    Embedding models get ordered batches of ``batch_size``; trained models (Dinomaly, MiniMaxAD) get
+    the dataset and draw their own seeded, shuffled batches of their recipe's batch size."""
     model = create_model(model_name, **model_kwargs).to(device)
     t0 = time.perf_counter()
-    model.fit(_loader(train, batch_size, num_workers, "fit"))
+    if getattr(model, "trains", False):
+        model.fit(train, num_workers=num_workers)
+    else:
+        model.fit(_loader(train, batch_size, num_workers, "fit"))
     return model, time.perf_counter() - t0
 
 

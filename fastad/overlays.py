@@ -41,7 +41,8 @@ def save_overlays(test_set, scores: torch.Tensor, maps: torch.Tensor, labels: to
         axes[0].imshow(image)
         axes[0].set_title("image")
         axes[1].imshow(image)
-        axes[1].imshow(maps[i].numpy(), cmap="jet", alpha=0.5, vmin=lo, vmax=hi)
+        h, w = image.shape[:2]  # a map at another size (Dinomaly: 256 px) is stretched over the image
+        axes[1].imshow(maps[i].numpy(), cmap="jet", alpha=0.5, vmin=lo, vmax=hi, extent=(-0.5, w - 0.5, h - 0.5, -0.5))
         axes[1].set_title(f"score {float(scores[i]):.3g}")
         axes[2].imshow(item["mask"].numpy(), cmap="gray", vmin=0, vmax=1)
         axes[2].set_title("anomalous" if labels[i] else "normal")

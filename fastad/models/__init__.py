@@ -1,8 +1,10 @@
 """Anomaly-detection models as plain nn.Modules, and a registry by name."""
+from .dinomaly import Dinomaly
+from .minimaxad import MiniMaxAD
 from .padim import PaDiM
 from .patchcore import PatchCore
 
-MODELS = {"patchcore": PatchCore, "padim": PaDiM}
+MODELS = {"patchcore": PatchCore, "padim": PaDiM, "dinomaly": Dinomaly, "minimaxad": MiniMaxAD}
 
 
 def create_model(name: str, **kwargs):
@@ -14,4 +16,18 @@ def create_model(name: str, **kwargs):
     return cls(**kwargs)
 
 
-__all__ = ["MODELS", "PaDiM", "PatchCore", "create_model"]
+def load_checkpoint(path, device="cpu", **overrides):
+    """Rebuild a trained model (Dinomaly, MiniMaxAD) from a fastad checkpoint: its stored
+    constructor arguments, updated by ``overrides`` (e.g. ``weights='random'`` when the encoder
+    file is absent: the checkpoint holds the encoder weights too), moved to ``device``, then its
+    weights and training state."""
+    from ._training import checkpoint_config
+
+    name, config = checkpoint_config(path)
+    cls = next((c for c in MODELS.values() if c.__name__ == name), None)
+    if cls is None:
+        raise ValueError(f"{path} holds a {name} checkpoint, not a registered model")
+    return cls(**{**config, **overrides}).to(device).load_checkpoint(path)
+
+
+__all__ = ["MODELS", "Dinomaly", "MiniMaxAD", "PaDiM", "PatchCore", "create_model", "load_checkpoint"]

@@ -12,13 +12,14 @@ from .feature_bank import FeatureBank
 from .hard_mining import adc_loss, adc_loss_reference, hard_mining_cosine_loss, hard_mining_cosine_loss_reference
 from .nearest import nearest_reference, nearest_reference_reference
 from .select import quantile, quantile_reference, select_rank, select_rank_reference
-from .smoothing import gaussian_blur
+from .smoothing import gaussian_blur, gaussian_blur_small
 
 __all__ = [
     "FeatureBank",
     "adc_loss",
     "adc_loss_reference",
     "gaussian_blur",
+    "gaussian_blur_small",
     "greedy_coreset",
     "greedy_coreset_reference",
     "hard_mining_cosine_loss",

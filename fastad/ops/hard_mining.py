@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from . import _triton
 from ._checks import check_same_device, check_tensor, compute_dtype

@@ -1,0 +1,230 @@
+"""Gradient-trained models: the iteration loop, safetensors checkpoints and exact resume.
+
+A subclass defines ``trainable_parameters()``, ``make_optimizer()`` (returns an optimizer and a
+per-iteration LR scheduler) and ``training_loss(images, iteration)``. ``fit`` then runs the
+remaining iterations. Given a Dataset, the batch order is a function of (seed, epoch), so a run
+resumed from a checkpoint (which also holds the optimizer, the scheduler, the iteration, the loss
+history and torch's RNG state, used by dropout) continues exactly as the uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ._batches import image_batches
+
+FORMAT = "fastad-checkpoint-1"
+
+
+def _epoch_batches(data: Dataset, batch_size: int, seed: int, start: int, num_workers: int) -> Iterator[torch.Tensor]:
+    """Image batches from iteration ``start`` on: each epoch is a seeded permutation, last partial
+    batch dropped (the authors' drop_last), or the whole set as one batch if it is smaller."""
+    n = len(data)
+    if n == 0:
+        raise ValueError("fit() got an empty dataset")
+    bs = min(batch_size, n)
+    per_epoch = n // bs
+    epoch, skip = divmod(start, per_epoch)
+    while True:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        order = order[: per_epoch * bs].view(per_epoch, bs)[skip:]
+        # its own generator: a loader would otherwise draw its worker seed from torch's global RNG,
+        # which dropout uses too, at a point that differs between a resumed and a straight run
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        loader = DataLoader(data, batch_sampler=order.tolist(), num_workers=num_workers, generator=gen)
+        for batch in loader:
+            yield batch["image"] if isinstance(batch, dict) else batch
+        epoch, skip = epoch + 1, 0
+
+
+def _cycle(data: Iterable) -> Iterator[torch.Tensor]:
+    while True:
+        empty = True
+        for images in image_batches(data, "cpu"):
+            empty = False
+            yield images
+        if empty:
+            raise ValueError("fit() got no training images")
+
+
+class TrainedModel(nn.Module):
+    """Base of the models fitted by gradient descent (Dinomaly, MiniMaxAD).
+
+    Subclasses set ``iterations``, ``train_batch_size``, ``seed`` and ``grad_clip`` (None: no clipping) and
+    record their constructor arguments in ``self.config`` (written into checkpoints).
+    """
+
+    trains = True  # the engine hands fit() the Dataset itself, not an ordered loader
+
+    def __init__(self):
+        super().__init__()
+        self.iteration = 0
+        self.loss_history: list[float] = []
+        self.optimizer = self.scheduler = None
+        self.epoch_length: int | None = None  # batches per epoch of the data first trained on
+        self.config: dict = {}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.trainable_parameters()).device
+
+    def trainable_parameters(self):
+        raise NotImplementedError
+
+    def make_optimizer(self):
+        raise NotImplementedError
+
+    def training_loss(self, images: torch.Tensor, iteration: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def training_length(self, epoch_length: int | None) -> int:
+        """Total iterations of the recipe (Dinomaly counts iterations; MiniMaxAD epochs)."""
+        return self.iterations
+
+    def _ensure_optimizer(self) -> None:
+        if self.optimizer is None:
+            self.optimizer, self.scheduler = self.make_optimizer()
+
+    def fit(self, data, iterations: int | None = None, *, checkpoint: str | None = None, checkpoint_every: int = 0,
+            num_workers: int = 0, progress: bool | None = None) -> "TrainedModel":
+        """Train until ``iterations`` (default: the model's ``iterations``) have run in total.
+
+        Args:
+            data: a Dataset of dicts with 'image' (exact resume), or an iterable of (B, 3, H, W)
+                batches / dicts (cycled in its own order).
+            checkpoint, checkpoint_every: save to this file every N iterations and at the end.
+            num_workers: DataLoader workers when ``data`` is a Dataset.
+            progress: tqdm bar (None: only on a terminal).
+        """
+        from tqdm.auto import tqdm
+
+        if self.epoch_length is None:
+            if isinstance(data, Dataset):
+                self.epoch_length = len(data) // max(1, min(self.train_batch_size, len(data)))
+            elif hasattr(data, "__len__"):
+                self.epoch_length = len(data)
+        total = self.training_length(self.epoch_length) if iterations is None else int(iterations)
+        if total < 0:
+            raise ValueError(f"iterations must be >= 0, got {total}")
+        self._ensure_optimizer()
+        for p, state in self.optimizer.state.items():  # the model may have moved since the state was made
+            for k, v in state.items():
+                if isinstance(v, torch.Tensor) and v.dim() and v.device != p.device:
+                    state[k] = v.to(p.device)
+        if isinstance(data, Dataset):
+            batches = _epoch_batches(data, self.train_batch_size, self.seed, self.iteration, num_workers)
+        else:
+            batches = _cycle(data)
+        bar = tqdm(total=total, initial=min(self.iteration, total), desc="train", unit="it", leave=False,
+                   disable=None if progress is None else not progress)
+        device = self.device
+        while self.iteration < total:
+            images = next(batches).to(device, torch.float32)
+            self.train()
+            loss = self.training_loss(images, self.iteration)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{type(self).__name__}: the loss became {float(loss)} at iteration {self.iteration}")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.grad_clip is not None:
+                nn.utils.clip_grad_norm_(list(self.trainable_parameters()), self.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.iteration += 1
+            self.loss_history.append(float(loss.detach()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{self.loss_history[-1]:.4f}", refresh=False)
+            if checkpoint and checkpoint_every and self.iteration % checkpoint_every == 0:
+                self.save_checkpoint(checkpoint)
+        bar.close()
+        if checkpoint:
+            self.save_checkpoint(checkpoint)
+        self.eval()
+        return self
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def save_checkpoint(self, path: str | os.PathLike) -> None:
+        """Write the model, optimizer, scheduler, iteration, loss history and RNG state (safetensors;
+        non-tensor values as JSON metadata)."""
+        from safetensors.torch import save_file
+
+        tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        meta = {"format": FORMAT, "model": type(self).__name__, "config": self.config, "iteration": self.iteration,
+                "epoch_length": self.epoch_length}
+        tensors["loss_history"] = torch.tensor(self.loss_history, dtype=torch.float64)
+        tensors["rng.cpu"] = torch.get_rng_state()
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        if self.optimizer is not None:
+            opt = self.optimizer.state_dict()
+            plain = {}
+            for idx, state in opt["state"].items():
+                for k, v in state.items():
+                    if isinstance(v, torch.Tensor):
+                        tensors[f"optim.{idx}.{k}"] = v.detach().cpu().contiguous()
+                    else:
+                        plain[f"{idx}.{k}"] = v
+            meta["optimizer"] = {"param_groups": opt["param_groups"], "plain": plain}
+            meta["scheduler"] = self.scheduler.state_dict()  # lr_lambdas: None for plain functions
+        tmp = f"{os.fspath(path)}.tmp"
+        save_file(tensors, tmp, metadata={"fastad": json.dumps(meta)})
+        os.replace(tmp, path)  # never leave a half-written checkpoint
+
+    def load_checkpoint(self, path: str | os.PathLike, *, restore_rng: bool = True) -> "TrainedModel":
+        """Load a checkpoint written by :meth:`save_checkpoint` (same class); training then resumes
+        exactly where it stopped. ``restore_rng`` also resets torch's global RNG to the saved state."""
+        from safetensors import safe_open
+
+        with safe_open(os.fspath(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("fastad")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if raw is None:
+            raise ValueError(f"{path} is not a fastad checkpoint (no 'fastad' metadata)")
+        meta = json.loads(raw)
+        if meta.get("format") != FORMAT or meta.get("model") != type(self).__name__:
+            raise ValueError(f"{path} holds a {meta.get('model')} checkpoint ({meta.get('format')}), expected {type(self).__name__} ({FORMAT})")
+        state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        self.load_state_dict(state)
+        self.iteration = int(meta["iteration"])
+        self.epoch_length = meta.get("epoch_length")
+        self.loss_history = tensors["loss_history"].tolist()
+        if "optimizer" in meta:
+            self.optimizer = self.scheduler = None
+            self._ensure_optimizer()
+            groups = meta["optimizer"]["param_groups"]
+            opt_state: dict = {}
+            for key, v in tensors.items():
+                if key.startswith("optim."):
+                    _, idx, name = key.split(".", 2)
+                    opt_state.setdefault(int(idx), {})[name] = v.to(self.device) if v.dim() else v
+            for key, v in meta["optimizer"]["plain"].items():
+                idx, name = key.split(".", 1)
+                opt_state.setdefault(int(idx), {})[name] = v
+            for g in groups:  # JSON turned tuples into lists
+                if "betas" in g:
+                    g["betas"] = tuple(g["betas"])
+            self.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+            self.scheduler.load_state_dict(meta["scheduler"])
+        if restore_rng:
+            torch.set_rng_state(tensors["rng.cpu"])
+            if "rng.cuda" in tensors and torch.cuda.is_available() and self.device.type == "cuda":
+                torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
+        return self
+
+
+def checkpoint_config(path: str | os.PathLike) -> tuple[str, dict]:
+    """(model class name, constructor config) stored in a fastad checkpoint."""
+    from safetensors import safe_open
+
+    with safe_open(os.fspath(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get("fastad")
+    if raw is None:
+        raise ValueError(f"{path} is not a fastad checkpoint")
+    meta = json.loads(raw)
+    return meta["model"], meta["config"]
+
