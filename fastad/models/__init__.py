@@ -1,10 +1,12 @@
 """Anomaly-detection models as plain nn.Modules, and a registry by name."""
 from .dinomaly import Dinomaly
+from .fod import FOD
 from .minimaxad import MiniMaxAD
 from .padim import PaDiM
 from .patchcore import PatchCore
+from .rlr import RLR
 
-MODELS = {"patchcore": PatchCore, "padim": PaDiM, "dinomaly": Dinomaly, "minimaxad": MiniMaxAD}
+MODELS = {"patchcore": PatchCore, "padim": PaDiM, "dinomaly": Dinomaly, "minimaxad": MiniMaxAD, "rlr": RLR, "fod": FOD}
 
 
 def create_model(name: str, **kwargs):
@@ -17,7 +19,7 @@ def create_model(name: str, **kwargs):
 
 
 def load_checkpoint(path, device="cpu", **overrides):
-    """Rebuild a trained model (Dinomaly, MiniMaxAD) from a fastad checkpoint: its stored
+    """Rebuild a trained model (Dinomaly, MiniMaxAD, RLR, FOD) from a fastad checkpoint: its stored
     constructor arguments, updated by ``overrides`` (e.g. ``weights='random'`` when the encoder
     file is absent: the checkpoint holds the encoder weights too), moved to ``device``, then its
     weights and training state."""
@@ -30,4 +32,4 @@ def load_checkpoint(path, device="cpu", **overrides):
     return cls(**{**config, **overrides}).to(device).load_checkpoint(path)
 
 
-__all__ = ["MODELS", "Dinomaly", "MiniMaxAD", "PaDiM", "PatchCore", "create_model", "load_checkpoint"]
+__all__ = ["FOD", "MODELS", "RLR", "Dinomaly", "MiniMaxAD", "PaDiM", "PatchCore", "create_model", "load_checkpoint"]

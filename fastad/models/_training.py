@@ -1,8 +1,9 @@
 """Gradient-trained models: the iteration loop, safetensors checkpoints and exact resume.
 
 A subclass defines ``trainable_parameters()``, ``make_optimizer()`` (returns an optimizer and a
-per-iteration LR scheduler) and ``training_loss(images, iteration)``. ``fit`` then runs the
-remaining iterations. Given a Dataset, the batch order is a function of (seed, epoch), so a run
+per-iteration LR scheduler) and ``training_loss(images, iteration)``, or overrides ``training_step``
+when one loss and one backward pass do not describe its update (FOD's two phases, ADPretrain's
+masks). ``fit`` then runs the remaining iterations. Given a Dataset, the batch order is a function of (seed, epoch), so a run
 resumed from a checkpoint (which also holds the optimizer, the scheduler, the iteration, the loss
 history and torch's RNG state, used by dropout) continues exactly as the uninterrupted one.
 """
@@ -21,8 +22,8 @@ from ._batches import image_batches
 FORMAT = "fastad-checkpoint-1"
 
 
-def _epoch_batches(data: Dataset, batch_size: int, seed: int, start: int, num_workers: int) -> Iterator[torch.Tensor]:
-    """Image batches from iteration ``start`` on: each epoch is a seeded permutation, last partial
+def _epoch_batches(data: Dataset, batch_size: int, seed: int, start: int, num_workers: int) -> Iterator:
+    """Collated batches (dicts or tensors) from iteration ``start`` on: each epoch is a seeded permutation, last partial
     batch dropped (the authors' drop_last), or the whole set as one batch if it is smaller."""
     n = len(data)
     if n == 0:
@@ -37,23 +38,22 @@ def _epoch_batches(data: Dataset, batch_size: int, seed: int, start: int, num_wo
         # which dropout uses too, at a point that differs between a resumed and a straight run
         gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         loader = DataLoader(data, batch_sampler=order.tolist(), num_workers=num_workers, generator=gen)
-        for batch in loader:
-            yield batch["image"] if isinstance(batch, dict) else batch
+        yield from loader
         epoch, skip = epoch + 1, 0
 
 
-def _cycle(data: Iterable) -> Iterator[torch.Tensor]:
+def _cycle(data: Iterable) -> Iterator:
     while True:
         empty = True
-        for images in image_batches(data, "cpu"):
+        for batch in [data] if isinstance(data, torch.Tensor) else data:
             empty = False
-            yield images
+            yield batch
         if empty:
             raise ValueError("fit() got no training images")
 
 
 class TrainedModel(nn.Module):
-    """Base of the models fitted by gradient descent (Dinomaly, MiniMaxAD).
+    """Base of the models fitted by gradient descent (Dinomaly, MiniMaxAD, RLR, FOD, ADPretrain's projector).
 
     Subclasses set ``iterations``, ``train_batch_size``, ``seed`` and ``grad_clip`` (None: no clipping) and
     record their constructor arguments in ``self.config`` (written into checkpoints).
@@ -83,8 +83,15 @@ class TrainedModel(nn.Module):
         raise NotImplementedError
 
     def training_length(self, epoch_length: int | None) -> int:
-        """Total iterations of the recipe (Dinomaly counts iterations; MiniMaxAD epochs)."""
-        return self.iterations
+        """Total iterations of the recipe: ``iterations`` (Dinomaly), or ``epochs`` x batches per
+        epoch for the models that count epochs (set ``epochs`` and ``iterations_override``)."""
+        if not hasattr(self, "epochs"):
+            return self.iterations
+        if self.iterations_override is not None:
+            return self.iterations_override
+        if epoch_length is None:
+            raise ValueError(f"{type(self).__name__} trains for `epochs`; with data of unknown length pass iterations=N")
+        return self.epochs * epoch_length
 
     def _ensure_optimizer(self) -> None:
         if self.optimizer is None:
@@ -122,18 +129,9 @@ class TrainedModel(nn.Module):
             batches = _cycle(data)
         bar = tqdm(total=total, initial=min(self.iteration, total), desc="train", unit="it", leave=False,
                    disable=None if progress is None else not progress)
-        device = self.device
         while self.iteration < total:
-            images = next(batches).to(device, torch.float32)
             self.train()
-            loss = self.training_loss(images, self.iteration)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{type(self).__name__}: the loss became {float(loss)} at iteration {self.iteration}")
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.grad_clip is not None:
-                nn.utils.clip_grad_norm_(list(self.trainable_parameters()), self.grad_clip)
-            self.optimizer.step()
+            loss = self.training_step(next(batches), self.iteration)
             self.scheduler.step()
             self.iteration += 1
             self.loss_history.append(float(loss.detach()))
@@ -146,6 +144,26 @@ class TrainedModel(nn.Module):
             self.save_checkpoint(checkpoint)
         self.eval()
         return self
+
+    def batch_images(self, batch) -> torch.Tensor:
+        """The (B, 3, H, W) float32 images of a batch (a tensor or a dict with 'image') on the model's device."""
+        return next(iter(image_batches([batch], self.device)))
+
+    def check_finite(self, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{type(self).__name__}: the loss became {float(loss)} at iteration {self.iteration}")
+
+    def training_step(self, batch, iteration: int) -> torch.Tensor:
+        """One update from one batch: ``training_loss``, backward, gradient clipping, optimizer step.
+        Returns the (detached) loss recorded in ``loss_history``."""
+        loss = self.training_loss(self.batch_images(batch), iteration)
+        self.check_finite(loss)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.grad_clip is not None:
+            nn.utils.clip_grad_norm_(list(self.trainable_parameters()), self.grad_clip)
+        self.optimizer.step()
+        return loss.detach()
 
     # -- checkpoints --------------------------------------------------------------------------------
     def save_checkpoint(self, path: str | os.PathLike) -> None:

@@ -132,13 +132,6 @@ class MiniMaxAD(TrainedModel):
         yield from self.bottleneck.parameters()
         yield from self.decoder.parameters()
 
-    def training_length(self, epoch_length: int | None) -> int:
-        if self.iterations_override is not None:
-            return self.iterations_override
-        if epoch_length is None:
-            raise ValueError("MiniMaxAD trains for `epochs`; with data of unknown length pass iterations=N")
-        return self.epochs * epoch_length
-
     def make_optimizer(self):
         opt = torch.optim.AdamW(list(self.trainable_parameters()), lr=self.lr, betas=(0.9, 0.999), weight_decay=self.weight_decay)
         per_epoch = max(1, self.epoch_length or 1)
