@@ -1,6 +1,6 @@
 """The ``fastad`` command line: ``fastad run`` fits and evaluates a model (default: PatchCore with
 the offline EfficientNet-Lite0 backbone on the embedded synthetic data); ``fastad bench`` runs the
-benchmark suites."""
+benchmark suites; ``fastad pretrain`` pretrains ADPretrain's projectors."""
 from __future__ import annotations
 
 import argparse
@@ -37,7 +37,7 @@ def _datasets(spec: str, classes: list[str] | None, image_size: tuple[int, int] 
     if kind not in KINDS:
         raise SystemExit(f"unknown data kind {kind!r}; expected one of {', '.join(KINDS)}")
     if kind == "synthetic":
-        return [("synthetic", SyntheticDataset("train", 32), SyntheticDataset("test", 32))]
+        return [("synthetic", SyntheticDataset("train", 32, size=image_size[1]), SyntheticDataset("test", 32, size=image_size[1]))]
     if not path:
         raise SystemExit(f"--data {spec!r}: expected KIND:PATH, e.g. mvtec:/data/mvtec or mtd:/data/mtd")
     root = Path(path)
@@ -132,6 +132,29 @@ def run(args) -> int:
     return 0
 
 
+def pretrain(args) -> int:
+    """ADPretrain's projector pretraining on every labelled image (train and test splits) of the
+    chosen classes, written to the ``--out`` checkpoint (resumed from it if it exists)."""
+    from torch.utils.data import ConcatDataset
+
+    from .models import ADPretrain, load_checkpoint
+
+    kwargs = _model_args(args.set)
+    sets = _datasets(args.data, args.classes, ADPretrain.image_size)
+    data = ConcatDataset([ds for _, train, test in sets for ds in (train, test)])
+    if os.path.exists(args.out):
+        model = load_checkpoint(args.out, device=args.device, **kwargs)
+        print(f"resuming {args.out} at iteration {model.iteration}", flush=True)
+    else:
+        model = ADPretrain(**kwargs).to(args.device)
+    model.pretrain(data, checkpoint=args.out, checkpoint_every=args.checkpoint_every, num_workers=args.num_workers)
+    losses = model.loss_history
+    print(f"pretrained {model.iteration} iterations on {len(data)} images of {len(sets)} classes; "
+          f"loss {losses[0] if losses else float('nan'):.4f} -> {losses[-1] if losses else float('nan'):.4f}; "
+          f"wrote {args.out}", flush=True)
+    return 0
+
+
 def bench(args, extra: list[str]) -> int:
     """Runs the pytest-benchmark suites of a source checkout's ``bench/``; each prints its ratio table."""
     folder = Path(__file__).resolve().parents[1] / "bench"
@@ -164,6 +187,14 @@ def main(argv=None) -> int:
                    help="model argument, repeatable, e.g. --set iterations=5000 --set weights=/w/dinov2.pth")
     r.add_argument("--out", default=None, help="folder for results.json, results.md and overlays/")
     r.add_argument("--overlays", type=int, default=4, help="anomaly-map overlay PNGs per class (0: none)")
+    p = sub.add_parser("pretrain", help="pretrain ADPretrain's projectors on labelled images (train + test splits)")
+    p.add_argument("--data", default="synthetic", help="synthetic or KIND:ROOT, as for run")
+    p.add_argument("--classes", nargs="*", help="classes to use (default: all found under ROOT)")
+    p.add_argument("--out", required=True, help="checkpoint file (.safetensors), resumed if it exists")
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="ADPretrain argument, repeatable")
     b = sub.add_parser("bench", help="run the kernel benchmarks (source checkout) and print ratio tables; "
                        "other arguments go to pytest, e.g. -k quantile")
     b.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -172,7 +203,7 @@ def main(argv=None) -> int:
         return bench(args, extra)
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    return run(args)
+    return pretrain(args) if args.command == "pretrain" else run(args)
 
 
 if __name__ == "__main__":

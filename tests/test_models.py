@@ -75,11 +75,11 @@ def test_padim_matches_numpy_gaussians():
         feats = e[:, :, i, j]
         cov = np.cov(feats, rowvar=False) + 0.01 * np.eye(20)
         mu = feats.mean(0)
-        np.testing.assert_allclose(m.mean[i, j].numpy(), mu, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(m.gaussians[0].mean[i, j].numpy(), mu, rtol=1e-4, atol=1e-5)
         inv = np.linalg.inv(cov)
         d = q[:, :, i, j] - mu
         want = np.sqrt(np.einsum("bi,ij,bj->b", d, inv, d))
-        got = torch.einsum("bi,ij,bj->b", torch.from_numpy(d).float(), m.inv_covariance[i, j], torch.from_numpy(d).float()).sqrt()
+        got = torch.einsum("bi,ij,bj->b", torch.from_numpy(d).float(), m.gaussians[0].inv_covariance[i, j], torch.from_numpy(d).float()).sqrt()
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-3)
     scores, maps = m(_batch(2, 64, seed=1))
     assert scores.shape == (2,) and maps.shape == (2, 64, 64)

@@ -1,4 +1,5 @@
 """Anomaly-detection models as plain nn.Modules, and a registry by name."""
+from .adpretrain import ADPretrain
 from .dinomaly import Dinomaly
 from .fod import FOD
 from .minimaxad import MiniMaxAD
@@ -6,7 +7,8 @@ from .padim import PaDiM
 from .patchcore import PatchCore
 from .rlr import RLR
 
-MODELS = {"patchcore": PatchCore, "padim": PaDiM, "dinomaly": Dinomaly, "minimaxad": MiniMaxAD, "rlr": RLR, "fod": FOD}
+MODELS = {"patchcore": PatchCore, "padim": PaDiM, "dinomaly": Dinomaly, "minimaxad": MiniMaxAD, "rlr": RLR, "fod": FOD,
+          "adpretrain": ADPretrain, "featurenorm": ADPretrain}  # FeatureNorm is ADPretrain's default scorer
 
 
 def create_model(name: str, **kwargs):
@@ -19,7 +21,7 @@ def create_model(name: str, **kwargs):
 
 
 def load_checkpoint(path, device="cpu", **overrides):
-    """Rebuild a trained model (Dinomaly, MiniMaxAD, RLR, FOD) from a fastad checkpoint: its stored
+    """Rebuild a trained model (Dinomaly, MiniMaxAD, RLR, FOD, ADPretrain) from a fastad checkpoint: its stored
     constructor arguments, updated by ``overrides`` (e.g. ``weights='random'`` when the encoder
     file is absent: the checkpoint holds the encoder weights too), moved to ``device``, then its
     weights and training state."""
@@ -32,4 +34,4 @@ def load_checkpoint(path, device="cpu", **overrides):
     return cls(**{**config, **overrides}).to(device).load_checkpoint(path)
 
 
-__all__ = ["FOD", "MODELS", "RLR", "Dinomaly", "MiniMaxAD", "PaDiM", "PatchCore", "create_model", "load_checkpoint"]
+__all__ = ["ADPretrain", "FOD", "MODELS", "RLR", "Dinomaly", "MiniMaxAD", "PaDiM", "PatchCore", "create_model", "load_checkpoint"]

@@ -100,11 +100,11 @@ def level_maps(scores: list[torch.Tensor], grids: list[tuple[int, int]], size: t
     return torch.cat(maps, 1).mean(1)
 
 
-def score_and_map(maps: torch.Tensor, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """FOD/RLR/FeatureNorm scoring: image score = max of the Gaussian-smoothed (sigma, scipy style)
-    map; the map itself is returned unsmoothed, as the authors compute pixel metrics on it.
-    (B, H, W) -> ((B,), (B, H, W))."""
+def score_and_map(maps: torch.Tensor, sigma: float, smoothed_map: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image score = max of the Gaussian-smoothed (sigma, scipy style) map. FOD and RLR return the
+    map unsmoothed, as their authors compute pixel metrics on it; FeatureNorm and PaDiM† return the
+    smoothed one (``smoothed_map=True``). (B, H, W) -> ((B,), (B, H, W))."""
     from ..ops import gaussian_blur
 
     smooth = gaussian_blur(maps, sigma) if sigma > 0 else maps
-    return smooth.flatten(1).max(1).values, maps
+    return smooth.flatten(1).max(1).values, smooth if smoothed_map else maps

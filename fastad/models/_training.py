@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -132,11 +133,14 @@ class TrainedModel(nn.Module):
         while self.iteration < total:
             self.train()
             loss = self.training_step(next(batches), self.iteration)
-            self.scheduler.step()
+            with warnings.catch_warnings():  # a skipped first batch steps the schedule before the optimizer
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`", UserWarning)
+                self.scheduler.step()
             self.iteration += 1
-            self.loss_history.append(float(loss.detach()))
             bar.update(1)
-            bar.set_postfix(loss=f"{self.loss_history[-1]:.4f}", refresh=False)
+            if loss is not None:  # None: a batch the recipe skips (ADPretrain: no anomaly in it)
+                self.loss_history.append(float(loss.detach()))
+                bar.set_postfix(loss=f"{self.loss_history[-1]:.4f}", refresh=False)
             if checkpoint and checkpoint_every and self.iteration % checkpoint_every == 0:
                 self.save_checkpoint(checkpoint)
         bar.close()
@@ -155,7 +159,7 @@ class TrainedModel(nn.Module):
 
     def training_step(self, batch, iteration: int) -> torch.Tensor:
         """One update from one batch: ``training_loss``, backward, gradient clipping, optimizer step.
-        Returns the (detached) loss recorded in ``loss_history``."""
+        Returns the (detached) loss recorded in ``loss_history``, or None for a skipped batch."""
         loss = self.training_loss(self.batch_images(batch), iteration)
         self.check_finite(loss)
         self.optimizer.zero_grad(set_to_none=True)

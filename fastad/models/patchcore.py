@@ -28,7 +28,9 @@ class PatchCore(nn.Module):
     """PatchCore anomaly detector.
 
     Args:
-        backbone, layers, weights: see :class:`fastad.backbones.FeatureExtractor`.
+        backbone, layers, weights: see :class:`fastad.backbones.FeatureExtractor`; ``backbone`` may
+            also be a module mapping images to a list of (B, C_i, h_i, w_i) maps (e.g. ADPretrain's
+            projected residual features), used as it is.
         patch_size: local neighbourhood (3).
         pretrain_embed_dim, target_embed_dim: pooled per-level and final feature sizes (1024, 1024).
         coreset_ratio: fraction of patches kept (0.1; the IM320/ensemble configs use 0.01); 1.0 keeps all.
@@ -42,7 +44,7 @@ class PatchCore(nn.Module):
 
     def __init__(
         self,
-        backbone: str = OFFLINE_DEFAULT,
+        backbone: str | nn.Module = OFFLINE_DEFAULT,
         layers=(2, 3),
         weights: str | None = None,
         patch_size: int = 3,
@@ -58,7 +60,7 @@ class PatchCore(nn.Module):
         seed: int = 0,
     ):
         super().__init__()
-        self.backbone = FeatureExtractor(backbone, layers, weights)
+        self.backbone = backbone if isinstance(backbone, nn.Module) else FeatureExtractor(backbone, layers, weights)
         self.patch_size, self.pretrain_embed_dim, self.target_embed_dim = patch_size, pretrain_embed_dim, target_embed_dim
         self.coreset_ratio, self.projection_dim, self.seed = coreset_ratio, projection_dim, seed
         self.num_neighbors, self.reweight, self.reweight_neighbors = num_neighbors, reweight, reweight_neighbors
