@@ -195,3 +195,36 @@ def test_rlr_forward_and_bad_input():
 def test_registry_builds_rlr_and_fod():
     assert isinstance(create_model("rlr", weights="random", input_size=64, depth=1), RLR)
     assert isinstance(create_model("fod", weights="random", input_size=64, depth=1), FOD)
+
+
+@pytest.mark.parametrize("name", ["rlr", "fod"])
+def test_fastad_run_trains_rlr_and_fod(tmp_path, name):
+    import json
+
+    from fastad.cli import main
+
+    args = ["run", "--model", name, "--out", str(tmp_path), "--overlays", "0"]
+    for kv in ("weights=random", "depth=1", "iterations=2", "train_batch_size=4"):
+        args += ["--set", kv]
+    assert main(args) == 0
+    row = json.loads((tmp_path / "results.json").read_text())[0]
+    assert row["model"] == name and row["n_test"] == 32 and 0 <= row["image_auroc"] <= 1
+
+
+@pytest.mark.parametrize("reference", ["mean", "nearest"])
+def test_fod_checkpoint_holds_the_references_and_resumes_exactly(tmp_path, reference):
+    from fastad.data import SyntheticDataset
+
+    data = SyntheticDataset("train", 4, size=64)
+    torch.manual_seed(0)
+    straight = tiny_fod(reference=reference, iterations=3).fit(data)
+    torch.manual_seed(0)
+    tiny_fod(reference=reference, iterations=3).fit(data, 1, checkpoint=str(tmp_path / "f.safetensors"))
+    resumed = load_checkpoint(tmp_path / "f.safetensors")
+    assert resumed.reference_1.shape == straight.reference_1.shape  # data-dependent shape restored
+    resumed.fit(data)
+    assert resumed.loss_history == straight.loss_history
+    for (k, a), b in zip(resumed.state_dict().items(), straight.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+    x = torch.stack([data[i]["image"] for i in range(2)])
+    torch.testing.assert_close(resumed(x)[1], straight(x)[1], rtol=0, atol=0)
