@@ -291,3 +291,17 @@ def test_registry_and_cli(tmp_path):
                  "--out", str(tmp_path / "padim"), "--overlays", "0"]) == 0
     row = json.loads((tmp_path / "padim" / "results.json").read_text())[0]
     assert row["model"] == "adpretrain" and 0 <= row["image_auroc"] <= 1
+
+
+def test_dinov2_levels_are_patch_grids_without_prefix_tokens():
+    m = ADPretrain(backbone="vit_small_patch14_dinov2", layers=(1, 3), weights="random", num_references=8, project=False)
+    assert m.channels == [384, 384] and m.reductions == [14, 14]
+    x = torch.randn(2, 3, 42, 56)
+    tokens = m.backbone.encoder(x)
+    maps = m.backbone(x)
+    for t, f in zip(tokens, maps):
+        assert f.shape == (2, 384, 3, 4)
+        torch.testing.assert_close(f.flatten(2).transpose(1, 2), t[:, m.backbone.encoder.num_prefix :])
+    m.fit([x])
+    scores, out = m(x)
+    assert out.shape == (2, 42, 56) and torch.allclose(scores, torch.zeros(2), atol=1e-3)  # its own references

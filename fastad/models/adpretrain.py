@@ -256,7 +256,8 @@ class ADPretrain(TrainedModel):
 
     Args:
         backbone, layers, weights: frozen features: a timm CNN (:class:`fastad.backbones.FeatureExtractor`;
-            default the offline EfficientNet-Lite0 at strides 4-32) or a DINOv2 of ``VIT_LEVELS``.
+            default the offline EfficientNet-Lite0 at strides 4-32) or a timm DINOv2 (a name with
+            'dinov2'; ``layers`` = 0-indexed blocks, default from ``VIT_LEVELS``).
         scorer: ``'featurenorm'``, ``'patchcore'`` or ``'padim'`` (module docstring).
         shots: normal reference images taken by :meth:`fit` (8).
         project: False scores the raw residual features (no projector; a baseline).
@@ -286,6 +287,9 @@ class ADPretrain(TrainedModel):
             raise ValueError(f"scorer must be one of {SCORERS}, got {scorer!r}")
         if shots < 1 or center_shots < 1 or not shot_choices or min(shot_choices) < 1:
             raise ValueError(f"shots, center_shots and shot_choices must be >= 1, got {shots}, {center_shots}, {list(shot_choices)}")
+        vit = "dinov2" in backbone
+        if layers is None and vit and backbone not in VIT_LEVELS:
+            raise ValueError(f"no default blocks for {backbone}: pass layers=[...] (0-indexed blocks)")
         layers = tuple(layers) if layers is not None else VIT_LEVELS.get(backbone, DEFAULT_LAYERS.get(backbone, (1, 2, 3, 4)))
         self.config = dict(backbone=backbone, layers=list(layers), weights=weights, scorer=scorer, shots=shots, project=project,
                            pretrained=pretrained, heads=heads, num_references=num_references, depth=depth, tau=tau,
@@ -293,7 +297,7 @@ class ADPretrain(TrainedModel):
                            epochs=epochs, iterations=iterations, train_batch_size=train_batch_size, lr=lr,
                            weight_decay=weight_decay, milestones=list(milestones), coreset_ratio=coreset_ratio,
                            sigma=sigma, seed=seed)
-        self.backbone = _ViTMaps(backbone, layers, weights) if backbone in VIT_LEVELS else FeatureExtractor(backbone, layers, weights)
+        self.backbone = _ViTMaps(backbone, layers, weights) if vit else FeatureExtractor(backbone, layers, weights)
         self.channels, self.reductions = list(self.backbone.channels), list(self.backbone.reductions)
         self.projectors = nn.ModuleList(FeatureProjector(c, heads, num_references, depth) for c in self.channels)
         for i, c in enumerate(self.channels):
