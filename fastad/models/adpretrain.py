@@ -351,7 +351,7 @@ class ADPretrain(TrainedModel):
         (B, 3, H, W) or dicts with 'image') as the reference bank, then fit the scorer on all of them."""
         if self.project_features and self.iteration == 0 and self.config["pretrained"] is None:
             warnings.warn("ADPretrain's projectors are untrained: pretrain() them, pass pretrained=PATH or load a "
-                          "checkpoint (project=False scores the raw residuals)", stacklevel=2)
+                          "checkpoint (project=False scores the raw residuals)", stacklevel=3)
         batches = iter(image_batches(data, self.device))
         taken, n = [], 0
         for images in batches:  # read only until `shots` images are seen; a scorer streams the rest
@@ -363,7 +363,7 @@ class ADPretrain(TrainedModel):
             raise ValueError("ADPretrain.fit() got no images")
         refs = torch.cat(taken)[: self.shots]
         if len(refs) < self.shots:
-            warnings.warn(f"ADPretrain: only {len(refs)} reference images, expected shots={self.shots}", stacklevel=2)
+            warnings.warn(f"ADPretrain: only {len(refs)} reference images, expected shots={self.shots}", stacklevel=3)
         for i, bank in enumerate(self.reference_banks(refs)):
             setattr(self, f"bank_{i}", bank)
         self.eval()
