@@ -413,8 +413,7 @@ class ADPretrain(TrainedModel):
         with safe_open(str(path), framework="pt") as f:
             keep = [k for k in f.keys() if k.startswith(("model.projectors.", "model.center_"))]
             state = {k[len("model."):]: f.get_tensor(k) for k in keep}
-        self.load_state_dict(state, strict=False)
-        missing = {k for k, _ in self.projectors.state_dict().items()} - {k[len("projectors."):] for k in state if k.startswith("projectors.")}
+        missing = [k for k in self.load_state_dict(state, strict=False).missing_keys if k.startswith("projectors.")]
         if missing:
             raise ValueError(f"{path} lacks projector weights {sorted(missing)[:3]}")
         return self
@@ -439,10 +438,10 @@ class ADPretrain(TrainedModel):
         resume); ``kwargs`` go there."""
         self._data, self._pool = data, _normal_pool(data)
         if self.iteration == 0:
-            self._fit_centers(data)
+            self._fit_centers()
         return TrainedModel.fit(self, data, iterations, **kwargs)
 
-    def _draw_banks(self, data, classes: list[str], exclude: set[str], k: int, gen: torch.Generator) -> dict[str, list[torch.Tensor]]:
+    def _draw_banks(self, classes: list[str], exclude: set[str], k: int, gen: torch.Generator) -> dict[str, list[torch.Tensor]]:
         """Per class: k random normal images of that class (not in ``exclude``) -> their token banks."""
         banks = {}
         for c in sorted(set(classes)):
@@ -450,7 +449,7 @@ class ADPretrain(TrainedModel):
             if not pool:
                 raise ValueError(f"ADPretrain pretraining needs normal images of class {c!r} as references, found none")
             pick = torch.randperm(len(pool), generator=gen)[:k].tolist()
-            refs = torch.stack([data[pool[j]]["image"] for j in pick]).to(self.device, torch.float32)
+            refs = torch.stack([self._data[pool[j]]["image"] for j in pick]).to(self.device, torch.float32)
             banks[c] = self.reference_banks(refs)
         return banks
 
@@ -466,14 +465,14 @@ class ADPretrain(TrainedModel):
         return out
 
     @torch.no_grad()
-    def _fit_centers(self, data) -> None:
+    def _fit_centers(self) -> None:
         """Level centres: the mean raw residual of every normal image, ``center_shots`` references per class."""
         gen = torch.Generator().manual_seed(self.seed)
         sums, counts = [0.0] * len(self.channels), [0] * len(self.channels)
         for c, members in sorted(self._pool.items()):
-            bank = self._draw_banks(data, [c], set(), self.center_shots, gen)[c]
+            bank = self._draw_banks([c], set(), self.center_shots, gen)[c]
             for start in range(0, len(members), self.train_batch_size):
-                images = torch.stack([data[i]["image"] for i, _ in members[start : start + self.train_batch_size]])
+                images = torch.stack([self._data[i]["image"] for i, _ in members[start : start + self.train_batch_size]])
                 for lvl, r in enumerate(self.residuals(images.to(self.device, torch.float32), bank)):
                     sums[lvl] = sums[lvl] + r.double().sum((0, 2, 3))
                     counts[lvl] += r.shape[0] * r.shape[2] * r.shape[3]
@@ -491,7 +490,7 @@ class ADPretrain(TrainedModel):
         masks = batch["mask"].to(self.device)
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + iteration)
         k = self.shot_choices[int(torch.randint(len(self.shot_choices), (), generator=gen))]
-        banks = self._draw_banks(self._data, batch["class_name"], set(batch["path"]), k, gen)
+        banks = self._draw_banks(batch["class_name"], set(batch["path"]), k, gen)
         views = [[p(r) for p, r in zip(self.projectors, self._class_residuals(augment_view(images, gen), batch["class_name"], banks))]
                  for _ in range(2)]
         loss = 0

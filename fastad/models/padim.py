@@ -49,7 +49,7 @@ class GaussianGrid(nn.Module):
         self._sums[0] += b
 
     def finish(self, eps: float) -> None:
-        count, total, outer, grid = self._sums
+        count, total, outer, grid = self._sums or (0, None, None, None)
         self._sums = None
         if count < 2:
             raise ValueError(f"PaDiM needs at least 2 training images to estimate a covariance, got {count}")
@@ -124,13 +124,9 @@ class PaDiM(nn.Module):
     def fit(self, data) -> "PaDiM":
         """Fit the per-position Gaussians on normal images (iterable of (B, 3, H, W) tensors or dicts
         with an 'image' entry)."""
-        seen = False
         for images in image_batches(data, self.channel_index.device):
-            seen = True
             for g, e in zip(self.gaussians, self._groups(images)):
                 g.accumulate(e)
-        if not seen:
-            raise ValueError("PaDiM needs at least 2 training images to estimate a covariance, got 0")
         for g in self.gaussians:
             g.finish(self.eps)
         return self
