@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from fastad.ops import linear_attention, linear_attention_reference, local_window_attention, neighbour_masked_attention
-from fastad.ops.attention import window_mask
+from fastad.ops import window_mask
 
 DEVICE = os.environ.get("FASTAD_BENCH_DEVICE", "cpu")
 BATCH = int(os.environ.get("FASTAD_BENCH_BATCH", "4" if DEVICE == "cuda" else "1"))

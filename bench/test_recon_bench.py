@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fastad.models import Dinomaly, MiniMaxAD
-from fastad.ops import _triton
+from fastad.ops import dispatch
 
 DEVICE = os.environ.get("FASTAD_BENCH_DEVICE", "cpu")
 BATCH = 16
@@ -44,7 +44,7 @@ def test_inference_throughput(benchmark, models, monkeypatch, name, impl):
     size = 392 if name.startswith("Dinomaly") else 256
     x = torch.randn(BATCH, 3, size, size, generator=torch.Generator().manual_seed(0)).to(DEVICE)
     if impl == "authors":
-        monkeypatch.setattr(_triton, "enabled", False)  # the ops' PyTorch path: the authors' einsums
+        monkeypatch.setitem(dispatch.settings, "triton", False)  # the ops' PyTorch path: the authors' einsums
 
     def run():
         with torch.inference_mode():

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-__all__ = ["FeatureExtractor", "efficientnet_lite0_state_dict", "create_classifier"]
+__all__ = ["FeatureExtractor", "create_classifier", "create_model", "efficientnet_lite0_state_dict"]
 
 OFFLINE_DEFAULT = "efficientnet_lite0"
 _TIMM_LITE0 = "tf_efficientnet_lite0"
@@ -82,7 +82,9 @@ def _offline():
                 os.environ[k] = v
 
 
-def _create(name: str, weights: str | None, **kwargs) -> nn.Module:
+def create_model(name: str, weights: str | None, **kwargs) -> nn.Module:
+    """A timm model with weights from the offline package (``efficientnet_lite0``), a file, the local
+    cache (``None``) or none (``'random'``); never downloaded. ``kwargs`` go to ``timm.create_model``."""
     import timm
 
     if name == OFFLINE_DEFAULT:
@@ -111,7 +113,7 @@ def _create(name: str, weights: str | None, **kwargs) -> nn.Module:
 
 def create_classifier(name: str = OFFLINE_DEFAULT, weights: str | None = None) -> nn.Module:
     """The full timm classification model (eval mode), weights loaded as in :class:`FeatureExtractor`."""
-    return _create(name, weights).eval()
+    return create_model(name, weights).eval()
 
 
 class FeatureExtractor(nn.Module):
@@ -128,7 +130,7 @@ class FeatureExtractor(nn.Module):
     def __init__(self, name: str = OFFLINE_DEFAULT, layers=(2, 3), weights: str | None = None):
         super().__init__()
         self.name, self.layers = name, tuple(layers)
-        self.model = _create(name, weights, features_only=True, out_indices=self.layers)
+        self.model = create_model(name, weights, features_only=True, out_indices=self.layers)
         self.channels = list(self.model.feature_info.channels())
         self.reductions = list(self.model.feature_info.reduction())
         self.model.eval()

@@ -28,24 +28,24 @@ def _class_names(kind: str, root: Path) -> list[str]:
     return [root.name]
 
 
-def _datasets(spec: str, classes: list[str] | None, image_size: tuple[int, int] = (256, 224)):
-    """[(class name, train set, test set)] for ``--data KIND:PATH``, images resized and center-cropped
-    to the model's ``image_size`` (MTD tiles are resized to the crop size without cropping)."""
+def _datasets(spec: str, classes: list[str] | None, transform):
+    """[(class name, train set, test set)] for ``--data KIND:PATH``, preprocessed by the model's
+    ``transform`` (an ImageTransform; MTD tiles are resized to its crop size without cropping)."""
     from .data import ImageTransform, SyntheticDataset, btad, folder, mtd, mvtec, realiad, visa
 
     kind, _, path = spec.partition(":")
     if kind not in KINDS:
         raise SystemExit(f"unknown data kind {kind!r}; expected one of {', '.join(KINDS)}")
     if kind == "synthetic":
-        return [("synthetic", SyntheticDataset("train", 32, size=image_size[1]), SyntheticDataset("test", 32, size=image_size[1]))]
+        return [("synthetic", SyntheticDataset("train", 32, size=transform.crop), SyntheticDataset("test", 32, size=transform.crop))]
     if not path:
         raise SystemExit(f"--data {spec!r}: expected KIND:PATH, e.g. mvtec:/data/mvtec or mtd:/data/mtd")
     root = Path(path)
     if not root.is_dir():
         raise SystemExit(f"--data {spec!r}: {root} is not a folder")
-    t = ImageTransform(*image_size)
+    t = transform
     if kind == "mtd":
-        t = ImageTransform(image_size[1], image_size[1])
+        t = ImageTransform(transform.crop, transform.crop)
         return [("mtd", mtd(root, "train", t), mtd(root, "test", t))]
     if kind == "folder":
         return [(root.name, folder(root, "train", t), folder(root, "test", t))]
@@ -94,24 +94,37 @@ def _model_args(pairs: list[str]) -> dict:
     return out
 
 
+def _build(name: str, kwargs: dict):
+    """The model ``name`` with the ``--set`` arguments; a wrong argument is a one-line error."""
+    from .models import create_model
+
+    try:
+        return create_model(name, **kwargs)
+    except TypeError as exc:  # an unknown keyword
+        raise SystemExit(f"fastad: error: --set for {name}: {exc}") from None
+    except ValueError as exc:
+        raise SystemExit(f"fastad: error: {name}: {exc}") from None
+
+
 def run(args) -> int:
     from torch.utils.data import ConcatDataset
 
     from .engine import fit_model, score
-    from .models import MODELS
     from .overlays import save_overlays
 
     kwargs = _model_args(args.set)
     if args.model == "patchcore" and args.coreset_ratio:
         kwargs["coreset_ratio"] = args.coreset_ratio
-    sets = _datasets(args.data, args.classes, getattr(MODELS[args.model], "image_size", (256, 224)))
+    first = _build(args.model, kwargs)  # its transform sizes the data
+    sets = _datasets(args.data, args.classes, first.transform())
     common = dict(batch_size=args.batch_size, num_workers=args.num_workers)
     unified = None
     if args.setting == "unified":  # one model for all classes, evaluated class by class
-        unified = fit_model(args.model, ConcatDataset([train for _, train, _ in sets]), device=args.device, **common, **kwargs)
+        unified = fit_model(first, ConcatDataset([train for _, train, _ in sets]), device=args.device, num_workers=args.num_workers)
     rows = []
-    for name, train, test_set in sets:
-        model, fit_s = unified or fit_model(args.model, train, device=args.device, **common, **kwargs)
+    for i, (name, train, test_set) in enumerate(sets):
+        model = first if i == 0 else _build(args.model, kwargs)
+        model, fit_s = unified or fit_model(model, train, device=args.device, num_workers=args.num_workers)
         res = {"class": name, "model": args.model, "setting": args.setting, "n_train": len(train), "fit_s": fit_s}
         metrics, (scores, maps, labels, _) = score(model, test_set, **common)
         res.update(metrics)
@@ -137,17 +150,17 @@ def pretrain(args) -> int:
     chosen classes, written to the ``--out`` checkpoint (resumed from it if it exists)."""
     from torch.utils.data import ConcatDataset
 
-    from .models import ADPretrain, load_checkpoint
+    from .models import load_checkpoint
 
     kwargs = _model_args(args.set)
-    sets = _datasets(args.data, args.classes, ADPretrain.image_size)
-    data = ConcatDataset([ds for _, train, test in sets for ds in (train, test)])
     if os.path.exists(args.out):
         model = load_checkpoint(args.out, device=args.device, **kwargs)
         print(f"resuming {args.out} at iteration {model.iteration}", flush=True)
     else:
-        model = ADPretrain(**kwargs).to(args.device)
-    model.pretrain(data, checkpoint=args.out, checkpoint_every=args.checkpoint_every, num_workers=args.num_workers)
+        model = _build("adpretrain", kwargs).to(args.device)
+    sets = _datasets(args.data, args.classes, model.transform())
+    data = ConcatDataset([ds for _, train, test in sets for ds in (train, test)])
+    model.fit(data, checkpoint=args.out, checkpoint_every=args.checkpoint_every, num_workers=args.num_workers)
     losses = model.loss_history
     print(f"pretrained {model.iteration} iterations on {len(data)} images of {len(sets)} classes; "
           f"loss {losses[0] if losses else float('nan'):.4f} -> {losses[-1] if losses else float('nan'):.4f}; "
@@ -187,7 +200,8 @@ def main(argv=None) -> int:
                    help="model argument, repeatable, e.g. --set iterations=5000 --set weights=/w/dinov2.pth")
     r.add_argument("--out", default=None, help="folder for results.json, results.md and overlays/")
     r.add_argument("--overlays", type=int, default=4, help="anomaly-map overlay PNGs per class (0: none)")
-    p = sub.add_parser("pretrain", help="pretrain ADPretrain's projectors on labelled images (train + test splits)")
+    p = sub.add_parser("pretrain", help="pretrain ADPretrain's projectors on labelled images (train + test splits); "
+                       "then score with --model featurenorm --set pretrained=OUT")
     p.add_argument("--data", default="synthetic", help="synthetic or KIND:ROOT, as for run")
     p.add_argument("--classes", nargs="*", help="classes to use (default: all found under ROOT)")
     p.add_argument("--out", required=True, help="checkpoint file (.safetensors), resumed if it exists")

@@ -24,8 +24,9 @@ def predict(model, ds: Dataset, batch_size: int = 16, num_workers: int = 0):
     for batch in _loader(ds, batch_size, num_workers, "predict"):
         s, m = model(batch["image"])
         mask = batch["mask"]
-        if mask.shape[-2:] != m.shape[-2:]:  # maps at their own size (Dinomaly: 256): masks follow, nearest
-            mask = torch.nn.functional.interpolate(mask.unsqueeze(1).float(), size=m.shape[-2:], mode="nearest").squeeze(1)
+        if mask.shape != m.shape:  # the contract: maps at the input size
+            raise ValueError(f"{type(model).__name__} returned maps of shape {tuple(m.shape)} for masks of shape "
+                             f"{tuple(mask.shape)}; a fastad model returns maps at the input image size")
         scores.append(s.cpu())
         maps.append(m.cpu())
         labels.append(torch.as_tensor(batch["label"]))
@@ -33,16 +34,14 @@ def predict(model, ds: Dataset, batch_size: int = 16, num_workers: int = 0):
     return torch.cat(scores), torch.cat(maps), torch.cat(labels), torch.cat(masks)
 
 
-def fit_model(model_name: str, train: Dataset, *, device: str = "cpu", batch_size: int = 16, num_workers: int = 0, **model_kwargs):
-    """Create ``model_name`` with ``model_kwargs`` and fit it on ``train``. Returns (model, seconds).
-    Embedding models get ordered batches of ``batch_size``; trained models (Dinomaly, MiniMaxAD) get
-    the dataset and draw their own seeded, shuffled batches of their recipe's batch size."""
-    model = create_model(model_name, **model_kwargs).to(device)
+def fit_model(model, train: Dataset, *, device: str = "cpu", num_workers: int = 0, **model_kwargs):
+    """Fit ``model`` (a model, or a registered name created with ``model_kwargs``) on ``train`` on
+    ``device``. Returns (model, seconds). Every model takes the Dataset and batches it its own way."""
+    if isinstance(model, str):
+        model = create_model(model, **model_kwargs)
+    model = model.to(device)
     t0 = time.perf_counter()
-    if getattr(model, "trains", False):
-        model.fit(train, num_workers=num_workers)
-    else:
-        model.fit(_loader(train, batch_size, num_workers, "fit"))
+    model.fit(train, num_workers=num_workers)
     return model, time.perf_counter() - t0
 
 
@@ -82,6 +81,6 @@ def evaluate(
 ) -> dict:
     """Fit ``model_name`` on ``train``, evaluate on ``test_set``: the dict of :func:`score` plus
     ``model``, ``n_train``, ``fit_s`` and ``model_obj`` (the fitted model)."""
-    model, fit_s = fit_model(model_name, train, device=device, batch_size=batch_size, num_workers=num_workers, **model_kwargs)
+    model, fit_s = fit_model(model_name, train, device=device, num_workers=num_workers, **model_kwargs)
     res, _ = score(model, test_set, batch_size=batch_size, num_workers=num_workers)
     return {"model": model_name, **res, "n_train": len(train), "fit_s": fit_s, "model_obj": model}

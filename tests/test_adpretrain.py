@@ -1,6 +1,7 @@
-"""ADPretrain: losses by hand and against the authors' formulas, the projector against a hand-written
-attention, residuals against a brute-force cosine search, labels, PaDiM† per level, pretraining
-(skipped batches, exact resume, checkpoints, loading pretrained projectors), the three scorers."""
+"""ADPretrain and FeatureNorm: losses by hand and against the authors' formulas, the projector against
+a hand-written attention, residuals against a brute-force cosine search, labels, PaDiM† per level,
+pretraining (skipped batches, exact resume, checkpoints), FeatureNorm's three scorers on loaded
+pretrained projectors."""
 import math
 
 import numpy as np
@@ -10,29 +11,26 @@ import torch.nn.functional as F
 from torch.utils.data import ConcatDataset
 
 from fastad.data import SyntheticDataset
-from fastad.models import ADPretrain, PaDiM, create_model, load_checkpoint
-from fastad.models.adpretrain import (
-    FeatureProjector,
-    _heads,
-    angle_loss,
-    augment_view,
-    feature_norm,
-    nearest_labels,
-    norm_loss,
-    patch_labels,
-)
+from fastad.models import ADPretrain, FeatureNorm, PaDiM, create_model, load_checkpoint
+from fastad.models.adpretrain import angle_loss, augment_view, nearest_labels, norm_loss, patch_labels
+from fastad.models.components.residual import FeatureProjector, feature_norm
+from fastad.models.components.residual import heads_for as _heads
 from fastad.ops import gaussian_blur
 
 
 @pytest.fixture(autouse=True)
 def no_triton(monkeypatch):
-    from fastad.ops import _triton
+    from fastad.ops import dispatch
 
-    monkeypatch.setattr(_triton, "enabled", False)
+    monkeypatch.setitem(dispatch.settings, "triton", False)
 
 
 def tiny(**kw):
     return ADPretrain(**{**dict(weights="random", num_references=16, iterations=4, train_batch_size=4), **kw})
+
+
+def tiny_fn(**kw):
+    return FeatureNorm(**{**dict(weights="random", num_references=16), **kw})
 
 
 def labelled(size=64):
@@ -156,7 +154,7 @@ def test_augment_view_is_seeded_and_changes_the_image():
 
 def test_featurenorm_by_hand_without_projector():
     torch.manual_seed(0)
-    m = tiny(project=False)
+    m = tiny_fn(project=False)
     train, test = torch.randn(8, 3, 64, 64), torch.randn(3, 3, 64, 64)
     m.fit([train[:5], train[5:]])
     scores, maps = m(test)
@@ -193,7 +191,7 @@ def test_pretraining_skips_normal_batches_and_resumes_exactly(tmp_path):
     data = labelled()
     torch.manual_seed(0)
     m = tiny()
-    m.pretrain(data, 0)  # centres only
+    m.fit(data, 0)  # centres only
     normal = {"image": torch.randn(2, 3, 64, 64), "mask": torch.zeros(2, 64, 64), "label": torch.tensor([0, 0]),
               "class_name": ["synthetic"] * 2, "path": ["a", "b"]}
     m._ensure_optimizer()
@@ -204,13 +202,13 @@ def test_pretraining_skips_normal_batches_and_resumes_exactly(tmp_path):
         m.training_step(torch.randn(2, 3, 64, 64), 0)
 
     torch.manual_seed(0)
-    straight = tiny(iterations=5).pretrain(data)
+    straight = tiny(iterations=5).fit(data)
     assert 0 < len(straight.loss_history) <= 5 and all(math.isfinite(v) for v in straight.loss_history)
     assert any(c.abs().sum() > 0 for c in straight.centers())
     torch.manual_seed(0)
-    tiny(iterations=5).pretrain(data, 2, checkpoint=str(tmp_path / "a.safetensors"))
+    tiny(iterations=5).fit(data, 2, checkpoint=str(tmp_path / "a.safetensors"))
     resumed = load_checkpoint(tmp_path / "a.safetensors")
-    resumed.pretrain(data)
+    resumed.fit(data)
     assert resumed.loss_history == straight.loss_history
     for (k, a), b in zip(resumed.state_dict().items(), straight.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
@@ -219,7 +217,7 @@ def test_pretraining_skips_normal_batches_and_resumes_exactly(tmp_path):
 def test_centers_are_the_mean_normal_residual():
     data = labelled()
     m = tiny(center_shots=2)
-    m.pretrain(data, 0)
+    m.fit(data, 0)
     gen = torch.Generator().manual_seed(m.seed)
     normal = [i for i in range(len(data)) if data[i]["label"] == 0]
     pick = torch.randperm(len(normal), generator=gen)[:2].tolist()
@@ -233,8 +231,8 @@ def test_centers_are_the_mean_normal_residual():
 def test_pretrained_projectors_feed_every_scorer(tmp_path, scorer):
     torch.manual_seed(0)
     path = tmp_path / "adp.safetensors"
-    trained = tiny(iterations=2).pretrain(labelled(), checkpoint=str(path))
-    m = tiny(pretrained=str(path), scorer=scorer)
+    trained = tiny(iterations=2).fit(labelled(), checkpoint=str(path))
+    m = tiny_fn(pretrained=str(path), scorer=scorer)
     for a, b in zip(m.projectors.state_dict().values(), trained.projectors.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     torch.testing.assert_close(m.center_0, trained.center_0)
@@ -247,24 +245,28 @@ def test_pretrained_projectors_feed_every_scorer(tmp_path, scorer):
     if scorer != "patchcore":  # PatchCore's image score is its largest patch distance
         torch.testing.assert_close(scores, maps.flatten(1).max(1).values)
     if scorer == "patchcore":
-        assert m.downstream.backbone.levels == [1, 2, 3]  # the last three of four levels
+        assert m.scored_levels == [1, 2, 3]  # the last three of four levels
     with pytest.raises(ValueError, match="layers"):
-        tiny(pretrained=str(path), layers=(2, 3))
+        tiny_fn(pretrained=str(path), layers=(2, 3))
 
 
 def test_bad_input():
     with pytest.raises(ValueError, match="scorer"):
-        tiny(scorer="knn")
+        tiny_fn(scorer="knn")
     with pytest.raises(RuntimeError, match="reference images"):
-        tiny()(torch.randn(1, 3, 64, 64))
+        tiny_fn()(torch.randn(1, 3, 64, 64))
     with pytest.raises(RuntimeError, match="not fitted"):
-        tiny(scorer="padim")(torch.randn(1, 3, 64, 64))
+        tiny_fn(scorer="padim")(torch.randn(1, 3, 64, 64))
+    with pytest.raises(RuntimeError, match="not fitted"):
+        tiny()(torch.randn(1, 3, 64, 64))
     with pytest.raises(ValueError, match="no images"):
-        tiny(project=False).fit([])
+        tiny_fn(project=False).fit([])
     with pytest.raises(ValueError, match="normal images"):
-        tiny().pretrain(_only_anomalous())
+        tiny().fit(_only_anomalous())
     with pytest.warns(UserWarning, match="untrained"):
-        tiny().fit([torch.randn(8, 3, 64, 64)])
+        tiny_fn().fit([torch.randn(8, 3, 64, 64)])
+    with pytest.warns(UserWarning, match="no anomalous images"):
+        tiny(iterations=1).fit(SyntheticDataset("train", 4, size=64))
 
 
 def _only_anomalous():
@@ -277,8 +279,9 @@ def test_registry_and_cli(tmp_path):
 
     from fastad.cli import main
 
-    assert isinstance(create_model("featurenorm", weights="random", project=False), ADPretrain)
-    assert main(["run", "--model", "adpretrain", "--set", "project=false", "--out", str(tmp_path), "--overlays", "0"]) == 0
+    assert isinstance(create_model("featurenorm", weights="random", project=False), FeatureNorm)
+    assert isinstance(create_model("adpretrain", weights="random"), ADPretrain)
+    assert main(["run", "--model", "featurenorm", "--set", "project=false", "--out", str(tmp_path), "--overlays", "0"]) == 0
     row = json.loads((tmp_path / "results.json").read_text())[0]
     assert row["image_auroc"] > 0.9  # the synthetic defects are far from the 8 references
     ckpt = tmp_path / "adp.safetensors"
@@ -287,14 +290,14 @@ def test_registry_and_cli(tmp_path):
     assert load_checkpoint(ckpt).iteration == 2
     assert main(["pretrain", "--out", str(ckpt), "--set", "iterations=3", *small]) == 0  # resumes
     assert load_checkpoint(ckpt).iteration == 3
-    assert main(["run", "--model", "adpretrain", "--set", f"pretrained={ckpt}", "--set", "scorer=padim", *small,
-                 "--out", str(tmp_path / "padim"), "--overlays", "0"]) == 0
+    assert main(["run", "--model", "featurenorm", "--set", f"pretrained={ckpt}", "--set", "scorer=padim", "--set",
+                 "num_references=16", "--out", str(tmp_path / "padim"), "--overlays", "0"]) == 0
     row = json.loads((tmp_path / "padim" / "results.json").read_text())[0]
-    assert row["model"] == "adpretrain" and 0 <= row["image_auroc"] <= 1
+    assert row["model"] == "featurenorm" and 0 <= row["image_auroc"] <= 1
 
 
 def test_dinov2_levels_are_patch_grids_without_prefix_tokens():
-    m = ADPretrain(backbone="vit_small_patch14_dinov2", layers=(1, 3), weights="random", num_references=8, project=False)
+    m = FeatureNorm(backbone="vit_small_patch14_dinov2", layers=(1, 3), weights="random", num_references=8, project=False)
     assert m.channels == [384, 384] and m.reductions == [14, 14]
     x = torch.randn(2, 3, 42, 56)
     tokens = m.backbone.encoder(x)

@@ -2,7 +2,7 @@ import pytest
 import torch
 from conftest import DEVICES
 
-import fastad.ops._ext as ext
+from fastad.ops import dispatch
 from fastad.ops import greedy_coreset, greedy_coreset_reference
 from fastad.ops.coreset import project_features, starting_points
 
@@ -128,10 +128,10 @@ def test_kernel_rejects_bad_arguments():
 
 
 def test_fallback_warns_once_and_matches(monkeypatch):
-    monkeypatch.setattr(ext, "HAS_C", False)
-    monkeypatch.setattr(ext, "_warned", set())
+    monkeypatch.setattr(dispatch, "HAS_EXTENSION", False)
+    monkeypatch.setattr(dispatch, "_warned", set())
     x = torch.randn(200, 10)
     with pytest.warns(RuntimeWarning, match="PyTorch reference"):
         a = greedy_coreset(x, 20)
-    monkeypatch.setattr(ext, "HAS_C", True)
+    monkeypatch.setattr(dispatch, "HAS_EXTENSION", True)
     assert torch.equal(a, greedy_coreset(x, 20))

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from fastad.data import ImageTransform, mtd
+from fastad.ops import dispatch
 from fastad.engine import score
-from fastad.models import FOD, RLR, ADPretrain, Dinomaly, MiniMaxAD
+from fastad.models import FOD, RLR, ADPretrain, Dinomaly, FeatureNorm, MiniMaxAD
 from conftest import shared
 
 RUN = os.environ.get("FASTAD_TRAIN_MTD") == "1" or torch.cuda.is_available()
@@ -25,17 +26,17 @@ REASON = ("CPU training runs of 7-10 min each (measured 2026-11-24, see the test
 
 
 def _run(model, size, monkeypatch):
-    from fastad.ops import _triton
+    from fastad.ops import dispatch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":  # the interpreter would run the kernels: take the ops' PyTorch path
-        monkeypatch.setattr(_triton, "enabled", False)
+        monkeypatch.setitem(dispatch.settings, "triton", False)
     root = shared("mtd")
     t = ImageTransform(size, size)
     train = mtd(root, "train", t)
-    model = model.to(device).fit(train if model.trains else torch.utils.data.DataLoader(train, batch_size=16))
+    model = model.to(device).fit(train)
     res, _ = score(model, mtd(root, "test", t))
-    losses = torch.tensor(model.loss_history or [float("nan")])
+    losses = torch.tensor(getattr(model, "loss_history", None) or [float("nan")])
     first, last = losses[:20].mean().item(), losses[-20:].mean().item()
     print(f"\n{type(model).__name__} MTD {len(losses)} it: loss {first:.4f} -> {last:.4f}, "
           f"image AUROC {res['image_auroc']:.4f}, pixel AUROC {res['pixel_auroc']:.4f}, {res['images_per_s']:.1f} img/s")
@@ -86,13 +87,13 @@ def test_featurenorm_mtd_raw_residuals(monkeypatch):
     references, offline Lite0 at strides 4-32, 224 px. Measured 2026-11-25: image AUROC 0.697 (per
     level 0.569 / 0.588 / 0.707 / 0.712 from stride 4 to 32; strides 16 + 32 alone 0.781): raw
     residual norms are a weak score on MTD's textures, which is what the pretrained projector is for."""
-    _, _, res = _run(ADPretrain(project=False), 224, monkeypatch)
+    _, _, res = _run(FeatureNorm(project=False), 224, monkeypatch)
     assert res["image_auroc"] >= 0.65
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not RUN, reason=REASON)
-def test_featurenorm_mtd_pretrained_on_mvtec_bottle(monkeypatch):
+def test_featurenorm_mtd_pretrained_on_mvtec_bottle(monkeypatch, tmp_path):
     """The paper's protocol in small: pretrain the projectors on another dataset's labelled images
     (MVTec bottle, train + test: 229 normal, 63 anomalous), then FeatureNorm on MTD with 8
     references. Batch 8, 30 iterations (0.8 epoch) instead of Real-IAD's 10 epochs of batch 32."""
@@ -100,12 +101,14 @@ def test_featurenorm_mtd_pretrained_on_mvtec_bottle(monkeypatch):
 
     from fastad.data import mvtec
 
-    monkeypatch.setattr("fastad.ops._triton.enabled", False)
+    monkeypatch.setitem(dispatch.settings, "triton", False)
     root = shared("mvtec")
     t = ImageTransform(224, 224)
     bottle = ConcatDataset([mvtec(root, "bottle", split, t) for split in ("train", "test")])
-    model = ADPretrain(train_batch_size=8, iterations=30)
-    model.to("cuda" if torch.cuda.is_available() else "cpu").pretrain(bottle)
-    first, last, res = _run(model, 224, monkeypatch)
+    pretrainer = ADPretrain(train_batch_size=8, iterations=30)
+    pretrainer.to("cuda" if torch.cuda.is_available() else "cpu").fit(bottle, checkpoint=str(tmp_path / "adp.safetensors"))
+    losses = torch.tensor(pretrainer.loss_history)
+    first, last = losses[:20].mean().item(), losses[-20:].mean().item()
+    _, _, res = _run(FeatureNorm(pretrained=str(tmp_path / "adp.safetensors")), 224, monkeypatch)
     assert last < first
     assert res["image_auroc"] >= 0.65  # measured 2026-11-25: 0.695 (27 batches with anomalies, ~10 s each)

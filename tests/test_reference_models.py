@@ -7,26 +7,26 @@ import torch
 import torch.nn.functional as F
 
 from fastad.models import FOD, RLR, create_model, load_checkpoint
-from fastad.models._tokens import reconstruction_loss, reconstruction_score, sincos_position_embedding
+from fastad.models.components.tokens import reconstruction_loss, reconstruction_score, sincos_position_embedding
 from fastad.models.fod import fod_phase_losses, gaussian_prior, prototype_memory, row_entropy, row_kl, symmetric_kl
 from fastad.models.rlr import WindowAttention
-from fastad.ops.attention import window_mask
+from fastad.ops import window_mask
 
 
 @pytest.fixture(autouse=True)
 def no_triton(monkeypatch):
     """Model-level tests take the ops' PyTorch path (the kernels are tested against it elsewhere)."""
-    from fastad.ops import _triton
+    from fastad.ops import dispatch
 
-    monkeypatch.setattr(_triton, "enabled", False)
+    monkeypatch.setitem(dispatch.settings, "triton", False)
 
 
 def tiny_rlr(**kw):
-    return RLR(**{**dict(weights="random", input_size=64, depth=2, iterations=3, train_batch_size=2), **kw})
+    return RLR(**{**dict(weights="random", image_size=64, depth=2, iterations=3, train_batch_size=2), **kw})
 
 
 def tiny_fod(**kw):
-    return FOD(**{**dict(weights="random", input_size=64, depth=2, iterations=3, train_batch_size=2), **kw})
+    return FOD(**{**dict(weights="random", image_size=64, depth=2, iterations=3, train_batch_size=2), **kw})
 
 
 def test_sincos_embedding_by_hand():
@@ -193,8 +193,8 @@ def test_rlr_forward_and_bad_input():
 
 
 def test_registry_builds_rlr_and_fod():
-    assert isinstance(create_model("rlr", weights="random", input_size=64, depth=1), RLR)
-    assert isinstance(create_model("fod", weights="random", input_size=64, depth=1), FOD)
+    assert isinstance(create_model("rlr", weights="random", image_size=64, depth=1), RLR)
+    assert isinstance(create_model("fod", weights="random", image_size=64, depth=1), FOD)
 
 
 @pytest.mark.parametrize("name", ["rlr", "fod"])

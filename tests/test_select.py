@@ -2,7 +2,7 @@ import pytest
 import torch
 from conftest import DEVICES, skip_unless_runs
 
-from fastad.ops import _triton, quantile, quantile_reference, select_rank, select_rank_reference
+from fastad.ops import dispatch, quantile, quantile_reference, select_rank, select_rank_reference
 from fastad.ops.select import _quantile, _sorted_quantile
 
 QS = [0.0, 1e-7, 0.123456789, 0.3, 0.5, 0.9995, 0.9999, 1.0]
@@ -11,9 +11,9 @@ SIZES = [1, 2, 7, 2047, 2049, 65537, 1_000_003]  # around the 2048 bins and the 
 
 def test_triton_kernels_run_in_ci():
     # Without a GPU the Triton kernels must really execute (interpreted), not fall back silently.
-    assert _triton.HAS_TRITON
+    assert dispatch.HAS_TRITON
     if not torch.cuda.is_available():
-        assert _triton.INTERPRET and _triton.use_triton(torch.zeros(1))
+        assert dispatch.TRITON_INTERPRET and dispatch.implementation(torch.zeros(1), triton=True) == "triton"
 
 
 @pytest.mark.parametrize("n", [5, 12345, 1_000_001, 2**24 + 5])

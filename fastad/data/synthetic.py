@@ -19,16 +19,17 @@ class SyntheticDataset(Dataset):
     Args:
         split: ``'train'`` (normal only) or ``'test'`` (half anomalous).
         n: number of images.
-        size: image side in pixels.
+        size: image side in pixels, or (H, W) (a non-square image is the top-left H x W of the square one).
         seed: base seed; train and test draw from disjoint streams.
     """
 
-    def __init__(self, split: str = "train", n: int = 32, size: int = 224, seed: int = 0):
+    def __init__(self, split: str = "train", n: int = 32, size: int | tuple[int, int] = 224, seed: int = 0):
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        if n < 1 or size < 16:
-            raise ValueError(f"need n >= 1 and size >= 16, got n={n}, size={size}")
-        self.split, self.n, self.size, self.seed = split, n, size, seed
+        self.shape = (size, size) if isinstance(size, int) else tuple(int(v) for v in size)
+        if n < 1 or len(self.shape) != 2 or min(self.shape) < 16:
+            raise ValueError(f"need n >= 1 and size >= 16 (an int or (H, W)), got n={n}, size={size}")
+        self.split, self.n, self.size, self.seed = split, n, max(self.shape), seed
         g = torch.Generator().manual_seed(seed)
         self.freqs = 0.05 + 0.25 * torch.rand(4, generator=g)  # cycles per pixel
         self.angles = math.pi * torch.rand(4, generator=g)
@@ -73,5 +74,6 @@ class SyntheticDataset(Dataset):
             tex = tex * (1 - mask) + defect * mask
         rgb = (self.colour.view(3, 1, 1) + 0.18 * tex).clamp(0, 1)
         image = (rgb - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
-        return {"image": image, "mask": mask, "label": self.labels_list[i], "class_name": "synthetic",
+        h, w = self.shape
+        return {"image": image[:, :h, :w].contiguous(), "mask": mask[:h, :w].contiguous(), "label": self.labels_list[i], "class_name": "synthetic",
                 "path": f"synthetic://{self.split}/{i}"}

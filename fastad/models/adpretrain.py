@@ -1,17 +1,10 @@
-"""ADPretrain (NeurIPS 2025; spec section 3), as the authors' code (MIT) runs it.
+"""ADPretrain (NeurIPS 2025; spec section 3), as the authors' code (MIT) runs it: pretraining the
+Feature Projectors of residual features (:mod:`fastad.models.components.residual`).
 
-Pretrained anomaly representations on **residual features**: every backbone token minus its most
-cosine-similar token in a bank of few-shot normal reference images of the same class (all tokens of
-K images, no positional constraint; ``fastad.ops.nearest_reference(metric='cosine')``). One Feature
-Projector per level maps residuals to the pretrained representation: a learnable reference
-(2048 x C, randn) embedded by a 1x1 convolution and shared by the layers; each layer is a Learnable
-Key/Value attention (query = tokens, key = value = reference, 16 heads), merged by **subtraction**,
-then ``x + MLP(x)`` with MLP = Linear(C, 4C) -> SE gate (mean over tokens) -> GELU -> Linear(4C, C).
-No LayerNorm; one layer.
-
-Pretraining (:meth:`ADPretrain.pretrain`) needs labelled images with masks (the authors use
-Real-IAD): two augmented views per image (colour jitter, greyscale, blur), references drawn per batch
-(K from {1, 4, 8}), and per level
+``fit(dataset)`` pretrains on labelled images with masks (the authors use Real-IAD; any fastad
+dataset or concatenation whose items have 'image', 'mask', 'label', 'class_name', 'path'): two
+augmented views per image (colour jitter, greyscale, blur), references drawn per batch (K from
+{1, 4, 8}, normal images of the item's class, never the batch's own), and per level
 
 - the angle-oriented loss (tau 0.15) on the projected features minus the level centre (the mean raw
   residual of the normal images, 4-shot references), both views as anchors, negatives only of the
@@ -22,53 +15,32 @@ Real-IAD): two augmented views per image (colour jitter, greyscale, blur), refer
   labels: nearest-neighbour downsampled mask.
 
 Batches with no anomalous image are skipped. Adam lr 1e-4, weight decay 5e-4, 10 epochs of batch 32,
-the LR divided by 10 after epochs 7 and 9.
+the LR divided by 10 after epochs 7 and 9. The projectors then serve the few-shot detector
+:class:`fastad.models.FeatureNorm` (``FeatureNorm(pretrained=PATH)``).
 
-Downstream (:meth:`ADPretrain.fit` on normal images of the target class picks the first ``shots``
-= 8 as the reference bank): ``scorer='featurenorm'`` scores each token by ``sqrt(||f||_2 + 1) - 1``
-of its projected residual, bilinear (align_corners=True) to the input, mean over levels, Gaussian
-sigma = 4, image score = max (the map returned is the smoothed one, as the authors evaluate it);
-``'patchcore'`` runs :class:`PatchCore` (10% coreset, k = 1) on the last three levels' projected
-features; ``'padim'`` runs :class:`PaDiM` with one full-channel Gaussian per level.
-
-The paper's backbones are DINOv2-B/L (``backbone='vit_large_patch14_dinov2', weights=PATH``: blocks
-6, 12, 18, 24); offline the default is the ImageNet EfficientNet-Lite0 at strides 4, 8, 16, 32 (its
-24- and 40-channel levels get 12 and 10 heads: the largest head count up to 16 that divides C).
+To follow the model contract, a fitted ADPretrain also scores images: FeatureNorm (token norm of the
+projected residual, level mean, Gaussian sigma 4, max) against the first ``shots`` normal images of
+the pretraining data, a check of what was learnt, not a per-class detector.
 """
 from __future__ import annotations
 
-import itertools
 import math
 import warnings
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from ..backbones import OFFLINE_DEFAULT, FeatureExtractor
+from ..backbones import OFFLINE_DEFAULT
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from ..ops import nearest_reference
-from ._batches import image_batches
-from ._tokens import level_maps, score_and_map
-from ._training import TrainedModel
-from .padim import PaDiM
-from .patchcore import PatchCore
-from .vit_encoder import ViTEncoder
+from .base import AnomalyOutput, register
+from .components.maps import level_maps, score_and_map
+from .components.residual import ResidualFeatures, feature_norm
+from .training import TrainedModel
 
-SCORERS = ("featurenorm", "patchcore", "padim")
-# DINOv2 (no registers) -> the 0-indexed blocks ADPretrain reads (1-indexed 3/6/9/12, 6/12/18/24)
-VIT_LEVELS = {"vit_base_patch14_dinov2": (2, 5, 8, 11), "vit_large_patch14_dinov2": (5, 11, 17, 23)}
-DEFAULT_LAYERS = {OFFLINE_DEFAULT: (1, 2, 3, 4)}
 ABNORMAL_PATCH_FRACTION = 32 / 196  # the code's patchify_mask: > 32 abnormal pixels of a 14 x 14 patch
 
 
 # -- losses -------------------------------------------------------------------------------------------
-def feature_norm(features: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """ADPretrain's norm, ``sqrt(||x||_2 + 1) - 1`` along ``dim`` (the code's; the paper writes
-    ``sqrt(||x||^2 + 1) - 1``)."""
-    return torch.sqrt(features.norm(dim=dim) + 1) - 1
-
-
 def angle_loss(view1: torch.Tensor, view2: torch.Tensor, abnormal: torch.Tensor, center: torch.Tensor | None = None,
                tau: float = 0.15) -> torch.Tensor:
     """Angle-oriented contrastive loss (the code's version of the paper's Eq. 2).
@@ -124,6 +96,7 @@ def norm_loss(features: torch.Tensor, abnormal: torch.Tensor, radius: float = 0.
     return sum(terms) if terms else features.sum() * 0
 
 
+
 # -- labels and augmentation ---------------------------------------------------------------------------
 def patch_labels(masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """(B, H, W) masks -> (B, h, w) bool: more than 32/196 of a cell's pixels abnormal (angle loss)."""
@@ -165,260 +138,45 @@ def augment_view(images: torch.Tensor, generator: torch.Generator) -> torch.Tens
     return (torch.stack(out) - mean) / std
 
 
-# -- the projector ------------------------------------------------------------------------------------------
-def _heads(channels: int, heads: int) -> int:
-    return max(h for h in range(1, heads + 1) if channels % h == 0)
-
-
-class SEGate(nn.Module):
-    """Squeeze-excitation over the token axis: (B, L, D) scaled per channel by
-    ``sigmoid(fc2(relu(fc1(mean_L x))))``, fc1 D -> make_divisible(D / 16, 8)."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        from timm.layers import make_divisible
-
-        hidden = make_divisible(channels / 16, 8, round_limit=0.0)
-        self.fc1, self.fc2 = nn.Linear(channels, hidden), nn.Linear(hidden, channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean(1, keepdim=True)))))
-
-
-class LKVLayer(nn.Module):
-    """Learnable Key/Value attention, subtraction merge, SE MLP:
-    ``x1 = x - MHA(x, R, R)``, ``out = x1 + fc2(gelu(se(fc1(x1))))``.
-    Forward: x (B, L, C), reference (B, N_r, C) -> (B, L, C)."""
-
-    def __init__(self, channels: int, heads: int):
-        super().__init__()
-        self.attention = nn.MultiheadAttention(channels, heads, batch_first=True)
-        self.fc1, self.se, self.fc2 = nn.Linear(channels, 4 * channels), SEGate(4 * channels), nn.Linear(4 * channels, channels)
-
-    def forward(self, x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-        x = x - self.attention(x, reference, reference, need_weights=False)[0]
-        return x + self.fc2(F.gelu(self.se(self.fc1(x))))
-
-
-class FeatureProjector(nn.Module):
-    """One level's Feature Projector. Forward: (B, C, h, w) residual features -> (B, C, h, w)."""
-
-    def __init__(self, channels: int, heads: int = 16, references: int = 2048, depth: int = 1):
-        super().__init__()
-        self.reference = nn.Parameter(torch.randn(1, references, channels))
-        self.embed_reference = nn.Conv1d(channels, channels, 1)
-        nn.init.kaiming_normal_(self.embed_reference.weight, mode="fan_in", nonlinearity="leaky_relu")
-        self.layers = nn.ModuleList(LKVLayer(channels, _heads(channels, heads)) for _ in range(depth))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        ref = self.embed_reference(self.reference.transpose(1, 2)).transpose(1, 2).expand(b, -1, -1)
-        t = x.flatten(2).transpose(1, 2)
-        for layer in self.layers:
-            t = layer(t, ref)
-        return t.transpose(1, 2).reshape(b, c, h, w)
-
-
-class _ViTMaps(nn.Module):
-    """A frozen DINOv2 as a list of (B, D, H/14, W/14) maps (prefix tokens dropped)."""
-
-    def __init__(self, name: str, layers, weights):
-        super().__init__()
-        self.encoder = ViTEncoder(name, layers, weights)
-        self.channels = [self.encoder.dim] * len(self.encoder.layers)
-        self.reductions = [self.encoder.patch] * len(self.encoder.layers)
-
-    def forward(self, images):
-        h, w = (s // self.encoder.patch for s in images.shape[-2:])
-        p = self.encoder.num_prefix
-        return [t[:, p:].transpose(1, 2).reshape(t.shape[0], -1, h, w) for t in self.encoder(images)]
-
-
-class ProjectedFeatures(nn.Module):
-    """Some levels of an :class:`ADPretrain`'s projected residual features, as the ``backbone`` of
-    PatchCore / PaDiM: images (B, 3, H, W) -> list of (B, C_l, h_l, w_l). It holds no weights: the
-    ADPretrain model owns (saves, moves) them."""
-
-    def __init__(self, owner: "ADPretrain", levels: list[int]):
-        super().__init__()
-        self.__dict__["owner"] = owner  # not a submodule: no cycle, no duplicate state
-        self.levels = list(levels)
-        self.channels = [owner.channels[i] for i in self.levels]
-        self.reductions = [owner.reductions[i] for i in self.levels]
-
-    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        feats = self.owner.project(images)
-        return [feats[i] for i in self.levels]
-
-
-class ADPretrain(TrainedModel):
-    """ADPretrain's pretrained residual representations and their downstream detectors.
+# -- the pretraining model ------------------------------------------------------------------------------
+@register("adpretrain")
+class ADPretrain(ResidualFeatures, TrainedModel):
+    """ADPretrain's projector pretraining (module docstring).
 
     Args:
         backbone, layers, weights: frozen features: a timm CNN (:class:`fastad.backbones.FeatureExtractor`;
             default the offline EfficientNet-Lite0 at strides 4-32) or a timm DINOv2 (a name with
             'dinov2'; ``layers`` = 0-indexed blocks, default from ``VIT_LEVELS``).
-        scorer: ``'featurenorm'``, ``'patchcore'`` or ``'padim'`` (module docstring).
-        shots: normal reference images taken by :meth:`fit` (8).
-        project: False scores the raw residual features (no projector; a baseline).
-        pretrained: an ADPretrain checkpoint whose projectors and centres are loaded (same backbone).
+        image_size, crop_fraction: input (H, W) (224) and centre-crop fraction (1: none).
         heads, num_references, depth: projector attention heads (16), learnable references (2048), layers (1).
         tau, radius, margin: angle temperature (0.15), norm radius bound (0.4), abnormal margin (0.75).
-        shot_choices, center_shots: K drawn per pretraining batch ({1, 4, 8}); K for the centres (4).
-        epochs, iterations, train_batch_size, lr, weight_decay, milestones: pretraining schedule.
-        coreset_ratio: PatchCore's coreset (0.1).
-        sigma: map smoothing (4).
+        shot_choices, center_shots: K drawn per batch ({1, 4, 8}); K for the centres (4).
+        epochs, iterations, train_batch_size, lr, weight_decay, milestones: the schedule
+            (10 epochs of 32, ``iterations`` overrides; Adam 1e-4, 5e-4; LR / 10 after epochs 7, 9).
+        shots, sigma: references and map smoothing of the scoring check (8, 4).
         seed: references, augmentations, batch order (42).
     Forward:
-        images (B, 3, H, W) -> (scores (B,), maps (B, H, W)) float32, after :meth:`fit`.
+        images (B, 3, H, W) -> AnomalyOutput(scores (B,), maps (B, H, W)) float32, after :meth:`fit`.
     """
 
-    image_size = (224, 224)  # FeatureNorm's resize 224 / crop 224
-    trains = False  # the engine's fit() gets normal images: references + scorer; pretraining is pretrain()
-
-    def __init__(self, backbone: str = OFFLINE_DEFAULT, layers=None, weights: str | None = None, scorer: str = "featurenorm",
-                 shots: int = 8, project: bool = True, pretrained: str | None = None, heads: int = 16,
-                 num_references: int = 2048, depth: int = 1, tau: float = 0.15, radius: float = 0.4, margin: float = 0.75,
-                 shot_choices=(1, 4, 8), center_shots: int = 4, epochs: int = 10, iterations: int | None = None,
-                 train_batch_size: int = 32, lr: float = 1e-4, weight_decay: float = 5e-4, milestones=(7, 9),
-                 coreset_ratio: float = 0.1, sigma: float = 4.0, seed: int = 42):
+    def __init__(self, backbone: str = OFFLINE_DEFAULT, layers=None, weights: str | None = None, image_size=224,
+                 crop_fraction: float = 1.0, heads: int = 16, num_references: int = 2048, depth: int = 1,
+                 tau: float = 0.15, radius: float = 0.4, margin: float = 0.75, shot_choices=(1, 4, 8),
+                 center_shots: int = 4, epochs: int = 10, iterations: int | None = None, train_batch_size: int = 32,
+                 lr: float = 1e-4, weight_decay: float = 5e-4, milestones=(7, 9), shots: int = 8, sigma: float = 4.0,
+                 seed: int = 42):
         super().__init__()
-        if scorer not in SCORERS:
-            raise ValueError(f"scorer must be one of {SCORERS}, got {scorer!r}")
         if shots < 1 or center_shots < 1 or not shot_choices or min(shot_choices) < 1:
             raise ValueError(f"shots, center_shots and shot_choices must be >= 1, got {shots}, {center_shots}, {list(shot_choices)}")
-        vit = "dinov2" in backbone
-        if layers is None and vit and backbone not in VIT_LEVELS:
-            raise ValueError(f"no default blocks for {backbone}: pass layers=[...] (0-indexed blocks)")
-        layers = tuple(layers) if layers is not None else VIT_LEVELS.get(backbone, DEFAULT_LAYERS.get(backbone, (1, 2, 3, 4)))
-        self.config = dict(backbone=backbone, layers=list(layers), weights=weights, scorer=scorer, shots=shots, project=project,
-                           pretrained=pretrained, heads=heads, num_references=num_references, depth=depth, tau=tau,
-                           radius=radius, margin=margin, shot_choices=list(shot_choices), center_shots=center_shots,
-                           epochs=epochs, iterations=iterations, train_batch_size=train_batch_size, lr=lr,
-                           weight_decay=weight_decay, milestones=list(milestones), coreset_ratio=coreset_ratio,
-                           sigma=sigma, seed=seed)
-        self.backbone = _ViTMaps(backbone, layers, weights) if vit else FeatureExtractor(backbone, layers, weights)
-        self.channels, self.reductions = list(self.backbone.channels), list(self.backbone.reductions)
-        self.projectors = nn.ModuleList(FeatureProjector(c, heads, num_references, depth) for c in self.channels)
+        self.config["layers"] = self.init_residual_features(backbone, layers, weights, heads, num_references, depth)
         for i, c in enumerate(self.channels):
-            self.register_buffer(f"center_{i}", torch.zeros(c))
-            self.register_buffer(f"bank_{i}", torch.empty(0, c))  # the few-shot reference tokens
-        self.scorer, self.shots, self.project_features = scorer, shots, project
+            self.register_buffer(f"bank_{i}", torch.empty(0, c))  # the scoring check's reference tokens
         self.tau, self.radius, self.margin = tau, radius, margin
         self.shot_choices, self.center_shots = tuple(shot_choices), center_shots
         self.epochs, self.iterations_override, self.train_batch_size = epochs, iterations, train_batch_size
         self.lr, self.weight_decay, self.milestones = lr, weight_decay, tuple(milestones)
-        self.coreset_ratio, self.sigma, self.seed, self.grad_clip = coreset_ratio, sigma, seed, None
-        self.__dict__["downstream"] = None  # PatchCore / PaDiM, rebuilt by fit(); not saved
-        if pretrained is not None:
-            self.load_projectors(pretrained)
+        self.shots, self.sigma, self.seed, self.grad_clip = shots, sigma, seed, None
 
-    # -- features -----------------------------------------------------------------------------------------
-    def banks(self) -> list[torch.Tensor]:
-        return [getattr(self, f"bank_{i}") for i in range(len(self.channels))]
-
-    def centers(self) -> list[torch.Tensor]:
-        return [getattr(self, f"center_{i}") for i in range(len(self.channels))]
-
-    @torch.no_grad()
-    def residuals(self, images: torch.Tensor, banks: list[torch.Tensor]) -> list[torch.Tensor]:
-        """(B, 3, H, W) and per level an (M_l, C_l) bank -> per level (B, C_l, h_l, w_l) residual
-        features ``x - argmax_cos(bank)``."""
-        out = []
-        for f, bank in zip(self.backbone(images), banks):
-            x = f.permute(0, 2, 3, 1).contiguous()
-            out.append(nearest_reference(x, bank, metric="cosine")[2].permute(0, 3, 1, 2))
-        return out
-
-    @torch.no_grad()
-    def reference_banks(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """(K, 3, H, W) normal images -> per level the (K h_l w_l, C_l) bank of all their tokens."""
-        return [f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in self.backbone(images)]
-
-    def project(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """(B, 3, H, W) -> per level (B, C_l, h_l, w_l) projected residual features against the
-        fitted reference bank (raw residuals with ``project=False``)."""
-        banks = self.banks()
-        if banks[0].numel() == 0:
-            raise RuntimeError("ADPretrain has no reference images: call fit() on normal images of the class first")
-        res = self.residuals(images.to(self.device, torch.float32), banks)
-        return [p(r) for p, r in zip(self.projectors, res)] if self.project_features else res
-
-    # -- downstream ---------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def fit(self, data) -> "ADPretrain":
-        """Take the first ``shots`` images of ``data`` (normal images of the target class: tensors
-        (B, 3, H, W) or dicts with 'image') as the reference bank, then fit the scorer on all of them."""
-        if self.project_features and self.iteration == 0 and self.config["pretrained"] is None:
-            warnings.warn("ADPretrain's projectors are untrained: pretrain() them, pass pretrained=PATH or load a "
-                          "checkpoint (project=False scores the raw residuals)", stacklevel=3)
-        batches = iter(image_batches(data, self.device))
-        taken, n = [], 0
-        for images in batches:  # read only until `shots` images are seen; a scorer streams the rest
-            taken.append(images)
-            n += len(images)
-            if n >= self.shots:
-                break
-        if not taken:
-            raise ValueError("ADPretrain.fit() got no images")
-        refs = torch.cat(taken)[: self.shots]
-        if len(refs) < self.shots:
-            warnings.warn(f"ADPretrain: only {len(refs)} reference images, expected shots={self.shots}", stacklevel=3)
-        for i, bank in enumerate(self.reference_banks(refs)):
-            setattr(self, f"bank_{i}", bank)
-        self.eval()
-        if self.scorer == "patchcore":
-            scorer = PatchCore(backbone=ProjectedFeatures(self, range(len(self.channels))[-3:]), coreset_ratio=self.coreset_ratio, seed=self.seed)
-        elif self.scorer == "padim":
-            scorer = PaDiM(backbone=ProjectedFeatures(self, range(len(self.channels))), per_level=True, sigma=self.sigma)
-        else:
-            scorer = None
-        self.__dict__["downstream"] = scorer.to(self.device).fit(itertools.chain(taken, batches)) if scorer else None
-        return self
-
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.scorer != "featurenorm":
-            if self.downstream is None:
-                raise RuntimeError(f"ADPretrain's {self.scorer} scorer is not fitted: call fit() on normal images first")
-            return self.downstream(images)
-        feats = self.project(images)
-        scores = [feature_norm(f, dim=1).flatten(1) for f in feats]
-        maps = level_maps(scores, [f.shape[-2:] for f in feats], tuple(images.shape[-2:]))
-        return score_and_map(maps, self.sigma, smoothed_map=True)
-
-    def _apply(self, fn, recurse=True):  # .to() / .cuda() also move the unregistered scorer
-        super()._apply(fn, recurse)
-        if self.downstream is not None:
-            self.downstream._apply(fn, recurse)
-        return self
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for i in range(len(self.channels)):  # the bank size depends on the reference images
-            key = f"{prefix}bank_{i}"
-            if key in state_dict:
-                setattr(self, f"bank_{i}", torch.empty_like(state_dict[key], device=getattr(self, f"bank_{i}").device))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def load_projectors(self, path) -> "ADPretrain":
-        """Load the projectors and centres of an ADPretrain checkpoint made with the same backbone."""
-        from safetensors import safe_open
-
-        from ._training import checkpoint_config
-
-        name, config = checkpoint_config(path)
-        if name != type(self).__name__ or (config["backbone"], config["layers"]) != (self.config["backbone"], self.config["layers"]):
-            raise ValueError(f"{path} holds a {name} checkpoint of backbone {config.get('backbone')} layers {config.get('layers')}, "
-                             f"expected ADPretrain of {self.config['backbone']} layers {self.config['layers']}")
-        with safe_open(str(path), framework="pt") as f:
-            keep = [k for k in f.keys() if k.startswith(("model.projectors.", "model.center_"))]
-            state = {k[len("model."):]: f.get_tensor(k) for k in keep}
-        missing = [k for k in self.load_state_dict(state, strict=False).missing_keys if k.startswith("projectors.")]
-        if missing:
-            raise ValueError(f"{path} lacks projector weights {sorted(missing)[:3]}")
-        return self
-
-    # -- pretraining ---------------------------------------------------------------------------------------
     def trainable_parameters(self):
         return self.projectors.parameters()
 
@@ -431,15 +189,35 @@ class ADPretrain(TrainedModel):
 
         return opt, torch.optim.lr_scheduler.LambdaLR(opt, decay)
 
-    def pretrain(self, data, iterations: int | None = None, **kwargs) -> "ADPretrain":
-        """Pretrain the projectors on labelled images (Real-IAD in the paper; any fastad dataset or
-        concatenation of them whose items have 'image', 'mask', 'label', 'class_name', 'path').
-        Computes the level centres first, then runs :meth:`TrainedModel.fit` (checkpoints, exact
-        resume); ``kwargs`` go there."""
+    def fit(self, data, iterations: int | None = None, **kwargs) -> "ADPretrain":
+        """Pretrain the projectors on labelled images (module docstring): the level centres first,
+        then :meth:`TrainedModel.fit` (checkpoints, exact resume; ``kwargs`` go there); finally take
+        the first ``shots`` normal images as the scoring check's references."""
+        if len(data) == 0:
+            raise ValueError("fit() got an empty dataset; expected labelled images with masks")
         self._data, self._pool = data, _normal_pool(data)
+        if not any(label for label, _, _ in _sample_rows(data)):
+            warnings.warn("ADPretrain.fit() got no anomalous images: every batch is skipped and the projectors stay "
+                          "untrained (pretrain on labelled data with masks, e.g. train + test splits)", stacklevel=2)
         if self.iteration == 0:
             self._fit_centers()
-        return TrainedModel.fit(self, data, iterations, **kwargs)
+        TrainedModel.fit(self, data, iterations, **kwargs)
+        first = [i for members in self._pool.values() for i, _ in members]
+        refs = torch.stack([data[i]["image"] for i in sorted(first)[: self.shots]]).to(self.device, torch.float32)
+        for i, bank in enumerate(self.reference_banks(refs)):
+            setattr(self, f"bank_{i}", bank)
+        return self
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> AnomalyOutput:
+        banks = [getattr(self, f"bank_{i}") for i in range(len(self.channels))]
+        if banks[0].numel() == 0:
+            raise RuntimeError("ADPretrain is not fitted: call fit() on labelled data or load a checkpoint first")
+        images = self.check_images(images)
+        feats = self.project(self.residuals(images, banks))
+        scores = [feature_norm(f, dim=1).flatten(1) for f in feats]
+        maps = level_maps(scores, [f.shape[-2:] for f in feats], tuple(images.shape[-2:]))
+        return AnomalyOutput(*score_and_map(maps, self.sigma, smoothed_map=True))
 
     def _draw_banks(self, classes: list[str], exclude: set[str], k: int, gen: torch.Generator) -> dict[str, list[torch.Tensor]]:
         """Per class: k random normal images of that class (not in ``exclude``) -> their token banks."""
@@ -491,8 +269,7 @@ class ADPretrain(TrainedModel):
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + iteration)
         k = self.shot_choices[int(torch.randint(len(self.shot_choices), (), generator=gen))]
         banks = self._draw_banks(batch["class_name"], set(batch["path"]), k, gen)
-        views = [[p(r) for p, r in zip(self.projectors, self._class_residuals(augment_view(images, gen), batch["class_name"], banks))]
-                 for _ in range(2)]
+        views = [self.project(self._class_residuals(augment_view(images, gen), batch["class_name"], banks)) for _ in range(2)]
         loss = 0
         for lvl, (f1, f2) in enumerate(zip(*views)):
             grid = tuple(f1.shape[-2:])

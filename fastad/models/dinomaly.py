@@ -10,9 +10,12 @@
 - Loss: ``fastad.ops.hard_mining_cosine_loss`` with p = min(0.9 * it / 1000, 0.9), factor 0.1.
 - StableAdamW (AMSGrad) lr 2e-3, weight decay 1e-4, eps 1e-10; warm-up 100 iterations then cosine
   to 2e-4 at 10k iterations (the class-separated scripts run 5k: ``iterations=5000``); gradient
-  norm clipped at 0.1; batch 16; 448 resize, 392 crop.
+  norm clipped at 0.1; batch 16; 448 resize, 392 crop (``image_size=392, crop_fraction=0.875``; with
+  the 16-px offline stand-in encoder 384).
 - Map: per group ``1 - cos``, bilinear (align_corners=True) to the input size, mean, resized to
   256 (bilinear), 5x5 Gaussian sigma=4 with zero padding; image score = mean of the top 1% pixels.
+  The smoothed 256-px map is returned bilinearly resized back to the input size (the contract: maps
+  at the input size; ``map_size=None`` smooths at the input size directly).
 """
 from __future__ import annotations
 
@@ -22,9 +25,10 @@ from torch import nn
 
 from ..ops import gaussian_blur_small, hard_mining_cosine_loss, linear_attention
 from ..optim import StableAdamW, warm_cosine
-from ._batches import cosine_distance_map, top_ratio_mean
-from ._training import TrainedModel
-from .vit_encoder import ViTEncoder
+from .base import AnomalyOutput, register
+from .components.maps import cosine_distance_map, top_ratio_mean
+from .components.vit_encoder import ViTEncoder
+from .training import TrainedModel
 
 GROUPS = ((0, 1, 2, 3), (4, 5, 6, 7))
 
@@ -81,6 +85,7 @@ def _fuse(layers: list[torch.Tensor], groups) -> list[torch.Tensor]:
     return [torch.stack([layers[i] for i in g]).mean(0) for g in groups]
 
 
+@register("dinomaly")
 class Dinomaly(TrainedModel):
     """Dinomaly anomaly detector.
 
@@ -93,6 +98,9 @@ class Dinomaly(TrainedModel):
             ``dinov2_vitb14_reg4_pretrain.pth`` or a timm file) or ``'random'``. Never downloaded.
         encoder_layers: encoder blocks used (default: Dinomaly's middle 8 for the encoder).
         encoder_kwargs: extra timm arguments of the encoder (e.g. ``{'depth': 4}`` for small tests).
+        image_size, crop_fraction: input (H, W), multiples of the encoder's patch (default: 392 for
+            the 14-px DINOv2 patch, else the largest multiple of the patch up to 392), and the
+            centre-crop fraction (0.875: 448 resize for 392).
         groups: loose-constraint groups over the encoder layers / reversed decoder blocks.
         dropout: bottleneck dropout (0.2; 0.4 for Real-IAD).
         decoder_depth, mlp_ratio: decoder blocks (8) and MLP width (4).
@@ -100,18 +108,16 @@ class Dinomaly(TrainedModel):
         lr, final_lr, warmup_iters, weight_decay, grad_clip: optimiser (2e-3, 2e-4, 100, 1e-4, 0.1).
         p_final, p_ramp, factor: hard-mining schedule p = min(p_final * it / p_ramp, p_final) and
             easy-point gradient factor (0.9, 1000, 0.1).
-        map_size, smoothing_kernel, sigma, max_ratio: inference (256, 5, 4, 0.01).
+        map_size, smoothing_kernel, sigma, max_ratio: inference (256; None: the input size; 5, 4, 0.01).
         attention_eps: added to the linear attention's denominator (0; README suggests 1e-6 on NaN).
         seed: batch order (1).
     Forward:
-        images (B, 3, H, W), H and W multiples of the patch (392) ->
-        (scores (B,), maps (B, map_size, map_size)) float32.
+        images (B, 3, H, W), H and W multiples of the patch ->
+        AnomalyOutput(scores (B,), maps (B, H, W)) float32.
     """
 
-    image_size = (448, 392)  # resize, crop
-
     def __init__(self, encoder: str = "dinov2reg_vit_base_14", weights: str | None = None, encoder_layers=None,
-                 encoder_kwargs: dict | None = None, groups=GROUPS, dropout: float = 0.2, decoder_depth: int = 8,
+                 encoder_kwargs: dict | None = None, image_size=None, crop_fraction: float = 0.875, groups=GROUPS, dropout: float = 0.2, decoder_depth: int = 8,
                  mlp_ratio: float = 4.0, iterations: int = 10000, train_batch_size: int = 16, lr: float = 2e-3,
                  final_lr: float = 2e-4, warmup_iters: int = 100, weight_decay: float = 1e-4, grad_clip: float | None = 0.1,
                  p_final: float = 0.9, p_ramp: int = 1000, factor: float = 0.1, map_size: int = 256,
@@ -119,13 +125,10 @@ class Dinomaly(TrainedModel):
                  seed: int = 1):
         super().__init__()
         groups = tuple(tuple(int(i) for i in g) for g in groups)
-        self.config = dict(encoder=encoder, weights=weights, encoder_layers=encoder_layers, encoder_kwargs=encoder_kwargs,
-                           groups=groups, dropout=dropout, decoder_depth=decoder_depth, mlp_ratio=mlp_ratio,
-                           iterations=iterations, train_batch_size=train_batch_size, lr=lr, final_lr=final_lr, warmup_iters=warmup_iters,
-                           weight_decay=weight_decay, grad_clip=grad_clip, p_final=p_final, p_ramp=p_ramp, factor=factor,
-                           map_size=map_size, smoothing_kernel=smoothing_kernel, sigma=sigma, max_ratio=max_ratio,
-                           attention_eps=attention_eps, seed=seed)
         self.encoder = ViTEncoder(encoder, encoder_layers, weights, **(encoder_kwargs or {}))
+        self.input_multiple = p = self.encoder.patch
+        if image_size is None:  # 392 for the 14-px DINOv2 patch
+            self.config["image_size"] = [392 // p * p] * 2
         n_layers = len(self.encoder.layers)
         if decoder_depth != n_layers or sorted(i for g in groups for i in g) != list(range(n_layers)):
             raise ValueError(f"groups {groups} must partition the {n_layers} encoder layers, and decoder_depth "
@@ -182,11 +185,17 @@ class Dinomaly(TrainedModel):
         return hard_mining_cosine_loss(enc, dec, self.hard_mining_p(iteration), self.factor)
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        images = images.to(self.device, torch.float32)
+    def forward(self, images: torch.Tensor) -> AnomalyOutput:
+        images = self.check_images(images)
+        size = tuple(images.shape[-2:])
         enc, dec = self.features(images)
-        maps = cosine_distance_map(enc, dec, tuple(images.shape[-2:]))
-        if self.map_size and maps.shape[-1] != self.map_size:
-            maps = F.interpolate(maps.unsqueeze(1), size=(self.map_size, self.map_size), mode="bilinear", align_corners=False).squeeze(1)
+        maps = cosine_distance_map(enc, dec, size)
+        if self.map_size and tuple(maps.shape[-2:]) != (self.map_size, self.map_size):
+            maps = _resize(maps, (self.map_size, self.map_size))
         maps = gaussian_blur_small(maps, self.smoothing_kernel, self.sigma)
-        return top_ratio_mean(maps, self.max_ratio), maps
+        scores = top_ratio_mean(maps, self.max_ratio)  # on the authors' 256-px map
+        return AnomalyOutput(scores, maps if tuple(maps.shape[-2:]) == size else _resize(maps, size))
+
+
+def _resize(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(maps.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)

@@ -26,7 +26,8 @@ Scoring: per token ``rec = mean_C (x - out)^2 + 1 - cos`` times ``max(a) - a`` w
 (align_corners=True) to the input, mean over levels; map unsmoothed, image score = max of the
 sigma=4 smoothed map. Recipe: Adam lr 1e-4, batch 1, 100 epochs, per class; WideResNet-50 layer2/3
 in the code (``backbone='wide_resnet50_2'``), the offline EfficientNet-Lite0 at the same strides
-(8, 16) by default here.
+(8, 16) by default here. Input: 256 x 256, no crop (Lanczos in the code; bilinear here); the
+model takes ``image_size`` only (its position-aligned references and priors are sized for it).
 """
 from __future__ import annotations
 
@@ -39,10 +40,18 @@ from torch import nn
 
 from ..backbones import OFFLINE_DEFAULT, FeatureExtractor
 from ..ops import greedy_coreset, nearest_reference
-from ._batches import image_batches
-from ._tokens import PostNormFeedForward, TokenEmbedding, level_maps, level_tokens, reconstruction_loss, reconstruction_score, score_and_map
-from ._training import TrainedModel
-from .rlr import level_grid, level_width
+from .base import AnomalyOutput, image_batches, register
+from .components.maps import level_maps, score_and_map
+from .components.tokens import (
+    PostNormFeedForward,
+    TokenEmbedding,
+    level_grid,
+    level_tokens,
+    level_width,
+    reconstruction_loss,
+    reconstruction_score,
+)
+from .training import TrainedModel
 
 REFERENCES = ("mean", "nearest", "coreset", "prototype")
 BRANCHES = ("both", "intra", "inter")
@@ -168,12 +177,13 @@ def fod_phase_losses(rec: torch.Tensor, maps: list[dict], lambda1: float, lambda
     return l1, l2
 
 
+@register("fod")
 class FOD(TrainedModel):
     """FOD anomaly detector (one model per class).
 
     Args:
         backbone, layers, weights: frozen features (:class:`fastad.backbones.FeatureExtractor`).
-        input_size: square input side (256).
+        image_size, crop_fraction: input (H, W) (256) and centre-crop fraction (1: none).
         depth, heads, branches: layers (3), heads (8), ``'both'`` / ``'intra'`` / ``'inter'``.
         reference: ``'mean'``, ``'nearest'``, ``'coreset'`` or ``'prototype'`` (module docstring).
         nearest_window: p of the nearest-feature window (3); coreset_ratio: kept fraction of the
@@ -184,12 +194,13 @@ class FOD(TrainedModel):
         sigma: smoothing of the map for the image score (4).
         seed: batch order, coreset and prototype initialisation (3407).
     Forward:
-        images (B, 3, input_size, input_size) -> (scores (B,), maps (B, H, W)) float32.
+        images (B, 3, *image_size) -> AnomalyOutput(scores (B,), maps (B, H, W)) float32.
     """
 
-    image_size = (256, 256)
+    fixed_input = True
 
-    def __init__(self, backbone: str = OFFLINE_DEFAULT, layers=(2, 3), weights: str | None = None, input_size: int = 256,
+    def __init__(self, backbone: str = OFFLINE_DEFAULT, layers=(2, 3), weights: str | None = None, image_size=256,
+                 crop_fraction: float = 1.0,
                  depth: int = 3, heads: int = 8, branches: str = "both", reference: str = "mean", nearest_window: int = 3,
                  coreset_ratio: float = 0.01, prototypes: int = 10, lambda1: float = 0.5, lambda2: float = 0.5,
                  aggregate: bool = True, epochs: int = 100, iterations: int | None = None, train_batch_size: int = 1,
@@ -199,14 +210,9 @@ class FOD(TrainedModel):
             raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
         if branches not in BRANCHES:
             raise ValueError(f"branches must be one of {BRANCHES}, got {branches!r}")
-        self.config = dict(backbone=backbone, layers=list(layers), weights=weights, input_size=input_size, depth=depth,
-                           heads=heads, branches=branches, reference=reference, nearest_window=nearest_window,
-                           coreset_ratio=coreset_ratio, prototypes=prototypes, lambda1=lambda1, lambda2=lambda2,
-                           aggregate=aggregate, epochs=epochs, iterations=iterations, train_batch_size=train_batch_size,
-                           lr=lr, sigma=sigma, seed=seed)
         self.backbone = FeatureExtractor(backbone, layers, weights)
         self.levels = nn.ModuleList(
-            FODLevel(c, level_grid(input_size, s), level_width(s), depth, heads, branches)
+            FODLevel(c, level_grid(self.image_size, s), level_width(s), depth, heads, branches)
             for c, s in zip(self.backbone.channels, self.backbone.reductions))
         for i in range(len(self.levels)):  # data-dependent shapes, filled by build_references / a checkpoint
             self.register_buffer(f"reference_{i}", torch.empty(0))
@@ -240,11 +246,9 @@ class FOD(TrainedModel):
         """Extract the training features and store each level's reference data: (1, L, C) mean,
         (N, H, W, C) all features (nearest), (M', C) coreset or (L, M, C) prototypes.
         ``data``: a Dataset of dicts with 'image', or an iterable of image batches / dicts."""
-        if isinstance(data, torch.utils.data.Dataset):
-            data = torch.utils.data.DataLoader(data, batch_size=16)
         feats = None
-        for images in image_batches(data, self.device):
-            t = self.tokens(images)
+        for images in image_batches(data, self.device, desc="references"):
+            t = self.tokens(self.check_images(images))
             feats = [[x.cpu()] for x in t] if feats is None else [f + [x.cpu()] for f, x in zip(feats, t)]
         if feats is None:
             raise ValueError("FOD needs training images to build its reference features, got none")
@@ -291,13 +295,6 @@ class FOD(TrainedModel):
             self.build_references(data)
         return super().fit(data, iterations, **kwargs)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for i in range(len(self.levels)):
-            key = f"{prefix}reference_{i}"
-            if key in state_dict:
-                setattr(self, f"reference_{i}", torch.empty_like(state_dict[key], device=self.device))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
     # -- training and scoring ------------------------------------------------------------------------
     def phase_losses(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(L1, L2, L_rec), each summed over the levels."""
@@ -322,8 +319,8 @@ class FOD(TrainedModel):
         return rec.detach()
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        images = images.to(self.device, torch.float32)
+    def forward(self, images: torch.Tensor) -> AnomalyOutput:
+        images = self.check_images(images)
         scores = []
         for i, (level, t) in enumerate(zip(self.levels, self.tokens(images))):
             out, maps = level(t, self.reference_tokens(i, t))
@@ -336,7 +333,7 @@ class FOD(TrainedModel):
             a = torch.softmax(-d, -1)
             scores.append(rec * (a.max(-1, keepdim=True).values - a))
         maps = level_maps(scores, [level.grid for level in self.levels], tuple(images.shape[-2:]))
-        return score_and_map(maps, self.sigma)
+        return AnomalyOutput(*score_and_map(maps, self.sigma))
 
 
 @torch.no_grad()

@@ -7,7 +7,8 @@ the nearest-upsampled per-level ``1 - cos`` maps, AdamW (lr 5e-3, weight decay 1
 training script; the paper says 5e-5), ExponentialLR(0.995) per epoch, batch 16, 160 epochs.
 ``loss='fp'`` selects the global cosine loss of the feature-poor variant. Inference: per-level
 ``1 - cos``, bilinear (align_corners=True) to the input size, mean, 5x5 Gaussian sigma=4 with zero
-padding, image score = mean of the top 1% pixels.
+padding, image score = mean of the top 1% pixels; the smoothed map is returned. Input: 256 x 256,
+no crop; sides must be multiples of 32 (the bottleneck's total stride).
 
 ``encoder='efficientnet_lite0'`` swaps in the offline ImageNet EfficientNet-Lite0 (strides 4/8/16,
 24/40/112 channels); the bottleneck and decoder follow the encoder's widths. It is not the paper's
@@ -21,9 +22,10 @@ from torch import nn
 
 from ..backbones import OFFLINE_DEFAULT, FeatureExtractor
 from ..ops import adc_loss, gaussian_blur_small, hard_mining_cosine_loss
-from ._batches import cosine_distance_map, top_ratio_mean
-from ._training import TrainedModel
-from .unireplknet import LayerNorm2d, UniRepLKNetBlock, UniRepLKNetEncoder, trunc_normal_init
+from .base import AnomalyOutput, register
+from .components.maps import cosine_distance_map, top_ratio_mean
+from .components.unireplknet import LayerNorm2d, UniRepLKNetBlock, UniRepLKNetEncoder, trunc_normal_init
+from .training import TrainedModel
 
 DECODER_DEPTHS = (2, 2, 8)  # finest -> coarsest, mirrored from the encoder
 DECODER_KERNELS = (3, 13, 13)
@@ -84,6 +86,7 @@ class Decoder(nn.Module):
         return out[::-1]
 
 
+@register("minimaxad")
 class MiniMaxAD(TrainedModel):
     """MiniMaxAD anomaly detector.
 
@@ -91,6 +94,7 @@ class MiniMaxAD(TrainedModel):
         encoder: ``'unireplknet_n'`` (paper; needs ``weights=PATH`` or ``'random'``) or
             ``'efficientnet_lite0'`` (offline weights).
         weights: encoder weights (see above).
+        image_size, crop_fraction: input (H, W), multiples of 32 (256), and centre-crop fraction (1: none).
         loss: ``'fr'`` (ADCLoss, default) or ``'fp'`` (global cosine loss).
         p_hard, p_lim: ADCLoss quantiles (0.9999, 0.9995).
         epochs: training length in epochs (160); ``iterations`` overrides it when given.
@@ -98,21 +102,19 @@ class MiniMaxAD(TrainedModel):
         sigma, smoothing_kernel, max_ratio: inference smoothing and image score (4, 5, 0.01).
         seed: batch order (111).
     Forward:
-        images (B, 3, H, W) -> (scores (B,), maps (B, H, W)) float32.
+        images (B, 3, H, W) -> AnomalyOutput(scores (B,), maps (B, H, W)) float32.
     """
 
-    image_size = (256, 256)  # resize, crop
+    input_multiple = 32
 
-    def __init__(self, encoder: str = "unireplknet_n", weights: str | None = None, loss: str = "fr",
+    def __init__(self, encoder: str = "unireplknet_n", weights: str | None = None, image_size=256,
+                 crop_fraction: float = 1.0, loss: str = "fr",
                  p_hard: float = 0.9999, p_lim: float = 0.9995, epochs: int = 160, iterations: int | None = None,
                  train_batch_size: int = 16, lr: float = 5e-3, weight_decay: float = 1e-5, gamma: float = 0.995,
                  sigma: float = 4.0, smoothing_kernel: int = 5, max_ratio: float = 0.01, seed: int = 111):
         super().__init__()
         if loss not in ("fr", "fp"):
             raise ValueError(f"loss must be 'fr' (ADCLoss) or 'fp' (global cosine), got {loss!r}")
-        self.config = dict(encoder=encoder, weights=weights, loss=loss, p_hard=p_hard, p_lim=p_lim, epochs=epochs,
-                           iterations=iterations, train_batch_size=train_batch_size, lr=lr, weight_decay=weight_decay, gamma=gamma,
-                           sigma=sigma, smoothing_kernel=smoothing_kernel, max_ratio=max_ratio, seed=seed)
         if encoder == "unireplknet_n":
             self.encoder = UniRepLKNetEncoder(weights)
         elif encoder == OFFLINE_DEFAULT:
@@ -153,9 +155,9 @@ class MiniMaxAD(TrainedModel):
         return adc_loss(s.squeeze(1), self.p_hard, self.p_lim)
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        images = images.to(self.device, torch.float32)
+    def forward(self, images: torch.Tensor) -> AnomalyOutput:
+        images = self.check_images(images)
         enc, dec = self.features(images)
         maps = cosine_distance_map(enc, dec, tuple(images.shape[-2:]))
         maps = gaussian_blur_small(maps, self.smoothing_kernel, self.sigma)
-        return top_ratio_mean(maps, self.max_ratio), maps
+        return AnomalyOutput(top_ratio_mean(maps, self.max_ratio), maps)

@@ -16,7 +16,8 @@ jitter (scale 4, the README command) on the input tokens, clean tokens as the ta
 per level; Adam lr 1e-4, batch 4, 200 epochs; the unified (multi-class) setting is the paper's.
 Scoring: per token mean squared error + 1 - cos, bilinear (align_corners=True) to the input, mean
 over levels; the map is returned unsmoothed (the authors' pixel metrics), the image score is the max
-of its sigma=4 Gaussian-smoothed copy.
+of its sigma=4 Gaussian-smoothed copy. Input: 256 x 256, no crop; the learnable references are sized
+for ``image_size``, so the model takes that size only.
 
 Defaults follow the README command (levels at strides 8 and 16, ``layers=(2, 3)``; the paper's
 table 4 gives 98.9 I-AUROC for them, 98.6 for strides 4-16) with the offline EfficientNet-Lite0 in
@@ -31,28 +32,21 @@ from torch import nn
 
 from ..backbones import OFFLINE_DEFAULT, FeatureExtractor
 from ..ops import local_window_attention, neighbour_masked_attention
-from ._tokens import (
+from .base import AnomalyOutput, register
+from .components.maps import level_maps, score_and_map
+from .components.tokens import (
     PostNormFeedForward,
     TokenEmbedding,
     feature_jitter,
-    level_maps,
+    level_grid,
     level_tokens,
+    level_width,
     reconstruction_loss,
     reconstruction_score,
-    score_and_map,
 )
-from ._training import TrainedModel
+from .training import TrainedModel
 
 WINDOWS = {4: 11, 8: 7, 16: 5}  # feature stride -> window side
-
-
-def level_width(stride: int) -> int:
-    """FOD's and RLR's hidden width of a level: 128 / 256 / 512 at strides 4 / 8 / 16."""
-    return 32 * stride
-
-
-def level_grid(image_size: int, stride: int) -> tuple[int, int]:
-    return (math.ceil(image_size / stride),) * 2
 
 
 class WindowAttention(nn.Module):
@@ -127,13 +121,15 @@ class RLRLevel(nn.Module):
         return self.head(self.norm(x))
 
 
+@register("rlr")
 class RLR(TrainedModel):
     """RLR anomaly detector (multi-class by design: train it on all classes with ``--setting unified``).
 
     Args:
         backbone, layers, weights: frozen features (:class:`fastad.backbones.FeatureExtractor`;
             default the offline EfficientNet-Lite0 at strides 8 and 16).
-        input_size: square input side the learnable references are sized for (256).
+        image_size, crop_fraction: input (H, W) the learnable references are sized for (256), and
+            centre-crop fraction (1: none).
         depth, heads, alpha: layers (4), heads (8), LCA weight (2).
         windows: window side per level (default by stride: 11 / 7 / 5 at 4 / 8 / 16).
         jitter: feature-jitter scale (4; 0 disables).
@@ -143,20 +139,17 @@ class RLR(TrainedModel):
         sigma: smoothing of the map for the image score (4).
         seed: batch order (3407).
     Forward:
-        images (B, 3, input_size, input_size) -> (scores (B,), maps (B, H, W)) float32.
+        images (B, 3, *image_size) -> AnomalyOutput(scores (B,), maps (B, H, W)) float32.
     """
 
-    image_size = (256, 256)
+    fixed_input = True
 
-    def __init__(self, backbone: str = OFFLINE_DEFAULT, layers=(2, 3), weights: str | None = None, input_size: int = 256,
+    def __init__(self, backbone: str = OFFLINE_DEFAULT, layers=(2, 3), weights: str | None = None, image_size=256,
+                 crop_fraction: float = 1.0,
                  depth: int = 4, heads: int = 8, alpha: float = 2.0, windows=None, jitter: float = 4.0,
                  aggregate: bool = True, epochs: int = 200, iterations: int | None = None, train_batch_size: int = 4,
                  lr: float = 1e-4, sigma: float = 4.0, seed: int = 3407):
         super().__init__()
-        self.config = dict(backbone=backbone, layers=list(layers), weights=weights, input_size=input_size, depth=depth,
-                           heads=heads, alpha=alpha, windows=None if windows is None else list(windows), jitter=jitter,
-                           aggregate=aggregate, epochs=epochs, iterations=iterations, train_batch_size=train_batch_size,
-                           lr=lr, sigma=sigma, seed=seed)
         self.backbone = FeatureExtractor(backbone, layers, weights)
         strides = self.backbone.reductions
         if windows is None:
@@ -167,7 +160,7 @@ class RLR(TrainedModel):
         if len(windows) != len(strides):
             raise ValueError(f"windows needs one entry per level ({len(strides)}), got {list(windows)}")
         self.levels = nn.ModuleList(
-            RLRLevel(c, level_grid(input_size, s), w, level_width(s), depth, heads, alpha)
+            RLRLevel(c, level_grid(self.image_size, s), w, level_width(s), depth, heads, alpha)
             for c, s, w in zip(self.backbone.channels, strides, windows))
         self.jitter, self.aggregate, self.sigma = jitter, aggregate, sigma
         self.epochs, self.iterations_override, self.train_batch_size = epochs, iterations, train_batch_size
@@ -191,8 +184,8 @@ class RLR(TrainedModel):
                    for level, t in zip(self.levels, self.tokens(images)))
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        images = images.to(self.device, torch.float32)
+    def forward(self, images: torch.Tensor) -> AnomalyOutput:
+        images = self.check_images(images)
         scores = [reconstruction_score(level(t), t) for level, t in zip(self.levels, self.tokens(images))]
         maps = level_maps(scores, [level.grid for level in self.levels], tuple(images.shape[-2:]))
-        return score_and_map(maps, self.sigma)
+        return AnomalyOutput(*score_and_map(maps, self.sigma))

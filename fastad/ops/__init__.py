@@ -1,12 +1,14 @@
-"""fastad ops: each public op has a pure-PyTorch reference beside it (``<op>_reference``)."""
-from .attention import (
-    linear_attention,
-    linear_attention_reference,
+"""fastad ops: each public op has a pure-PyTorch reference beside it (``<op>_reference``); one file per
+op family; :mod:`fastad.ops.dispatch` picks the implementation (extension, Triton or PyTorch)."""
+from . import dispatch
+from .grid_attention import (
     local_window_attention,
     local_window_attention_reference,
     neighbour_masked_attention,
     neighbour_masked_attention_reference,
+    window_mask,
 )
+from .linear_attention import linear_attention, linear_attention_reference
 from .coreset import greedy_coreset, greedy_coreset_reference
 from .feature_bank import FeatureBank
 from .hard_mining import adc_loss, adc_loss_reference, hard_mining_cosine_loss, hard_mining_cosine_loss_reference
@@ -17,6 +19,7 @@ from .smoothing import gaussian_blur, gaussian_blur_small
 __all__ = [
     "FeatureBank",
     "adc_loss",
+    "dispatch",
     "adc_loss_reference",
     "gaussian_blur",
     "gaussian_blur_small",
@@ -36,4 +39,5 @@ __all__ = [
     "quantile_reference",
     "select_rank",
     "select_rank_reference",
+    "window_mask",
 ]

@@ -33,3 +33,21 @@ def check_same_device(**tensors: torch.Tensor) -> None:
     if len(set(devices.values())) > 1:
         listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
         raise ValueError(f"tensors must be on the same device, got {listing}")
+
+
+def check_qkv(q, k, v) -> None:
+    """q, k, v: non-empty (batch, heads, N, head_dim) floats of one shape, dtype and device."""
+    # the NaN/inf scan reads every input once and syncs; under torch.compile it is skipped (it would
+    # break the graph)
+    finite = not torch.compiler.is_compiling()
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, ndim=4, finite=finite)
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(
+            f"q, k and v must all be (batch, heads, N, head_dim) of one shape, got {tuple(q.shape)}, "
+            f"{tuple(k.shape)} and {tuple(v.shape)}"
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must have one dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
+    check_same_device(q=q, k=k, v=v)
+

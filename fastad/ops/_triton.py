@@ -1,34 +1,16 @@
-"""When fastad's Triton kernels run: on CUDA tensors, and on CPU tensors under Triton's interpreter.
-
-``TRITON_INTERPRET=1`` must be in the environment before ``triton`` is first imported (the test suite's
-conftest sets it) for the kernels to run on the CPU. Elsewhere the ops use their PyTorch path.
-"""
+"""Triton-language helpers shared by the kernel files (private; which implementation runs is decided
+in :mod:`fastad.ops.dispatch`)."""
 from __future__ import annotations
-
-import os
 
 import torch
 
-try:
-    import triton  # noqa: F401
-    import triton.language as tl  # noqa: F401
+from .dispatch import HAS_TRITON
 
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - triton is a Linux dependency of fastad
-    triton = None
-    tl = None
-    HAS_TRITON = False
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-enabled = True  # tests switch it off to run the PyTorch path of the same op
-
-
-def use_triton(t: torch.Tensor) -> bool:
-    """True when the Triton kernels can run on ``t``: its device has them, and it is a 16- or 32-bit
-    float (the kernels compute in float32; float64 keeps to the PyTorch path)."""
-    if not (HAS_TRITON and enabled) or t.dtype == torch.float64:
-        return False
-    return t.is_cuda or (INTERPRET and t.device.type == "cpu")
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+else:  # pragma: no cover - triton is a Linux dependency of fastad
+    triton = tl = None
 
 
 def max_programs(t: torch.Tensor) -> int:
@@ -50,3 +32,18 @@ if HAS_TRITON:
             tl.store(ptr, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
         else:
             tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def dot(a, b, F32: tl.constexpr):
+        """``tl.dot``, in exact float32 (no TF32) when F32."""
+        if F32:
+            return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a, b)
+
+    @triton.jit
+    def load(ptr, mask, F32: tl.constexpr):
+        """Masked load (0 outside), widened to float32 when F32."""
+        x = tl.load(ptr, mask=mask, other=0.0)
+        if F32:
+            x = x.to(tl.float32)
+        return x

@@ -17,7 +17,7 @@ import math
 import torch
 
 from ._checks import check_tensor
-from ._ext import use_kernel
+from .dispatch import implementation
 
 __all__ = ["greedy_coreset", "greedy_coreset_reference", "project_features", "starting_points", "coreset_size"]
 
@@ -126,6 +126,6 @@ def greedy_coreset(
             "expected finite values"
         )
     starts = starting_points(n, num_starts, seed)
-    if use_kernel(projected.device):
+    if implementation(projected, extension=True) == "extension":
         return torch.ops.fastad.kcenter_greedy(projected, starts.to(projected.device), k)
     return greedy_coreset_reference(projected, starts, k)

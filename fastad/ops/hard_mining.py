@@ -15,11 +15,11 @@ from collections.abc import Sequence
 
 import torch
 
-from . import _triton
 from ._checks import check_same_device, check_tensor, compute_dtype
-from ._triton import tl, triton
+from ._triton import max_programs, tl, triton
+from .dispatch import HAS_TRITON, implementation
 
-if _triton.HAS_TRITON:
+if HAS_TRITON:
     from ._triton import store_rounded
 from .select import _check_q, _quantile, quantile_reference, select_rank
 
@@ -95,7 +95,7 @@ class _ADCLoss(torch.autograd.Function):
     def backward(ctx, grad):
         (flat,) = ctx.saved_tensors
         scale = (grad / ctx.count).reshape(1)
-        if _triton.use_triton(flat):
+        if implementation(flat, triton=True) == "triton":
             out = torch.empty_like(flat)
             n = flat.numel()
             block = 1024
@@ -108,10 +108,10 @@ class _ADCLoss(torch.autograd.Function):
 
 def _square_tail(flat: torch.Tensor, tau: torch.Tensor) -> tuple[int, torch.Tensor]:
     """(count, float64 sum) of S**2 over the points with S**2 >= tau (S**2 in the compute dtype)."""
-    if _triton.use_triton(flat):
+    if implementation(flat, triton=True) == "triton":
         n = flat.numel()
         block = 65536 if not flat.is_cuda else 2048
-        grid = max(1, min(triton.cdiv(n, block), _triton.max_programs(flat)))
+        grid = max(1, min(triton.cdiv(n, block), max_programs(flat)))
         counts = torch.empty(grid, dtype=torch.int32, device=flat.device)
         sums = torch.empty(grid, dtype=torch.float32, device=flat.device)
         _square_tail_kernel[(grid,)](flat, n, float(tau), counts, sums, BLOCK=block)
@@ -230,7 +230,7 @@ class _HardMiningCosine(torch.autograd.Function):
         coef_a = (-g / (na_n * nb_n)).to(point_dist.dtype)
         coef_b = (g * cos_n / nb_n**2).to(point_dist.dtype)
         scale = torch.ones_like(point_dist).masked_fill_(point_dist < thresh, ctx.factor)
-        if _triton.use_triton(b3):
+        if implementation(b3, triton=True) == "triton":
             out = torch.empty(b3.shape, dtype=b3.dtype, device=b3.device)
             _cosine_grad_kernel[_point_grid(b3)](
                 a3, b3, out, coef_a, coef_b, scale, b3.shape[1], b3.shape[2],
@@ -252,7 +252,7 @@ def _point_grid(t: torch.Tensor):
 
 def _point_stats(a3: torch.Tensor, b3: torch.Tensor):
     """Per point (B, P): sum_c a*b, sum_c a*a, sum_c b*b, accumulated in float32 (float64 inputs: float64)."""
-    if _triton.use_triton(a3):
+    if implementation(a3, triton=True) == "triton":
         bsz, c, n = a3.shape
         out = torch.empty((3, bsz, n), dtype=torch.float32, device=a3.device)
         _point_stats_kernel[_point_grid(a3)](
@@ -264,7 +264,7 @@ def _point_stats(a3: torch.Tensor, b3: torch.Tensor):
     return (a * b).sum(1), (a * a).sum(1), (b * b).sum(1)
 
 
-if _triton.HAS_TRITON:
+if HAS_TRITON:
 
     @triton.jit
     def _square_tail_kernel(x_ptr, n, tau, count_ptr, sum_ptr, BLOCK: tl.constexpr):

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from ._checks import check_same_device, check_tensor
-from ._ext import use_kernel
+from .dispatch import implementation
+from .grid_attention import window_mask
 
 __all__ = ["nearest_reference", "nearest_reference_reference"]
 
@@ -41,14 +42,6 @@ def _validate(x: torch.Tensor, bank: torch.Tensor, metric: str, window: int | No
     check_same_device(x=x, bank=bank)
 
 
-def _window_mask(h: int, w: int, window: int, device) -> torch.Tensor:
-    """(H*W, H*W) boolean: key position inside the query position's window (clipped at borders)."""
-    r = window // 2
-    ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
-    ys, xs = ys.reshape(-1), xs.reshape(-1)
-    return ((ys[:, None] - ys[None]).abs() <= r) & ((xs[:, None] - xs[None]).abs() <= r)
-
-
 def nearest_reference_reference(x, bank, *, metric: str = "l2", window: int | None = None):
     """Pure-PyTorch oracle (float64, dense scores per query chunk). Same arguments and returns as
     :func:`nearest_reference`, values in float64."""
@@ -61,7 +54,7 @@ def nearest_reference_reference(x, bank, *, metric: str = "l2", window: int | No
         q = q / q.norm(dim=1, keepdim=True).clamp_min(_EPS)
     if window is not None:
         _, h, w, _ = x.shape
-        allowed = _window_mask(h, w, window, x.device).repeat(1, bank.shape[0])  # (HW, K*HW)
+        allowed = window_mask((h, w), window, x.device).repeat(1, bank.shape[0])  # (HW, K*HW)
     values, indices = [], []
     for start in range(0, q.shape[0], 512):
         qc = q[start : start + 512]
@@ -98,7 +91,7 @@ def nearest_reference(x: torch.Tensor, bank: torch.Tensor, *, metric: str = "l2"
     """
     _validate(x, bank, metric, window)
     c = bank.shape[-1]
-    if not use_kernel(x.device):
+    if implementation(x, extension=True) != "extension":
         v, i, r = nearest_reference_reference(x, bank, metric=metric, window=window)
         return v.to(x.dtype), i, r
     xf, bf = x.float().contiguous(), bank.float().contiguous()

@@ -22,9 +22,9 @@ import math
 
 import torch
 
-from . import _triton
 from ._checks import check_tensor, compute_dtype
-from ._triton import tl, triton
+from ._triton import max_programs, tl, triton
+from .dispatch import HAS_TRITON, implementation
 
 __all__ = ["quantile", "quantile_reference", "select_rank", "select_rank_reference"]
 
@@ -78,7 +78,7 @@ def select_rank(x: torch.Tensor, rank: int) -> torch.Tensor:
     """
     flat = _prepare(x)
     _check_rank(rank, flat.numel())
-    if _triton.use_triton(flat):
+    if implementation(flat, triton=True) == "triton":
         return _radix_select(flat, rank, square=False)[0]
     check_tensor("x", flat)  # the finiteness check the radix pass does on the Triton path
     return torch.kthvalue(flat.to(compute_dtype(x)), rank + 1).values
@@ -101,7 +101,7 @@ def quantile(x: torch.Tensor, q: float) -> torch.Tensor:
 
 def _quantile(flat: torch.Tensor, q: float, square: bool) -> torch.Tensor:
     """Quantile of ``flat`` (or of ``flat**2`` with ``square``); ``flat`` is 1-D and contiguous."""
-    if not _triton.use_triton(flat):
+    if implementation(flat, triton=True) != "triton":
         return quantile_reference(_values(flat, square), q)
     lo, hi, w = _ranks(q, flat.numel(), torch.float32)
     v_lo, last_hist, bin_rank = _radix_select(flat, lo, square)
@@ -170,7 +170,7 @@ def _radix_select(flat: torch.Tensor, rank: int, square: bool):
     if n > _MAX_NUMEL:
         raise ValueError(f"x has {n} elements; the Triton select supports at most {_MAX_NUMEL}")
     block = 65536 if not flat.is_cuda else 4096
-    grid = (max(1, min(triton.cdiv(n, block), _triton.max_programs(flat))),)
+    grid = (max(1, min(triton.cdiv(n, block), max_programs(flat))),)
     hist = torch.zeros((len(_PASSES), _BINS), dtype=torch.int32, device=flat.device)
     bad = torch.zeros(1, dtype=torch.int32, device=flat.device)
     prefix = 0
@@ -204,7 +204,7 @@ def _next_from_hist(v: torch.Tensor, last, rank_in_bin: int):
     return torch.tensor(_key_to_value(key), dtype=torch.float32, device=v.device)
 
 
-if _triton.HAS_TRITON:
+if HAS_TRITON:
 
     @triton.jit
     def _ordered_keys(x, SQUARE: tl.constexpr):

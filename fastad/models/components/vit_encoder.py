@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones import OFFLINE_DEFAULT, FeatureExtractor, _create
+from ...backbones import OFFLINE_DEFAULT, FeatureExtractor, create_model as create_timm_model
 
 # Dinomaly's encoder names -> timm model names (weights: the authors' Meta .pth files or timm's)
 VIT_ENCODERS = {
@@ -68,7 +68,7 @@ class ViTEncoder(nn.Module):
             self.vit = _hybrid_vit(weights, **model_kwargs)
             self.patch = self.vit.patch_embed.backbone.reductions[-1]
         else:
-            self.vit = _create(timm_name, weights, num_classes=0, dynamic_img_size=True, **model_kwargs)
+            self.vit = create_timm_model(timm_name, weights, num_classes=0, dynamic_img_size=True, **model_kwargs)
             self.patch = self.vit.patch_embed.patch_size[0]
         self.layers = tuple(layers if layers is not None else TARGET_LAYERS.get(name, range(len(self.vit.blocks))))
         if not self.layers or max(self.layers) >= len(self.vit.blocks) or min(self.layers) < 0:
@@ -114,3 +114,19 @@ class ViTEncoder(nn.Module):
             if i in self.layers:
                 out.append(x.float())
         return out
+
+
+class ViTMaps(nn.Module):
+    """A frozen ViT as a list of (B, D, H/p, W/p) maps of ``layers`` (prefix tokens dropped), with the
+    ``channels`` / ``reductions`` lists of :class:`fastad.backbones.FeatureExtractor`."""
+
+    def __init__(self, name: str, layers, weights):
+        super().__init__()
+        self.encoder = ViTEncoder(name, layers, weights)
+        self.channels = [self.encoder.dim] * len(self.encoder.layers)
+        self.reductions = [self.encoder.patch] * len(self.encoder.layers)
+
+    def forward(self, images):
+        h, w = (s // self.encoder.patch for s in images.shape[-2:])
+        p = self.encoder.num_prefix
+        return [t[:, p:].transpose(1, 2).reshape(t.shape[0], -1, h, w) for t in self.encoder(images)]

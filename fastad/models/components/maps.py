@@ -1,29 +1,15 @@
-"""Shared helpers of the embedding models."""
+"""Anomaly-map post-processing shared by the models: upsampling, smoothing, image scores."""
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
+import torch.nn.functional as F
 
-
-def image_batches(data: Iterable, device) -> Iterable[torch.Tensor]:
-    """Yields (B, 3, H, W) float tensors on ``device`` from tensors, or dicts with an 'image' entry
-    (what fastad's datasets and DataLoaders produce)."""
-    if isinstance(data, torch.Tensor):
-        data = [data]
-    for batch in data:
-        images = batch["image"] if isinstance(batch, dict) else batch
-        if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
-            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-            raise ValueError(f"expected image batches of shape (B, 3, H, W), got {shape}")
-        yield images.to(device, torch.float32)
+from ...ops import gaussian_blur
 
 
 def upsample_and_smooth(patch_maps: torch.Tensor, size: tuple[int, int], sigma: float) -> torch.Tensor:
     """(B, h, w) patch scores -> (B, H, W): bilinear upsampling (align_corners=False) then the
     scipy-equivalent Gaussian (sigma=4 in PatchCore and PaDiM); sigma=0 skips smoothing."""
-    from ..ops import gaussian_blur
-
     maps = torch.nn.functional.interpolate(patch_maps.unsqueeze(1), size=size, mode="bilinear", align_corners=False)
     maps = maps.squeeze(1)
     return gaussian_blur(maps, sigma) if sigma > 0 else maps
@@ -53,3 +39,18 @@ def top_ratio_mean(maps: torch.Tensor, ratio: float = 0.01) -> torch.Tensor:
     flat = maps.flatten(1)
     k = max(1, int(flat.shape[1] * ratio))
     return flat.topk(k, dim=1).values.mean(1)
+
+
+def level_maps(scores: list[torch.Tensor], grids: list[tuple[int, int]], size: tuple[int, int]) -> torch.Tensor:
+    """Per-level token scores (B, H_l*W_l) -> (B, H, W): bilinear (align_corners=True) to ``size``,
+    mean over levels."""
+    maps = [F.interpolate(s.reshape(-1, 1, *g), size=size, mode="bilinear", align_corners=True) for s, g in zip(scores, grids)]
+    return torch.cat(maps, 1).mean(1)
+
+
+def score_and_map(maps: torch.Tensor, sigma: float, smoothed_map: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image score = max of the Gaussian-smoothed (sigma, scipy style) map. FOD and RLR return the
+    map unsmoothed, as their authors compute pixel metrics on it; FeatureNorm and PaDiM† return the
+    smoothed one (``smoothed_map=True``). (B, H, W) -> ((B,), (B, H, W))."""
+    smooth = gaussian_blur(maps, sigma) if sigma > 0 else maps
+    return smooth.flatten(1).max(1).values, smooth if smoothed_map else maps

@@ -1,4 +1,4 @@
-"""Gradient-trained models: the iteration loop, safetensors checkpoints and exact resume.
+"""Gradient-trained models: the iteration loop, the training state in checkpoints, exact resume.
 
 A subclass defines ``trainable_parameters()``, ``make_optimizer()`` (returns an optimizer and a
 per-iteration LR scheduler) and ``training_loss(images, iteration)``, or overrides ``training_step``
@@ -9,8 +9,7 @@ history and torch's RNG state, used by dropout) continues exactly as the uninter
 """
 from __future__ import annotations
 
-import json
-import os
+import re
 import warnings
 from collections.abc import Iterable, Iterator
 
@@ -18,9 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ._batches import image_batches
-
-FORMAT = "fastad-checkpoint-1"
+from .base import AnomalyModel, image_batches
 
 
 def _epoch_batches(data: Dataset, batch_size: int, seed: int, start: int, num_workers: int) -> Iterator:
@@ -53,14 +50,11 @@ def _cycle(data: Iterable) -> Iterator:
             raise ValueError("fit() got no training images")
 
 
-class TrainedModel(nn.Module):
-    """Base of the models fitted by gradient descent (Dinomaly, MiniMaxAD, RLR, FOD, ADPretrain's projector).
+class TrainedModel(AnomalyModel):
+    """Base of the models fitted by gradient descent (Dinomaly, MiniMaxAD, RLR, FOD, ADPretrain).
 
-    Subclasses set ``iterations``, ``train_batch_size``, ``seed`` and ``grad_clip`` (None: no clipping) and
-    record their constructor arguments in ``self.config`` (written into checkpoints).
+    Subclasses set ``iterations``, ``train_batch_size``, ``seed`` and ``grad_clip`` (None: no clipping).
     """
-
-    trains = True  # the engine hands fit() the Dataset itself, not an ordered loader
 
     def __init__(self):
         super().__init__()
@@ -68,11 +62,6 @@ class TrainedModel(nn.Module):
         self.loss_history: list[float] = []
         self.optimizer = self.scheduler = None
         self.epoch_length: int | None = None  # batches per epoch of the data first trained on
-        self.config: dict = {}
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.trainable_parameters()).device
 
     def trainable_parameters(self):
         raise NotImplementedError
@@ -100,7 +89,7 @@ class TrainedModel(nn.Module):
 
     def fit(self, data, iterations: int | None = None, *, checkpoint: str | None = None, checkpoint_every: int = 0,
             num_workers: int = 0, progress: bool | None = None) -> "TrainedModel":
-        """Train until ``iterations`` (default: the model's ``iterations``) have run in total.
+        """Train until ``iterations`` (default: the recipe's length) have run in total.
 
         Args:
             data: a Dataset of dicts with 'image' (exact resume), or an iterable of (B, 3, H, W)
@@ -134,7 +123,7 @@ class TrainedModel(nn.Module):
             self.train()
             loss = self.training_step(next(batches), self.iteration)
             with warnings.catch_warnings():  # a skipped first batch steps the schedule before the optimizer
-                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`", UserWarning)
+                warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()`"), UserWarning)
                 self.scheduler.step()
             self.iteration += 1
             bar.update(1)
@@ -142,16 +131,16 @@ class TrainedModel(nn.Module):
                 self.loss_history.append(float(loss.detach()))
                 bar.set_postfix(loss=f"{self.loss_history[-1]:.4f}", refresh=False)
             if checkpoint and checkpoint_every and self.iteration % checkpoint_every == 0:
-                self.save_checkpoint(checkpoint)
+                self.save(checkpoint)
         bar.close()
         if checkpoint:
-            self.save_checkpoint(checkpoint)
+            self.save(checkpoint)
         self.eval()
         return self
 
     def batch_images(self, batch) -> torch.Tensor:
         """The (B, 3, H, W) float32 images of a batch (a tensor or a dict with 'image') on the model's device."""
-        return next(iter(image_batches([batch], self.device)))
+        return self.check_images(next(iter(image_batches([batch], self.device, progress=False))))
 
     def check_finite(self, loss: torch.Tensor) -> None:
         if not torch.isfinite(loss):
@@ -169,17 +158,11 @@ class TrainedModel(nn.Module):
         self.optimizer.step()
         return loss.detach()
 
-    # -- checkpoints --------------------------------------------------------------------------------
-    def save_checkpoint(self, path: str | os.PathLike) -> None:
-        """Write the model, optimizer, scheduler, iteration, loss history and RNG state (safetensors;
-        non-tensor values as JSON metadata)."""
-        from safetensors.torch import save_file
-
-        tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        meta = {"format": FORMAT, "model": type(self).__name__, "config": self.config, "iteration": self.iteration,
-                "epoch_length": self.epoch_length}
-        tensors["loss_history"] = torch.tensor(self.loss_history, dtype=torch.float64)
-        tensors["rng.cpu"] = torch.get_rng_state()
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def checkpoint_state(self) -> tuple[dict, dict]:
+        """The training state: iteration, epoch length, loss history, RNG, optimizer and scheduler."""
+        tensors = {"loss_history": torch.tensor(self.loss_history, dtype=torch.float64), "rng.cpu": torch.get_rng_state()}
+        meta = {"iteration": self.iteration, "epoch_length": self.epoch_length}
         if torch.cuda.is_available() and self.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
         if self.optimizer is not None:
@@ -193,28 +176,12 @@ class TrainedModel(nn.Module):
                         plain[f"{idx}.{k}"] = v
             meta["optimizer"] = {"param_groups": opt["param_groups"], "plain": plain}
             meta["scheduler"] = self.scheduler.state_dict()  # lr_lambdas: None for plain functions
-        tmp = f"{os.fspath(path)}.tmp"
-        save_file(tensors, tmp, metadata={"fastad": json.dumps(meta)})
-        os.replace(tmp, path)  # never leave a half-written checkpoint
+        return tensors, meta
 
-    def load_checkpoint(self, path: str | os.PathLike, *, restore_rng: bool = True) -> "TrainedModel":
-        """Load a checkpoint written by :meth:`save_checkpoint` (same class); training then resumes
-        exactly where it stopped. ``restore_rng`` also resets torch's global RNG to the saved state."""
-        from safetensors import safe_open
-
-        with safe_open(os.fspath(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get("fastad")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        if raw is None:
-            raise ValueError(f"{path} is not a fastad checkpoint (no 'fastad' metadata)")
-        meta = json.loads(raw)
-        if meta.get("format") != FORMAT or meta.get("model") != type(self).__name__:
-            raise ValueError(f"{path} holds a {meta.get('model')} checkpoint ({meta.get('format')}), expected {type(self).__name__} ({FORMAT})")
-        state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-        self.load_state_dict(state)
-        self.iteration = int(meta["iteration"])
+    def restore_checkpoint_state(self, tensors: dict, meta: dict, restore_rng: bool) -> None:
+        self.iteration = int(meta.get("iteration", 0))
         self.epoch_length = meta.get("epoch_length")
-        self.loss_history = tensors["loss_history"].tolist()
+        self.loss_history = tensors["loss_history"].tolist() if "loss_history" in tensors else []
         if "optimizer" in meta:
             self.optimizer = self.scheduler = None
             self._ensure_optimizer()
@@ -232,21 +199,7 @@ class TrainedModel(nn.Module):
                     g["betas"] = tuple(g["betas"])
             self.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
             self.scheduler.load_state_dict(meta["scheduler"])
-        if restore_rng:
+        if restore_rng and "rng.cpu" in tensors:
             torch.set_rng_state(tensors["rng.cpu"])
             if "rng.cuda" in tensors and torch.cuda.is_available() and self.device.type == "cuda":
                 torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
-        return self
-
-
-def checkpoint_config(path: str | os.PathLike) -> tuple[str, dict]:
-    """(model class name, constructor config) stored in a fastad checkpoint."""
-    from safetensors import safe_open
-
-    with safe_open(os.fspath(path), framework="pt") as f:
-        raw = (f.metadata() or {}).get("fastad")
-    if raw is None:
-        raise ValueError(f"{path} is not a fastad checkpoint")
-    meta = json.loads(raw)
-    return meta["model"], meta["config"]
-

@@ -3,7 +3,7 @@
 Both run one small transformer per feature level on the flattened tokens of frozen CNN features
 (3x3 average-pooled), embed the tokens with a 1x1 convolution plus a fixed 2-D sin-cos position
 embedding, use the same post-norm feed-forward block, the same reconstruction loss and the same
-per-token score, upsampled and averaged over the levels.
+per-token score, upsampled and averaged over the levels (:func:`fastad.models.components.maps.level_maps`).
 """
 from __future__ import annotations
 
@@ -93,18 +93,11 @@ def reconstruction_score(out: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     return ((target - out) ** 2).mean(-1) + 1 - F.cosine_similarity(target, out, dim=-1)
 
 
-def level_maps(scores: list[torch.Tensor], grids: list[tuple[int, int]], size: tuple[int, int]) -> torch.Tensor:
-    """Per-level token scores (B, H_l*W_l) -> (B, H, W): bilinear (align_corners=True) to ``size``,
-    mean over levels."""
-    maps = [F.interpolate(s.reshape(-1, 1, *g), size=size, mode="bilinear", align_corners=True) for s, g in zip(scores, grids)]
-    return torch.cat(maps, 1).mean(1)
+def level_width(stride: int) -> int:
+    """FOD's and RLR's hidden width of a level: 128 / 256 / 512 at strides 4 / 8 / 16."""
+    return 32 * stride
 
 
-def score_and_map(maps: torch.Tensor, sigma: float, smoothed_map: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Image score = max of the Gaussian-smoothed (sigma, scipy style) map. FOD and RLR return the
-    map unsmoothed, as their authors compute pixel metrics on it; FeatureNorm and PaDiM† return the
-    smoothed one (``smoothed_map=True``). (B, H, W) -> ((B,), (B, H, W))."""
-    from ..ops import gaussian_blur
-
-    smooth = gaussian_blur(maps, sigma) if sigma > 0 else maps
-    return smooth.flatten(1).max(1).values, smooth if smoothed_map else maps
+def level_grid(image_size: tuple[int, int], stride: int) -> tuple[int, int]:
+    """Token grid (ceil(H / stride), ceil(W / stride)) of a level for (H, W) images."""
+    return (math.ceil(image_size[0] / stride), math.ceil(image_size[1] / stride))

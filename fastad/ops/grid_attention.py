@@ -4,22 +4,19 @@
   neighbour mask; RLR's MLKA). A query whose window covers the whole grid has no key left: its
   output and its gradients are defined as 0 (the dense-mask softmax would give NaN).
 * :func:`local_window_attention`: a query attends ONLY to keys inside its window (RLR's LCA).
-* :func:`linear_attention`: Dinomaly's ``LinearAttention2`` (kernel feature map elu + 1), one fused
-  kernel per (batch, head) forward and one backward, the d x d state kept in registers.
 
 The window of the query at grid cell (i, j) holds the key cells (i', j') with |i - i'| <= p // 2 and
-|j - j'| <= p // 2, clipped at the borders, the query's own cell included (spec sections 2.2, 7). Queries
-and keys lie on the same (H, W) grid, flattened row-major: N = H * W.
+|j - j'| <= p // 2, clipped at the borders, the query's own cell included (spec sections 2.2, 7):
+:func:`window_mask`, also used by FOD's windowed nearest-feature search. Queries and keys lie on the
+same (H, W) grid, flattened row-major: N = H * W.
 
 The Triton kernels are flash-attention style (online softmax, the log-sum-exp saved for a backward
 pass that recomputes the probabilities). Each block of queries (or, backward, of keys) walks the
 band of grid rows and columns its windows can reach: the whole grid for the neighbour mask, only the
 window for local attention, so that one costs O(N p^2 d) instead of O(N^2 d). The mask itself is
 computed from indices. The ``*_reference`` functions build the dense mask as the authors' code does.
-
-Off the kernels (CPU without ``TRITON_INTERPRET=1``, float64) the masked ops run PyTorch's
-``scaled_dot_product_attention`` with the dense boolean mask and linear attention runs the authors'
-einsums: the same results, at the baselines' speed and memory.
+Off the kernels (:mod:`fastad.ops.dispatch`) the ops run PyTorch's ``scaled_dot_product_attention``
+with the dense boolean mask: the same results, at the baselines' speed and memory.
 """
 from __future__ import annotations
 
@@ -29,16 +26,14 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import _triton
-from ._checks import check_same_device, check_tensor, compute_dtype
+from ._checks import check_qkv
 from ._triton import tl, triton
+from .dispatch import HAS_TRITON, implementation, require_triton
 
-if _triton.HAS_TRITON:
-    from ._triton import store_rounded
+if HAS_TRITON:
+    from ._triton import dot, load, store_rounded
 
 __all__ = [
-    "linear_attention",
-    "linear_attention_reference",
     "local_window_attention",
     "local_window_attention_reference",
     "neighbour_masked_attention",
@@ -48,7 +43,8 @@ __all__ = [
 
 
 def window_mask(grid: tuple[int, int], window: int, device=None) -> torch.Tensor:
-    """(N, N) bool, True where key n lies in the ``window x window`` neighbourhood of query m."""
+    """(N, N) bool, True where key n lies in the ``window x window`` neighbourhood of query m
+    (N = H * W row-major cells of ``grid`` = (H, W); clipped at the borders)."""
     h, w = grid
     r = window // 2
     ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
@@ -56,24 +52,8 @@ def window_mask(grid: tuple[int, int], window: int, device=None) -> torch.Tensor
     return ((ys[:, None] - ys[None]).abs() <= r) & ((xs[:, None] - xs[None]).abs() <= r)
 
 
-def _check_qkv(q, k, v) -> None:
-    # the NaN/inf scan reads every input once and syncs; under torch.compile it is skipped (it would
-    # break the graph)
-    finite = not torch.compiler.is_compiling()
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, t, ndim=4, finite=finite)
-    if not (q.shape == k.shape == v.shape):
-        raise ValueError(
-            f"q, k and v must all be (batch, heads, N, head_dim) of one shape, got {tuple(q.shape)}, "
-            f"{tuple(k.shape)} and {tuple(v.shape)}"
-        )
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k and v must have one dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
-    check_same_device(q=q, k=k, v=v)
-
-
 def _validate(q, k, v, grid, window, scale) -> tuple[int, int, float]:
-    _check_qkv(q, k, v)
+    check_qkv(q, k, v)
     if (
         not isinstance(grid, (tuple, list))
         or len(grid) != 2
@@ -147,7 +127,7 @@ def local_window_attention(q, k, v, grid, window, scale=None):
 
 def _grid_attention_dispatch(q, k, v, grid, window, scale, only: bool):
     h, w, scale = _validate(q, k, v, grid, window, scale)
-    if _triton.use_triton(q):
+    if implementation(q, triton=True) == "triton":
         return torch.ops.fastad.grid_attention(q, k, v, h, w, window // 2, only, scale)[0]
     # PyTorch path: SDPA (a fused CPU kernel) with the dense boolean mask
     keep, empty = _allowed_keys(h, w, window, only, q.device)
@@ -158,19 +138,11 @@ def _grid_attention_dispatch(q, k, v, grid, window, scale, only: bool):
 # the op: forward, backward, fake kernels, autograd
 
 
-def _require_kernels(q: torch.Tensor) -> None:
-    if not _triton.use_triton(q):
-        raise RuntimeError(
-            "the fastad attention kernels need a CUDA tensor (or TRITON_INTERPRET=1 on the CPU) of a 16- or "
-            "32-bit float dtype; call the public functions, which take the PyTorch path otherwise"
-        )
-
-
 @torch.library.custom_op("fastad::grid_attention", mutates_args=())
 def _grid_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: int, w: int, radius: int, only: bool, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _require_kernels(q)
+    require_triton(q)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     b, nh, n, d = q.shape
     o = torch.empty_like(q)
@@ -191,7 +163,7 @@ def _grid_attention_backward(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
     h: int, w: int, radius: int, only: bool, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    _require_kernels(q)
+    require_triton(q)
     do, q, k, v = do.contiguous(), q.contiguous(), k.contiguous(), v.contiguous()
     b, nh, n, d = q.shape
     delta = (do.float() * o.float()).sum(-1)  # rowsum(dO * O), FlashAttention-2's D
@@ -236,108 +208,8 @@ def _config(q: torch.Tensor, w: int) -> dict:
     )
 
 
-# ----------------------------------------------------------------------------------------------------
-# linear attention (Dinomaly)
 
-
-def _phi(x: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.elu(x) + 1
-
-
-def linear_attention_reference(q, k, v, eps: float = 0.0):
-    """Oracle of :func:`linear_attention`, written as Dinomaly's LinearAttention2 (einsums)."""
-    _validate_linear(q, k, v, eps)
-    q, k = _phi(q), _phi(k)
-    kv = torch.einsum("...sd,...se->...de", k, v)
-    z = 1.0 / (torch.einsum("...nd,...d->...n", q, k.sum(dim=-2)) + eps)
-    return torch.einsum("...de,...nd,...n->...ne", kv, q, z)
-
-
-def linear_attention(q, k, v, eps: float = 0.0):
-    """Dinomaly's linear attention: phi(u) = elu(u) + 1 on q and k (no 1/sqrt(d) scale),
-    out_i = phi(q_i)^T KV / (phi(q_i) . sum_s phi(k_s) + eps) with KV = sum_s phi(k_s) v_s^T per head.
-
-    Args:
-        q, k, v: (batch, heads, N, head_dim) float16, bfloat16, float32 or float64, one shape and dtype.
-        eps: added to the denominator (Dinomaly: 0; its README suggests 1e-6 if the loss turns NaN).
-    Returns:
-        (batch, heads, N, head_dim) in the input dtype, differentiable with respect to q, k and v.
-    """
-    _validate_linear(q, k, v, eps)
-    if _triton.use_triton(q):
-        return torch.ops.fastad.linear_attention(q, k, v, float(eps))[0]
-    # PyTorch path: the authors' einsums, in float32 for 16-bit inputs as the kernel computes
-    cdt = compute_dtype(q)
-    return linear_attention_reference(q.to(cdt), k.to(cdt), v.to(cdt), eps).to(q.dtype)
-
-
-def _validate_linear(q, k, v, eps) -> None:
-    _check_qkv(q, k, v)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-
-
-@torch.library.custom_op("fastad::linear_attention", mutates_args=())
-def _linear_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (out, KV (B, H, d, d) float32, sum_s phi(k_s) (B, H, d) float32)."""
-    _require_kernels(q)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    b, nh, n, d = q.shape
-    out = torch.empty_like(q)
-    kv = torch.empty((b, nh, d, d), dtype=torch.float32, device=q.device)
-    ksum = torch.empty((b, nh, d), dtype=torch.float32, device=q.device)
-    _linear_fwd_kernel[(b * nh,)](q, k, v, out, kv, ksum, eps, n, d, **_linear_config(q))
-    return out, kv, ksum
-
-
-@_linear_attention.register_fake
-def _(q, k, v, eps):
-    b, nh, _, d = q.shape
-    return torch.empty_like(q), q.new_empty((b, nh, d, d), dtype=torch.float32), q.new_empty((b, nh, d), dtype=torch.float32)
-
-
-@torch.library.custom_op("fastad::linear_attention_backward", mutates_args=())
-def _linear_attention_backward(
-    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor, ksum: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _require_kernels(q)
-    do, q, k, v = do.contiguous(), q.contiguous(), k.contiguous(), v.contiguous()
-    b, nh, n, d = q.shape
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    _linear_bwd_kernel[(b * nh,)](q, k, v, do, kv, ksum, dq, dk, dv, eps, n, d, **_linear_config(q))
-    return dq, dk, dv
-
-
-@_linear_attention_backward.register_fake
-def _(do, q, k, v, kv, ksum, eps):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def _linear_setup_context(ctx, inputs, output):
-    q, k, v, eps = inputs
-    ctx.save_for_backward(q, k, v, output[1], output[2])
-    ctx.eps = eps
-
-
-def _linear_backward(ctx, do, dkv, dksum):
-    q, k, v, kv, ksum = ctx.saved_tensors
-    return (*torch.ops.fastad.linear_attention_backward(do, q, k, v, kv, ksum, ctx.eps), None)
-
-
-_linear_attention.register_autograd(_linear_backward, setup_context=_linear_setup_context)
-
-
-def _linear_config(q: torch.Tensor) -> dict:
-    return dict(
-        BLOCK_N=64 if q.is_cuda else 16,
-        BLOCK_D=max(16, triton.next_power_of_2(q.shape[3])),
-        F32=q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and not q.is_cuda),
-    )
-
-
-if _triton.HAS_TRITON:
+if HAS_TRITON:
 
     @triton.jit
     def _band(first, last, H, W, R, ONLY: tl.constexpr):
@@ -357,18 +229,6 @@ if _triton.HAS_TRITON:
             c_hi = W - 1
         return r_lo, r_hi, c_lo, c_hi
 
-    @triton.jit
-    def _dot(a, b, F32: tl.constexpr):
-        if F32:
-            return tl.dot(a, b, input_precision="ieee")
-        return tl.dot(a, b)
-
-    @triton.jit
-    def _ld(ptr, mask, F32: tl.constexpr):
-        x = tl.load(ptr, mask=mask, other=0.0)
-        if F32:
-            x = x.to(tl.float32)
-        return x
 
     @triton.jit
     def _allowed(rows_m, cols_m, rows_n, cols_n, valid, R, ONLY: tl.constexpr):
@@ -384,7 +244,7 @@ if _triton.HAS_TRITON:
         valid = cols <= c_hi
         ptrs = base + (r * W + cols)[:, None] * D + offs_d[None, :]
         mask = valid[:, None] & dm[None, :]
-        return _ld(A + ptrs, mask, F32), _ld(B + ptrs, mask, F32), cols, valid
+        return load(A + ptrs, mask, F32), load(B + ptrs, mask, F32), cols, valid
 
     @triton.jit
     def _fwd_kernel(
@@ -398,7 +258,7 @@ if _triton.HAS_TRITON:
         mm = offs_m < N
         dm = offs_d < D
         base = bh * N * D
-        q = _ld(Q + base + offs_m[:, None] * D + offs_d[None, :], mm[:, None] & dm[None, :], F32)
+        q = load(Q + base + offs_m[:, None] * D + offs_d[None, :], mm[:, None] & dm[None, :], F32)
         rows_m = offs_m // W
         cols_m = offs_m % W
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -408,7 +268,7 @@ if _triton.HAS_TRITON:
         for kr in range(r_lo, r_hi + 1):
             for c0 in range(c_lo, c_hi + 1, BLOCK_N):
                 k, v, cols_n, cn = _row_tile(K, V, base, kr, c0, c_hi, W, D, offs_d, dm, BLOCK_N, F32)
-                s = _dot(q, tl.trans(k), F32) * scale
+                s = dot(q, tl.trans(k), F32) * scale
                 ok = _allowed(rows_m, cols_m, kr + tl.zeros([BLOCK_N], dtype=tl.int32), cols_n, cn[None, :], R, ONLY)
                 s = tl.where(ok, s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -416,7 +276,7 @@ if _triton.HAS_TRITON:
                 p = tl.exp(s - m_safe[:, None])
                 alpha = tl.exp(m_i - m_safe)
                 l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, F32)
+                acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, F32)
                 m_i = m_new
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -436,8 +296,8 @@ if _triton.HAS_TRITON:
         dm = offs_d < D
         base = bh * N * D
         qd_mask = mm[:, None] & dm[None, :]
-        q = _ld(Q + base + offs_m[:, None] * D + offs_d[None, :], qd_mask, F32)
-        do = _ld(DO + base + offs_m[:, None] * D + offs_d[None, :], qd_mask, F32)
+        q = load(Q + base + offs_m[:, None] * D + offs_d[None, :], qd_mask, F32)
+        do = load(DO + base + offs_m[:, None] * D + offs_d[None, :], qd_mask, F32)
         lse = tl.load(LSE + bh * N + offs_m, mask=mm, other=float("inf"))
         delta = tl.load(DELTA + bh * N + offs_m, mask=mm, other=0.0)
         rows_m = offs_m // W
@@ -447,12 +307,12 @@ if _triton.HAS_TRITON:
         for kr in range(r_lo, r_hi + 1):
             for c0 in range(c_lo, c_hi + 1, BLOCK_N):
                 k, v, cols_n, cn = _row_tile(K, V, base, kr, c0, c_hi, W, D, offs_d, dm, BLOCK_N, F32)
-                s = _dot(q, tl.trans(k), F32) * scale
+                s = dot(q, tl.trans(k), F32) * scale
                 ok = _allowed(rows_m, cols_m, kr + tl.zeros([BLOCK_N], dtype=tl.int32), cols_n, cn[None, :], R, ONLY)
                 p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
-                dp = _dot(do, tl.trans(v), F32)
+                dp = dot(do, tl.trans(v), F32)
                 ds = p * (dp - delta[:, None])
-                dq += _dot(ds.to(k.dtype), k, F32)
+                dq += dot(ds.to(k.dtype), k, F32)
         store_rounded(DQ + base + offs_m[:, None] * D + offs_d[None, :], dq * scale, qd_mask)
 
     @triton.jit
@@ -469,8 +329,8 @@ if _triton.HAS_TRITON:
         dm = offs_d < D
         base = bh * N * D
         kd_mask = km[:, None] & dm[None, :]
-        k = _ld(K + base + offs_k[:, None] * D + offs_d[None, :], kd_mask, F32)
-        v = _ld(V + base + offs_k[:, None] * D + offs_d[None, :], kd_mask, F32)
+        k = load(K + base + offs_k[:, None] * D + offs_d[None, :], kd_mask, F32)
+        v = load(V + base + offs_k[:, None] * D + offs_d[None, :], kd_mask, F32)
         rows_k = offs_k // W
         cols_k = offs_k % W
         dk = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -483,90 +343,13 @@ if _triton.HAS_TRITON:
                 lse = tl.load(LSE + bh * N + offs_q, mask=cq, other=float("inf"))
                 delta = tl.load(DELTA + bh * N + offs_q, mask=cq, other=0.0)
                 # transposed scores: keys x queries
-                st = _dot(k, tl.trans(q), F32) * scale
+                st = dot(k, tl.trans(q), F32) * scale
                 ok = _allowed(rows_k, cols_k, qr + tl.zeros([BLOCK_N], dtype=tl.int32), cols_q, cq[None, :], R, ONLY)
                 pt = tl.where(ok, tl.exp(st - lse[None, :]), 0.0)
-                dv += _dot(pt.to(do.dtype), do, F32)
-                dpt = _dot(v, tl.trans(do), F32)
+                dv += dot(pt.to(do.dtype), do, F32)
+                dpt = dot(v, tl.trans(do), F32)
                 dst = pt * (dpt - delta[None, :])
-                dk += _dot(dst.to(q.dtype), q, F32)
+                dk += dot(dst.to(q.dtype), q, F32)
         store_rounded(DK + base + offs_k[:, None] * D + offs_d[None, :], dk * scale, kd_mask)
         store_rounded(DV + base + offs_k[:, None] * D + offs_d[None, :], dv, kd_mask)
 
-    @triton.jit
-    def _elu1(x):
-        return tl.where(x > 0, x + 1.0, tl.exp(tl.minimum(x, 0.0)))
-
-    @triton.jit
-    def _linear_fwd_kernel(
-        Q, K, V, O, KV, KSUM, eps, N, D,
-        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, F32: tl.constexpr,
-    ):  # fmt: skip
-        bh = tl.program_id(0)
-        base = bh * N * D
-        offs_d = tl.arange(0, BLOCK_D)
-        dm = offs_d < D
-        kv = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
-        ksum = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for n0 in range(0, N, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            m = (offs_n < N)[:, None] & dm[None, :]
-            k = _ld(K + base + offs_n[:, None] * D + offs_d[None, :], m, F32)
-            v = _ld(V + base + offs_n[:, None] * D + offs_d[None, :], m, F32)
-            pk = tl.where(m, _elu1(k.to(tl.float32)), 0.0)  # padding rows must not add phi(0) = 1
-            kv += _dot(tl.trans(pk).to(v.dtype), v, F32)
-            ksum += tl.sum(pk, 0)
-        dd = offs_d[:, None] * D + offs_d[None, :]
-        tl.store(KV + bh * D * D + dd, kv, mask=dm[:, None] & dm[None, :])
-        tl.store(KSUM + bh * D + offs_d, ksum, mask=dm)
-        for n0 in range(0, N, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            m = (offs_n < N)[:, None] & dm[None, :]
-            q = _ld(Q + base + offs_n[:, None] * D + offs_d[None, :], m, F32)
-            pq = tl.where(m, _elu1(q.to(tl.float32)), 0.0)
-            num = _dot(pq, kv, True)
-            den = tl.where(offs_n < N, tl.sum(pq * ksum[None, :], 1) + eps, 1.0)  # padding rows: no 0 / 0
-            store_rounded(O + base + offs_n[:, None] * D + offs_d[None, :], num / den[:, None], m)
-
-    @triton.jit
-    def _linear_bwd_kernel(
-        Q, K, V, DO, KV, KSUM, DQ, DK, DV, eps, N, D,
-        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, F32: tl.constexpr,
-    ):  # fmt: skip
-        bh = tl.program_id(0)
-        base = bh * N * D
-        offs_d = tl.arange(0, BLOCK_D)
-        dm = offs_d < D
-        dd = offs_d[:, None] * D + offs_d[None, :]
-        kv = tl.load(KV + bh * D * D + dd, mask=dm[:, None] & dm[None, :], other=0.0)
-        ksum = tl.load(KSUM + bh * D + offs_d, mask=dm, other=0.0)
-        dkv = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
-        dksum = tl.zeros([BLOCK_D], dtype=tl.float32)
-        # queries: out = num / den, num = phi(q) KV, den = phi(q) . ksum + eps
-        for n0 in range(0, N, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            m = (offs_n < N)[:, None] & dm[None, :]
-            ptrs = base + offs_n[:, None] * D + offs_d[None, :]
-            q = _ld(Q + ptrs, m, F32).to(tl.float32)
-            do = _ld(DO + ptrs, m, F32).to(tl.float32)
-            pq = tl.where(m, _elu1(q), 0.0)
-            num = _dot(pq, kv, True)
-            den = tl.where(offs_n < N, tl.sum(pq * ksum[None, :], 1) + eps, 1.0)
-            dnum = do / den[:, None]
-            dden = -tl.sum(dnum * num, 1) / den
-            dpq = _dot(dnum, tl.trans(kv), True) + dden[:, None] * ksum[None, :]
-            dq = dpq * tl.where(q > 0, 1.0, tl.exp(tl.minimum(q, 0.0)))
-            store_rounded(DQ + ptrs, dq, m)
-            dkv += _dot(tl.trans(pq), dnum, True)
-            dksum += tl.sum(dden[:, None] * pq, 0)
-        # keys and values: KV = sum_s phi(k_s) v_s^T, ksum = sum_s phi(k_s)
-        for n0 in range(0, N, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            m = (offs_n < N)[:, None] & dm[None, :]
-            ptrs = base + offs_n[:, None] * D + offs_d[None, :]
-            k = _ld(K + ptrs, m, F32).to(tl.float32)
-            v = _ld(V + ptrs, m, F32).to(tl.float32)
-            pk = tl.where(m, _elu1(k), 0.0)
-            dpk = _dot(v, tl.trans(dkv), True) + dksum[None, :]
-            store_rounded(DK + ptrs, dpk * tl.where(k > 0, 1.0, tl.exp(tl.minimum(k, 0.0))), m)
-            store_rounded(DV + ptrs, _dot(pk, dkv, True), m)

@@ -1,0 +1,313 @@
+"""The one contract every fastad model follows, its registry and its checkpoint format.
+
+A model is an :class:`AnomalyModel` (an ``nn.Module``) registered by name with :func:`register`:
+
+- ``config``: the constructor's arguments, captured once when the model is built (defaults filled
+  in; JSON types), written into every checkpoint and enough to rebuild the model;
+- ``image_size`` (H, W) and ``crop_fraction``: the images the model sees; :meth:`~AnomalyModel.transform`
+  is the preprocessing the data pipeline must use (resize to ``image_size / crop_fraction``, centre
+  crop to ``image_size``; ``crop_fraction=1``: no crop);
+- ``fit(dataset)``: learns from a fastad Dataset (the model decides how it batches), with a progress
+  bar on a terminal;
+- ``forward(images)``: (B, 3, H, W) float images -> :class:`AnomalyOutput` ``(scores (B,), maps (B, H, W))``,
+  float32, maps at the input size;
+- ``save(path)`` / :func:`load_checkpoint`: one safetensors file holding the weights, every
+  fitted buffer (memory banks, Gaussians, reference features), the config and, for trained models,
+  the training state; a loaded model scores bit-identically to the saved one.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import os
+from collections.abc import Iterable, Iterator
+from typing import ClassVar, NamedTuple
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..data.transforms import ImageTransform, pair
+
+__all__ = ["MODELS", "AnomalyModel", "AnomalyOutput", "checkpoint_config", "create_model", "image_batches",
+           "load_checkpoint", "register"]
+
+FORMAT = "fastad-checkpoint-2"
+READABLE_FORMATS = ("fastad-checkpoint-1", FORMAT)  # version 1: the trained models' files, same layout
+LEGACY_ARGUMENTS = {"input_size": "image_size"}  # RLR / FOD checkpoints of format 1
+# arguments naming weight files, replaced when a checkpoint (which holds the weights) is loaded
+WEIGHT_FILE_ARGUMENTS = {"weights": "random", "pretrained": None}
+MODELS: dict[str, type[AnomalyModel]] = {}
+
+
+def register(*names: str):
+    """Class decorator: make a model available to :func:`create_model`, the CLI and :func:`load_checkpoint`
+    under ``names`` (the first is its checkpoint name)."""
+
+    def add(cls):
+        for n in names:
+            if n in MODELS:
+                raise ValueError(f"model name {n!r} is already registered by {MODELS[n].__name__}")
+            MODELS[n] = cls
+        cls.registry_name = names[0]
+        return cls
+
+    return add
+
+
+def create_model(name: str, **kwargs) -> AnomalyModel:
+    """Instantiate a registered model with the paper defaults, overridden by ``kwargs``."""
+    try:
+        cls = MODELS[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; available: {sorted(MODELS)}") from None
+    return cls(**kwargs)
+
+
+class AnomalyOutput(NamedTuple):
+    """A model's answer for a batch: ``scores`` (B,) float32 image scores and ``maps`` (B, H, W)
+    float32 anomaly maps at the input image size (``scores, maps = model(images)`` works)."""
+
+    scores: torch.Tensor
+    maps: torch.Tensor
+
+
+def _jsonable(value):
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def image_batches(data, device, *, batch_size: int = 16, num_workers: int = 0, progress: bool | None = None,
+                  desc: str = "fit") -> Iterator[torch.Tensor]:
+    """(B, 3, H, W) float32 image batches on ``device`` from a Dataset of dicts with 'image' (read in
+    order, ``batch_size`` at a time), an iterable of tensors or dicts (a DataLoader), or one tensor.
+    Raises ValueError for anything else or when no image arrives."""
+    from tqdm.auto import tqdm
+
+    if isinstance(data, torch.Tensor):
+        data = [data]
+    elif isinstance(data, Dataset):
+        if len(data) == 0:
+            raise ValueError("fit() got an empty dataset; expected normal training images")
+        data = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    elif not isinstance(data, Iterable):
+        raise TypeError(f"expected a fastad Dataset, a DataLoader or an image tensor, got {type(data).__name__}")
+    seen = False
+    for batch in tqdm(data, desc=desc, unit="batch", leave=False, disable=None if progress is None else not progress):
+        images = batch["image"] if isinstance(batch, dict) else batch
+        if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3 or images.shape[0] == 0:
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"expected image batches of shape (B, 3, H, W) with B >= 1, got {shape}")
+        seen = True
+        yield images.to(device, torch.float32)
+    if not seen:
+        raise ValueError("fit() got no images; expected normal training images")
+
+
+class AnomalyModel(nn.Module):
+    """Base of every fastad model (module docstring). Subclasses take ``image_size`` and
+    ``crop_fraction`` constructor arguments, implement ``fit`` and ``forward``, and may set:
+
+    - ``input_multiple``: H and W must be multiples of it (a ViT's patch, a U-Net's total stride);
+    - ``fixed_input``: True when the model only takes ``image_size`` (learnable grids: RLR, FOD).
+    """
+
+    registry_name: ClassVar[str] = ""
+    input_multiple: int = 1
+    fixed_input: bool = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+        signature = inspect.signature(init)
+
+        @functools.wraps(init)
+        def wrapped(self, *args, **kw):
+            outermost = "config" not in self.__dict__
+            if outermost:  # the most derived class's arguments are the model's config
+                bound = signature.bind(self, *args, **kw)
+                bound.apply_defaults()
+                config = dict(list(bound.arguments.items())[1:])
+                for name, p in signature.parameters.items():
+                    if p.kind is inspect.Parameter.VAR_KEYWORD:
+                        config.update(config.pop(name))
+                object.__setattr__(self, "config", _jsonable(config))
+            init(self, *args, **kw)
+            if outermost:
+                self._check_image_size()
+
+        cls.__init__ = wrapped
+
+    # -- input geometry -------------------------------------------------------------------------------------
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(H, W) of the images the model takes (after resizing and cropping)."""
+        return pair(self.config["image_size"], "image_size")
+
+    @property
+    def resize_size(self) -> tuple[int, int]:
+        """(H, W) images are resized to before the centre crop to :attr:`image_size`."""
+        f = self.config.get("crop_fraction", 1.0)
+        return tuple(round(s / f) for s in self.image_size)
+
+    def transform(self) -> ImageTransform:
+        """The preprocessing of this model's images (and masks), for fastad's datasets."""
+        return ImageTransform(self.resize_size, self.image_size)
+
+    def _check_image_size(self) -> None:
+        h, w = self.image_size
+        f = self.config.get("crop_fraction", 1.0)
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
+            raise ValueError(f"crop_fraction must lie in (0, 1] (1: no crop), got {f!r}")
+        m = self.input_multiple
+        if h % m or w % m:
+            raise ValueError(f"{type(self).__name__} needs image_size multiples of {m}, got {(h, w)}")
+
+    @property
+    def device(self) -> torch.device:
+        for t in (*self.parameters(), *self.buffers()):
+            return t.device
+        return torch.device("cpu")
+
+    def check_images(self, images) -> torch.Tensor:
+        """Validate a batch for :meth:`forward` and return it as float32 on the model's device.
+        Raises TypeError / ValueError naming what was wrong and what was expected."""
+        name = type(self).__name__
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"{name} expects a (B, 3, H, W) float tensor, got {type(images).__name__}")
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"{name} expects images of shape (B, 3, H, W), got {tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise TypeError(f"{name} expects floating-point (normalised) images, got {images.dtype}")
+        if images.numel() == 0:
+            raise ValueError(f"{name} got an empty batch {tuple(images.shape)}; expected at least one image")
+        if not bool(torch.isfinite(images).all()):
+            raise ValueError(f"{name} got images with NaN or inf values; expected finite values")
+        h, w = images.shape[-2:]
+        if self.fixed_input and (h, w) != self.image_size:
+            raise ValueError(f"{name} was built for image_size {self.image_size}; the input size {h}x{w} differs")
+        if h % self.input_multiple or w % self.input_multiple:
+            raise ValueError(f"{name}: image sides must be a multiple of the patch or stride ({self.input_multiple}), got {h}x{w}")
+        return images.to(self.device, torch.float32)
+
+    # -- the contract ---------------------------------------------------------------------------------------
+    def fit(self, data, *, num_workers: int = 0, progress: bool | None = None) -> AnomalyModel:
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor) -> AnomalyOutput:
+        raise NotImplementedError
+
+    # -- checkpoints -----------------------------------------------------------------------------------------
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``, with fitted buffers (memory banks, Gaussians, reference
+        features: data-dependent shapes) first resized to the shapes in ``state_dict``."""
+        for key, value in state_dict.items():
+            module_name, _, name = key.rpartition(".")
+            try:
+                module = self.get_submodule(module_name)
+            except AttributeError:
+                continue  # an unexpected key: reported by load_state_dict
+            current = module._buffers.get(name)
+            if current is not None and current.shape != value.shape:
+                module._buffers[name] = torch.empty_like(value, device=current.device)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Extra (tensors, JSON metadata) a subclass writes beside its weights (training state)."""
+        return {}, {}
+
+    def restore_checkpoint_state(self, tensors: dict[str, torch.Tensor], meta: dict, restore_rng: bool) -> None:
+        """Read back what :meth:`checkpoint_state` wrote."""
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the model (weights, fitted buffers, config, and :meth:`checkpoint_state`) to one
+        safetensors file, atomically: a temporary file, fsync, then rename over ``path``."""
+        from safetensors.torch import save_file
+
+        from .. import __version__
+
+        try:
+            config = json.dumps(self.config)
+        except TypeError as exc:
+            raise ValueError(f"{type(self).__name__} cannot be saved: its constructor arguments are not plain values "
+                             f"({exc}); build it from names and files (e.g. backbone='...', weights=PATH)") from None
+        tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        extra, meta = self.checkpoint_state()
+        tensors.update(extra)
+        meta = {"format": FORMAT, "model": self.registry_name or type(self).__name__, "class": type(self).__name__,
+                "fastad": __version__, "config": json.loads(config), **meta}
+        path = os.fspath(path)
+        tmp = f"{path}.tmp"
+        save_file(tensors, tmp, metadata={"fastad": json.dumps(meta)})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def load_checkpoint(self, path: str | os.PathLike, *, restore_rng: bool = True) -> AnomalyModel:
+        """Load a file written by :meth:`save` for this model class: weights, fitted buffers (resized
+        to the file's shapes) and the training state. ``restore_rng`` (trained models) also resets
+        torch's global RNG, so that training resumes exactly."""
+        meta, tensors = _read(path)
+        want = (self.registry_name, type(self).__name__)
+        if meta.get("model") not in want and meta.get("class") not in want:
+            raise ValueError(f"{path} holds a {meta.get('class', meta.get('model'))} checkpoint ({meta.get('model')}), "
+                             f"expected {type(self).__name__} ({self.registry_name})")
+        self.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        self.restore_checkpoint_state(tensors, meta, restore_rng)
+        return self
+
+
+def _read(path) -> tuple[dict, dict[str, torch.Tensor]]:
+    from safetensors import SafetensorError, safe_open
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("fastad")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}") from None
+    if raw is None:
+        raise ValueError(f"{path} is not a fastad checkpoint (no 'fastad' metadata)")
+    meta = json.loads(raw)
+    if meta.get("format") not in READABLE_FORMATS:
+        raise ValueError(f"{path} has checkpoint format {meta.get('format')!r}; this fastad reads {READABLE_FORMATS}")
+    return meta, tensors
+
+
+def checkpoint_config(path: str | os.PathLike) -> tuple[str, dict]:
+    """(registered model name, constructor config) stored in a fastad checkpoint."""
+    meta, _ = _read(path)
+    config = {LEGACY_ARGUMENTS.get(k, k): v for k, v in meta["config"].items()}
+    return meta["model"], config
+
+
+def load_checkpoint(path: str | os.PathLike, device="cpu", **overrides) -> AnomalyModel:
+    """Rebuild any registered model from a file written by ``model.save(path)`` (or a training
+    checkpoint): its stored config, updated by ``overrides``, moved to ``device``, then its weights,
+    fitted buffers and training state. The file holds every weight, so the model is built without
+    reading the weight files its config names (``weights``, ``pretrained``): it loads on a machine
+    that lacks them."""
+    import warnings
+
+    meta, _ = _read(path)
+    name, config = checkpoint_config(path)
+    cls = MODELS.get(name) or next((c for c in MODELS.values() if c.__name__ == name), None)
+    if cls is None:
+        raise ValueError(f"{path} holds a {name} checkpoint, not a registered model ({sorted(MODELS)})")
+    accepted = inspect.signature(cls.__init__).parameters
+    unknown = [k for k in config if k not in accepted]
+    if unknown and meta["format"] != FORMAT:  # an older file: arguments this version no longer has
+        warnings.warn(f"{path}: ignoring the {meta['format']} arguments {unknown} that {cls.__name__} no longer takes", stacklevel=2)
+        config = {k: v for k, v in config.items() if k in accepted}
+    skip = {k: v for k, v in WEIGHT_FILE_ARGUMENTS.items() if k in config and k not in overrides}
+    model = cls(**{**config, **skip, **overrides})
+    model.config.update({k: config[k] for k in skip})  # the config still names the original files
+    return model.to(device).load_checkpoint(path)

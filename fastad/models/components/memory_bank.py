@@ -1,0 +1,98 @@
+"""PatchCore's pieces (official amazon-science code, spec section 6), shared by PatchCore and
+FeatureNorm's PatchCore scorer: locally aware patch embeddings and the memory bank that scores them."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...ops import FeatureBank, greedy_coreset
+
+__all__ = ["MemoryBank", "PatchEmbedding"]
+
+
+class PatchEmbedding(nn.Module):
+    """Levels of (B, C_l, h_l, w_l) features -> (B, h*w, target_embed_dim) float32 patch features on
+    the first level's (h, w) grid: per level a ``patch_size`` x ``patch_size`` neighbourhood (unfold,
+    zero padding), the coarser levels bilinearly resized slot by slot, each level's C*p*p patch
+    ``adaptive_avg_pool1d``-ed to ``pretrain_embed_dim``, the levels stacked and pooled to
+    ``target_embed_dim``. Forward returns (embeddings, (h, w))."""
+
+    def __init__(self, patch_size: int = 3, pretrain_embed_dim: int = 1024, target_embed_dim: int = 1024):
+        super().__init__()
+        self.patch_size, self.pretrain_embed_dim, self.target_embed_dim = patch_size, pretrain_embed_dim, target_embed_dim
+
+    def forward(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
+        b = feats[0].shape[0]
+        h, w = feats[0].shape[-2:]
+        p = self.patch_size
+        pooled = []
+        for f in feats:
+            c, fh, fw = f.shape[1:]
+            u = F.unfold(f, p, padding=p // 2).view(b, c * p * p, fh, fw)
+            if (fh, fw) != (h, w):
+                u = F.interpolate(u, size=(h, w), mode="bilinear", align_corners=False)
+            u = u.permute(0, 2, 3, 1).reshape(b * h * w, 1, c * p * p)
+            pooled.append(F.adaptive_avg_pool1d(u, self.pretrain_embed_dim))
+        stacked = torch.cat(pooled, 1).reshape(b * h * w, 1, -1)
+        out = F.adaptive_avg_pool1d(stacked, self.target_embed_dim).reshape(b, h * w, self.target_embed_dim)
+        return out, (h, w)
+
+
+class MemoryBank(nn.Module):
+    """A coreset of normal patch features and its nearest-neighbour scoring.
+
+    Args:
+        dim: feature size.
+        backend: :class:`fastad.ops.FeatureBank` backend ('torch' or 'faiss').
+    Buffer ``memory_bank`` (M, dim) float32 is saved with the model.
+    """
+
+    def __init__(self, dim: int, backend: str = "torch"):
+        super().__init__()
+        self.dim, self.backend = dim, backend
+        self.register_buffer("memory_bank", torch.empty(0, dim))
+        self._index: tuple | None = None  # (key of the bank it was built from, FeatureBank)
+
+    @torch.no_grad()
+    def fill(self, features: torch.Tensor, coreset_ratio: float = 0.1, projection_dim: int = 128, seed: int = 0) -> None:
+        """(N, dim) normal features -> the bank: their greedy coreset of ``coreset_ratio`` (1.0 keeps
+        all) with a ``projection_dim`` random projection and ``seed``."""
+        if len(features) == 0:
+            raise ValueError("the memory bank got no training features")
+        if coreset_ratio < 1.0:
+            features = features[greedy_coreset(features, ratio=coreset_ratio, projection_dim=projection_dim, seed=seed)]
+        self.memory_bank = features.contiguous()
+
+    def _search_index(self) -> FeatureBank:
+        bank = self.memory_bank
+        if len(bank) == 0:
+            raise RuntimeError("not fitted (the memory bank is empty): call fit() or load a checkpoint first")
+        key = (id(bank), bank._version, bank.device)  # rebuilt when the buffer is replaced, loaded into or moved
+        if self._index is None or self._index[0] != key:
+            index = FeatureBank(self.dim, self.backend, device=bank.device)
+            index.add(bank)
+            self._index = (key, index)
+        return self._index[1]
+
+    @torch.no_grad()
+    def score(self, emb: torch.Tensor, num_neighbors: int = 1, reweight: bool = False,
+              reweight_neighbors: int = 9) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L, dim) patch features -> (image scores (B,), patch scores (B, L)): mean squared L2
+        distance to the ``num_neighbors`` nearest entries (official: 1); image score = max patch
+        score, with ``reweight`` anomalib's re-weighting by the ``reweight_neighbors`` bank
+        neighbours of the worst patch's nearest entry (Euclidean distances in the softmax)."""
+        b, n, d = emb.shape
+        index = self._search_index()
+        dist, idx = index.search(emb.reshape(-1, d), num_neighbors)
+        patch = dist.mean(1).reshape(b, n)
+        best, arg = patch.max(1)
+        if not reweight:
+            return best, patch
+        rows = torch.arange(b, device=emb.device)
+        worst = emb[rows, arg]  # most anomalous test patch per image
+        anchor = self.memory_bank[idx[:, 0].reshape(b, n)[rows, arg]]  # its nearest bank entry
+        k = min(reweight_neighbors, len(self.memory_bank))
+        _, support = index.search(anchor, k)
+        d = torch.linalg.vector_norm(worst.unsqueeze(1) - self.memory_bank[support], dim=-1)
+        return (1.0 - torch.softmax(d, 1)[:, 0]) * best, patch

@@ -1,0 +1,194 @@
+"""Dinomaly's linear attention (``LinearAttention2``: kernel feature map elu + 1): one fused Triton
+kernel per (batch, head) forward and one backward, the d x d state kept in registers. Off the kernels
+(:mod:`fastad.ops.dispatch`) it runs the authors' einsums."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._checks import check_qkv, compute_dtype
+from ._triton import tl, triton
+from .dispatch import HAS_TRITON, implementation, require_triton
+
+if HAS_TRITON:
+    from ._triton import dot, load, store_rounded
+
+__all__ = ["linear_attention", "linear_attention_reference"]
+
+
+def _phi(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.elu(x) + 1
+
+
+def linear_attention_reference(q, k, v, eps: float = 0.0):
+    """Oracle of :func:`linear_attention`, written as Dinomaly's LinearAttention2 (einsums)."""
+    _validate_linear(q, k, v, eps)
+    q, k = _phi(q), _phi(k)
+    kv = torch.einsum("...sd,...se->...de", k, v)
+    z = 1.0 / (torch.einsum("...nd,...d->...n", q, k.sum(dim=-2)) + eps)
+    return torch.einsum("...de,...nd,...n->...ne", kv, q, z)
+
+
+def linear_attention(q, k, v, eps: float = 0.0):
+    """Dinomaly's linear attention: phi(u) = elu(u) + 1 on q and k (no 1/sqrt(d) scale),
+    out_i = phi(q_i)^T KV / (phi(q_i) . sum_s phi(k_s) + eps) with KV = sum_s phi(k_s) v_s^T per head.
+
+    Args:
+        q, k, v: (batch, heads, N, head_dim) float16, bfloat16, float32 or float64, one shape and dtype.
+        eps: added to the denominator (Dinomaly: 0; its README suggests 1e-6 if the loss turns NaN).
+    Returns:
+        (batch, heads, N, head_dim) in the input dtype, differentiable with respect to q, k and v.
+    """
+    _validate_linear(q, k, v, eps)
+    if implementation(q, triton=True) == "triton":
+        return torch.ops.fastad.linear_attention(q, k, v, float(eps))[0]
+    # PyTorch path: the authors' einsums, in float32 for 16-bit inputs as the kernel computes
+    cdt = compute_dtype(q)
+    return linear_attention_reference(q.to(cdt), k.to(cdt), v.to(cdt), eps).to(q.dtype)
+
+
+def _validate_linear(q, k, v, eps) -> None:
+    check_qkv(q, k, v)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+
+
+@torch.library.custom_op("fastad::linear_attention", mutates_args=())
+def _linear_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (out, KV (B, H, d, d) float32, sum_s phi(k_s) (B, H, d) float32)."""
+    require_triton(q)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    b, nh, n, d = q.shape
+    out = torch.empty_like(q)
+    kv = torch.empty((b, nh, d, d), dtype=torch.float32, device=q.device)
+    ksum = torch.empty((b, nh, d), dtype=torch.float32, device=q.device)
+    _linear_fwd_kernel[(b * nh,)](q, k, v, out, kv, ksum, eps, n, d, **_linear_config(q))
+    return out, kv, ksum
+
+
+@_linear_attention.register_fake
+def _(q, k, v, eps):
+    b, nh, _, d = q.shape
+    return torch.empty_like(q), q.new_empty((b, nh, d, d), dtype=torch.float32), q.new_empty((b, nh, d), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastad::linear_attention_backward", mutates_args=())
+def _linear_attention_backward(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor, ksum: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    require_triton(q)
+    do, q, k, v = do.contiguous(), q.contiguous(), k.contiguous(), v.contiguous()
+    b, nh, n, d = q.shape
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    _linear_bwd_kernel[(b * nh,)](q, k, v, do, kv, ksum, dq, dk, dv, eps, n, d, **_linear_config(q))
+    return dq, dk, dv
+
+
+@_linear_attention_backward.register_fake
+def _(do, q, k, v, kv, ksum, eps):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _linear_setup_context(ctx, inputs, output):
+    q, k, v, eps = inputs
+    ctx.save_for_backward(q, k, v, output[1], output[2])
+    ctx.eps = eps
+
+
+def _linear_backward(ctx, do, dkv, dksum):
+    q, k, v, kv, ksum = ctx.saved_tensors
+    return (*torch.ops.fastad.linear_attention_backward(do, q, k, v, kv, ksum, ctx.eps), None)
+
+
+_linear_attention.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+
+
+def _linear_config(q: torch.Tensor) -> dict:
+    return dict(
+        BLOCK_N=64 if q.is_cuda else 16,
+        BLOCK_D=max(16, triton.next_power_of_2(q.shape[3])),
+        F32=q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and not q.is_cuda),
+    )
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _elu1(x):
+        return tl.where(x > 0, x + 1.0, tl.exp(tl.minimum(x, 0.0)))
+
+    @triton.jit
+    def _linear_fwd_kernel(
+        Q, K, V, O, KV, KSUM, eps, N, D,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, F32: tl.constexpr,
+    ):  # fmt: skip
+        bh = tl.program_id(0)
+        base = bh * N * D
+        offs_d = tl.arange(0, BLOCK_D)
+        dm = offs_d < D
+        kv = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
+        ksum = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            m = (offs_n < N)[:, None] & dm[None, :]
+            k = load(K + base + offs_n[:, None] * D + offs_d[None, :], m, F32)
+            v = load(V + base + offs_n[:, None] * D + offs_d[None, :], m, F32)
+            pk = tl.where(m, _elu1(k.to(tl.float32)), 0.0)  # padding rows must not add phi(0) = 1
+            kv += dot(tl.trans(pk).to(v.dtype), v, F32)
+            ksum += tl.sum(pk, 0)
+        dd = offs_d[:, None] * D + offs_d[None, :]
+        tl.store(KV + bh * D * D + dd, kv, mask=dm[:, None] & dm[None, :])
+        tl.store(KSUM + bh * D + offs_d, ksum, mask=dm)
+        for n0 in range(0, N, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            m = (offs_n < N)[:, None] & dm[None, :]
+            q = load(Q + base + offs_n[:, None] * D + offs_d[None, :], m, F32)
+            pq = tl.where(m, _elu1(q.to(tl.float32)), 0.0)
+            num = dot(pq, kv, True)
+            den = tl.where(offs_n < N, tl.sum(pq * ksum[None, :], 1) + eps, 1.0)  # padding rows: no 0 / 0
+            store_rounded(O + base + offs_n[:, None] * D + offs_d[None, :], num / den[:, None], m)
+
+    @triton.jit
+    def _linear_bwd_kernel(
+        Q, K, V, DO, KV, KSUM, DQ, DK, DV, eps, N, D,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, F32: tl.constexpr,
+    ):  # fmt: skip
+        bh = tl.program_id(0)
+        base = bh * N * D
+        offs_d = tl.arange(0, BLOCK_D)
+        dm = offs_d < D
+        dd = offs_d[:, None] * D + offs_d[None, :]
+        kv = tl.load(KV + bh * D * D + dd, mask=dm[:, None] & dm[None, :], other=0.0)
+        ksum = tl.load(KSUM + bh * D + offs_d, mask=dm, other=0.0)
+        dkv = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
+        dksum = tl.zeros([BLOCK_D], dtype=tl.float32)
+        # queries: out = num / den, num = phi(q) KV, den = phi(q) . ksum + eps
+        for n0 in range(0, N, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            m = (offs_n < N)[:, None] & dm[None, :]
+            ptrs = base + offs_n[:, None] * D + offs_d[None, :]
+            q = load(Q + ptrs, m, F32).to(tl.float32)
+            do = load(DO + ptrs, m, F32).to(tl.float32)
+            pq = tl.where(m, _elu1(q), 0.0)
+            num = dot(pq, kv, True)
+            den = tl.where(offs_n < N, tl.sum(pq * ksum[None, :], 1) + eps, 1.0)
+            dnum = do / den[:, None]
+            dden = -tl.sum(dnum * num, 1) / den
+            dpq = dot(dnum, tl.trans(kv), True) + dden[:, None] * ksum[None, :]
+            dq = dpq * tl.where(q > 0, 1.0, tl.exp(tl.minimum(q, 0.0)))
+            store_rounded(DQ + ptrs, dq, m)
+            dkv += dot(tl.trans(pq), dnum, True)
+            dksum += tl.sum(dden[:, None] * pq, 0)
+        # keys and values: KV = sum_s phi(k_s) v_s^T, ksum = sum_s phi(k_s)
+        for n0 in range(0, N, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            m = (offs_n < N)[:, None] & dm[None, :]
+            ptrs = base + offs_n[:, None] * D + offs_d[None, :]
+            k = load(K + ptrs, m, F32).to(tl.float32)
+            v = load(V + ptrs, m, F32).to(tl.float32)
+            pk = tl.where(m, _elu1(k), 0.0)
+            dpk = dot(v, tl.trans(dkv), True) + dksum[None, :]
+            store_rounded(DK + ptrs, dpk * tl.where(k > 0, 1.0, tl.exp(tl.minimum(k, 0.0))), m)
+            store_rounded(DV + ptrs, dot(pk, dkv, True), m)

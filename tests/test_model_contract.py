@@ -1,0 +1,178 @@
+"""Every registered model follows the one contract of fastad.models.base: fit on a fastad Dataset,
+forward -> AnomalyOutput with maps at the input size, save -> load_checkpoint in a fresh process ->
+identical scores, ``fastad run`` on the synthetic data, clear errors for bad input. A new registry
+entry without a tiny configuration here fails ``test_every_registered_model_has_a_tiny_configuration``."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastad import AnomalyModel, AnomalyOutput, create_model, load_checkpoint
+from fastad.cli import main
+from fastad.data import SyntheticDataset
+from fastad.models import MODELS
+from fastad.ops import dispatch
+
+TINY_VIT = {"depth": 4, "embed_dim": 48, "num_heads": 3}
+# small, fast settings; each keeps the model's own image geometry rules
+TINY = {
+    "patchcore": dict(image_size=64, crop_fraction=1.0),
+    "padim": dict(image_size=64, crop_fraction=1.0),
+    "dinomaly": dict(encoder="dinov2reg_vit_small_14", weights="random", encoder_layers=[0, 1, 2, 3], groups=[[0, 1], [2, 3]],
+                     decoder_depth=4, encoder_kwargs=TINY_VIT, image_size=56, train_batch_size=4, iterations=2,
+                     warmup_iters=1, map_size=28, p_ramp=2),
+    "minimaxad": dict(encoder="efficientnet_lite0", weights="random", image_size=64, train_batch_size=4, iterations=2),
+    "rlr": dict(weights="random", image_size=64, depth=1, iterations=2, train_batch_size=2),
+    "fod": dict(weights="random", image_size=64, depth=1, iterations=2, train_batch_size=2),
+    "adpretrain": dict(weights="random", image_size=64, num_references=16, iterations=2, train_batch_size=4),
+    "featurenorm": dict(weights="random", image_size=64, num_references=16, project=False),
+}
+NAMES = sorted(MODELS)
+
+
+@pytest.fixture(autouse=True)
+def _torch_paths(monkeypatch):
+    # the interpreter would run the Triton kernels (tested on their own): the ops' PyTorch paths here
+    monkeypatch.setitem(dispatch.settings, "triton", False)
+
+
+def _fitted(name):
+    torch.manual_seed(0)
+    model = create_model(name, **TINY[name])
+    train = SyntheticDataset("train", 6, size=model.image_size)
+    if name == "adpretrain":  # pretraining needs labelled images with anomalies
+        train = torch.utils.data.ConcatDataset([train, SyntheticDataset("test", 4, size=model.image_size, seed=1)])
+    with pytest.warns(UserWarning) if name == "featurenorm" and TINY[name].get("project", True) else _nothing():
+        model.fit(train)
+    return model
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _images(model, n=3):
+    ds = SyntheticDataset("test", n, size=model.image_size)
+    return torch.stack([ds[i]["image"] for i in range(n)])
+
+
+def test_every_registered_model_has_a_tiny_configuration():
+    assert sorted(TINY) == NAMES
+    for name, cls in MODELS.items():
+        assert issubclass(cls, AnomalyModel) and cls.registry_name == name
+        assert cls.__module__.split(".")[-1] == name  # one file per model, named after it
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_config_is_captured_once_and_rebuilds_the_model(name):
+    model = create_model(name, **TINY[name])
+    config = model.config
+    assert json.loads(json.dumps(config)) == config  # plain values
+    h, w = model.image_size
+    assert model.transform().crop == (h, w)
+    rebuilt = create_model(name, **config)
+    assert rebuilt.config == config
+    assert [k for k, _ in rebuilt.state_dict().items()] == [k for k, _ in model.state_dict().items()]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fit_forward_save_and_load_in_a_fresh_process(name, tmp_path):
+    model = _fitted(name).eval()
+    x = _images(model)
+    out = model(x)
+    assert isinstance(out, AnomalyOutput)
+    scores, maps = out
+    assert scores.shape == (3,) and scores.dtype == torch.float32 and torch.isfinite(scores).all()
+    assert maps.shape == (3, *model.image_size) == (3, *x.shape[-2:]) and maps.dtype == torch.float32
+    path = tmp_path / "model.safetensors"
+    model.save(path)
+    assert not (tmp_path / "model.safetensors.tmp").exists()
+    torch.save(x, tmp_path / "x.pt")
+    code = ("import sys, torch; from fastad import load_checkpoint; from fastad.ops import dispatch; "
+            "dispatch.settings['triton'] = False; m = load_checkpoint(sys.argv[1]).eval(); "
+            "s, mp = m(torch.load(sys.argv[2])); torch.save((s, mp), sys.argv[3])")
+    subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "x.pt"), str(tmp_path / "out.pt")], check=True,
+                   env={**os.environ, "TRITON_INTERPRET": "0"})
+    s2, m2 = torch.load(tmp_path / "out.pt")
+    assert torch.equal(s2, scores) and torch.equal(m2, maps)  # bit-identical in another process
+    # and in this one, through the model's own loader
+    again = create_model(name, **TINY[name]).load_checkpoint(path).eval()
+    assert torch.equal(again(x).scores, scores)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_input_is_a_clear_error(name):
+    model = _fitted(name)
+    x = _images(model, 2)
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        model(x[:, :1])  # one channel
+    with pytest.raises(ValueError, match="NaN or inf"):
+        model(torch.where(torch.arange(x.numel()).view_as(x) == 5, float("nan"), x))
+    with pytest.raises(TypeError, match="floating"):
+        model((x * 100).to(torch.uint8))
+    with pytest.raises(ValueError, match="empty"):
+        model(x[:0])
+    fresh = create_model(name, **TINY[name])
+    with pytest.raises(ValueError, match="empty dataset"):
+        fresh.fit(torch.utils.data.Subset(SyntheticDataset("train", 2, size=fresh.image_size), []))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_checkpoint_errors_name_the_file(name, tmp_path):
+    model = create_model(name, **TINY[name])
+    truncated = tmp_path / "t.safetensors"
+    model.save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="t.safetensors"):
+        load_checkpoint(truncated)
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        load_checkpoint(tmp_path / "missing.safetensors")
+    other = "padim" if name != "padim" else "patchcore"
+    path = tmp_path / "other.safetensors"
+    create_model(other, **TINY[other]).save(path)
+    with pytest.raises(ValueError, match=rf"holds a \w+ checkpoint \({other}\)"):
+        model.load_checkpoint(path)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fastad_run_on_synthetic_data(name, tmp_path):
+    sets = [arg for k, v in TINY[name].items() for arg in ("--set", f"{k}={json.dumps(v)}")]
+    code = "import sys; from fastad.ops import dispatch; dispatch.settings['triton'] = False; from fastad.cli import main; sys.exit(main(sys.argv[1:]))"
+    out = subprocess.run([sys.executable, "-c", code, "run", "--model", name, *sets, "--out", str(tmp_path), "--overlays", "1"],
+                         capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert rows[0]["model"] == name and rows[0]["n_test"] == 32 and rows[0]["image_auroc"] is not None
+
+
+def test_image_size_reaches_the_data_without_a_crop(tmp_path):
+    """A non-square resolution, set from the command line, is what the model sees (no crop)."""
+    model = create_model("patchcore", image_size=[48, 80], crop_fraction=1.0)
+    assert model.resize_size == (48, 80) and model.transform().crop == (48, 80)
+    assert main(["run", "--model", "padim", "--set", "image_size=[48,80]", "--set", "crop_fraction=1", "--out", str(tmp_path),
+                 "--overlays", "0"]) == 0
+    assert json.loads((tmp_path / "results.json").read_text())[0]["n_test"] == 32
+
+
+def test_unknown_setting_is_one_line():
+    with pytest.raises(SystemExit, match="--set for patchcore.*colour"):
+        main(["run", "--model", "patchcore", "--set", "colour=1"])
+
+
+def test_image_size_rules():
+    with pytest.raises(ValueError, match="multiples of 14"):
+        create_model("dinomaly", **{**TINY["dinomaly"], "image_size": 50})
+    with pytest.raises(ValueError, match="crop_fraction"):
+        create_model("padim", crop_fraction=1.5)
+    # the offline hybrid encoder has a 16-px patch: its default size is a multiple of 16
+    assert create_model("dinomaly", encoder="efficientnet_lite0", weights="random", encoder_kwargs={"depth": 10}).image_size == (384, 384)
+    rlr = create_model("rlr", **TINY["rlr"])
+    with pytest.raises(ValueError, match="image_size"):
+        rlr(torch.zeros(1, 3, 96, 96))
