@@ -125,7 +125,8 @@ def run(args) -> int:
     for i, (name, train, test_set) in enumerate(sets):
         model = first if i == 0 else _build(args.model, kwargs)
         model, fit_s = unified or fit_model(model, train, device=args.device, num_workers=args.num_workers)
-        res = {"class": name, "model": args.model, "setting": args.setting, "n_train": len(train), "fit_s": fit_s}
+        res = {"class": name, "model": args.model, "setting": args.setting, "n_train": len(train), "fit_s": fit_s,
+               "image_size": list(model.image_size), "resize_size": list(model.resize_size)}
         metrics, (scores, maps, labels, _) = score(model, test_set, **common)
         res.update(metrics)
         rows.append(res)

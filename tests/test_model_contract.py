@@ -152,13 +152,43 @@ def test_fastad_run_on_synthetic_data(name, tmp_path):
     assert rows[0]["model"] == name and rows[0]["n_test"] == 32 and rows[0]["image_auroc"] is not None
 
 
+def _strip_folder(root):
+    """A tiny MVTec-layout class of 100 x 60 (W x H) strip images: 4 train, 2 good and 2 defective test."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for rel in ["train/good/0", "train/good/1", "train/good/2", "train/good/3", "test/good/0", "test/good/1",
+                "test/scratch/0", "test/scratch/1"]:
+        img = (rng.random((60, 100, 3)) * 60 + 100).astype(np.uint8)
+        if "scratch" in rel:
+            img[20:30, 40:70] = 255
+            mask = np.zeros((60, 100), np.uint8)
+            mask[20:30, 40:70] = 255
+            (root / "ground_truth/scratch").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(mask).save(root / f"ground_truth/scratch/{rel[-1]}_mask.png")
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(root / f"{rel}.png")
+    return root
+
+
 def test_image_size_reaches_the_data_without_a_crop(tmp_path):
     """A non-square resolution, set from the command line, is what the model sees (no crop)."""
     model = create_model("patchcore", image_size=[48, 80], crop_fraction=1.0)
     assert model.resize_size == (48, 80) and model.transform().crop == (48, 80)
-    assert main(["run", "--model", "padim", "--set", "image_size=[48,80]", "--set", "crop_fraction=1", "--out", str(tmp_path),
-                 "--overlays", "0"]) == 0
-    assert json.loads((tmp_path / "results.json").read_text())[0]["n_test"] == 32
+    root = _strip_folder(tmp_path / "strips")
+    assert main(["run", "--model", "patchcore", "--data", f"folder:{root}", "--set", "image_size=[48,80]", "--set",
+                 "crop_fraction=1", "--set", "coreset_ratio=0.5", "--out", str(tmp_path / "out"), "--overlays", "0"]) == 0
+    row = json.loads((tmp_path / "out" / "results.json").read_text())[0]
+    assert row["image_size"] == row["resize_size"] == [48, 80] and row["n_test"] == 4
+    assert row["image_auroc"] == 1.0  # the bright scratch is far from every training patch
+    # the recipe's default keeps its crop: 224 seen, 256 resized
+    assert create_model("patchcore").resize_size == (256, 256)
+
+
+def test_python_dash_m_fastad():
+    out = subprocess.run([sys.executable, "-m", "fastad", "run", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--model" in out.stdout
 
 
 def test_unknown_setting_is_one_line():

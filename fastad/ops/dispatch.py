@@ -23,7 +23,7 @@ from contextlib import contextmanager
 
 import torch
 
-__all__ = ["CUDA_COMPILED", "HAS_EXTENSION", "HAS_TRITON", "TRITON_INTERPRET", "implementation", "kernels", "settings"]
+__all__ = ["CUDA_COMPILED", "HAS_EXTENSION", "HAS_TRITON", "TRITON_INTERPRET", "implementation", "kernels", "require_triton", "settings"]
 
 try:
     from fastad import _C  # noqa: F401  (importing registers torch.ops.fastad.*)
