@@ -11,11 +11,13 @@ import sys
 from pathlib import Path
 
 
-KINDS = ("synthetic", "mvtec", "mpdd", "btad", "visa", "realiad", "mtd", "folder")
+KINDS = ("synthetic", "mvtec", "mpdd", "btad", "visa", "realiad", "mtd", "folder", "imagefolder", "list")
 
 
-def _class_names(kind: str, root: Path) -> list[str]:
-    """Every class a dataset root holds, sorted."""
+def _class_names(kind: str, root: Path, options: dict) -> list[str]:
+    """Every class a dataset root (or list file) holds, sorted."""
+    from .data import list_classes
+
     if kind in ("mvtec", "mpdd", "btad"):
         return sorted(d.name for d in root.iterdir() if (d / "train").is_dir())
     if kind == "visa":
@@ -24,47 +26,107 @@ def _class_names(kind: str, root: Path) -> list[str]:
         with open(root / "split_csv" / "1cls.csv", newline="") as f:
             return sorted({row["object"] for row in csv.DictReader(f)})
     if kind == "realiad":
-        return sorted(p.stem for p in (root / "realiad_jsons").glob("*.json"))
+        return sorted(p.stem for p in (root / options.get("json_dir", "realiad_jsons")).glob("*.json"))
+    if kind == "list":
+        return list_classes(root)
+    if kind == "mtd":
+        return ["mtd"]
     return [root.name]
 
 
-def _datasets(spec: str, classes: list[str] | None, transform):
-    """[(class name, train set, test set)] for ``--data KIND:PATH``, preprocessed by the model's
-    ``transform`` (an ImageTransform; MTD tiles are resized to its crop size without cropping)."""
-    from .data import ImageTransform, SyntheticDataset, btad, folder, mtd, mvtec, realiad, visa
+def _loaders():
+    """KIND -> (loader(root, class, split, transform, **options), the function whose keyword
+    arguments are the kind's ``--data-opt`` options)."""
+    from .data import btad, folder, imagefolder, listfile, mtd, mvtec, realiad, visa
 
+    return {
+        "mvtec": (mvtec, mvtec), "mpdd": (mvtec, mvtec), "btad": (btad, btad), "visa": (visa, visa),
+        "realiad": (realiad, realiad),
+        "mtd": (lambda root, c, split, t, **o: mtd(root, split, t, **o), mtd),
+        "folder": (lambda root, c, split, t, **o: folder(root, split, t, **o), folder),
+        "imagefolder": (lambda root, c, split, t, **o: imagefolder(root, split, t, **o), imagefolder),
+        "list": (lambda root, c, split, t, **o: listfile(root, split, t, class_name=c, **o), listfile),
+    }
+
+
+FIXED_ARGUMENTS = {"root", "category", "split", "transform", "class_name", "listing", "layout"}
+
+
+def _datasets(spec: str, classes: list[str] | None, transform, options: dict | None = None):
+    """[(class name, train set, test set)] for ``--data KIND:PATH``, preprocessed by the model's
+    ``transform`` (an ImageTransform; MTD tiles are resized to its crop size without cropping);
+    ``options`` are the loader's keyword arguments (``--data-opt``). Every error is one line."""
+    import inspect
+
+    from .data import ImageTransform, SyntheticDataset
+
+    options = options or {}
     kind, _, path = spec.partition(":")
     if kind not in KINDS:
         raise SystemExit(f"unknown data kind {kind!r}; expected one of {', '.join(KINDS)}")
     if kind == "synthetic":
+        if options or (classes and classes != ["synthetic"]):
+            raise SystemExit("fastad: error: the synthetic data has one class, 'synthetic', and no --data-opt options")
         return [("synthetic", SyntheticDataset("train", 32, size=transform.crop), SyntheticDataset("test", 32, size=transform.crop))]
     if not path:
         raise SystemExit(f"--data {spec!r}: expected KIND:PATH, e.g. mvtec:/data/mvtec or mtd:/data/mtd")
     root = Path(path)
-    if not root.is_dir():
+    if kind == "list" and not root.is_file():
+        raise SystemExit(f"--data {spec!r}: {root} is not a file (a CSV or JSON list)")
+    if kind != "list" and not root.is_dir():
         raise SystemExit(f"--data {spec!r}: {root} is not a folder")
-    t = transform
-    if kind == "mtd":
-        t = ImageTransform(transform.crop, transform.crop)
-        return [("mtd", mtd(root, "train", t), mtd(root, "test", t))]
-    if kind == "folder":
-        return [(root.name, folder(root, "train", t), folder(root, "test", t))]
+    load, signature_of = _loaders()[kind]
+    accepted = sorted(set(inspect.signature(signature_of).parameters) - FIXED_ARGUMENTS)
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise SystemExit(f"fastad: error: --data-opt {', '.join(unknown)} is not an option of {kind} data; "
+                         f"its options: {', '.join(accepted) or 'none'}")
+    t = ImageTransform(transform.crop, transform.crop) if kind == "mtd" else transform
     try:
-        names = classes or _class_names(kind, root)
-    except FileNotFoundError as exc:
-        raise SystemExit(f"--data {spec!r}: {exc}") from None
-    if not names:
-        raise SystemExit(f"no {kind} classes found under {root}")
-    loader = {"mvtec": mvtec, "mpdd": mvtec, "btad": btad, "visa": visa, "realiad": realiad}[kind]
-    return [(c, loader(root, c, "train", t), loader(root, c, "test", t)) for c in names]
+        available = _class_names(kind, root, options)
+        names = classes or available
+        if not names:
+            raise SystemExit(f"no {kind} classes found under {root}")
+        missing = [c for c in names if c not in available]
+        if missing:
+            raise SystemExit(f"fastad: error: --classes {', '.join(missing)} not found in {root}; available: {', '.join(available)}")
+        return [(c, load(root, c, "train", t, **options), load(root, c, "test", t, **options)) for c in names]
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"fastad: error: --data {spec}: {exc}") from None
+
+
+def _check_data(sets) -> None:
+    """The validation pass before any model work: print what each split holds, then stop with every
+    problem of every file list at once (missing / unreadable images and masks, mask sizes)."""
+    problems = []
+    for name, *splits in sets:
+        parts = []
+        for split, ds in zip(("train", "test"), splits):
+            if hasattr(ds, "counts"):
+                c = ds.counts()
+                parts.append(f"{split} {c['normal']} normal, {c['anomalous']} anomalous "
+                             f"({c['anomalous_with_mask']} with pixel masks)")
+                problems += ds.validate()
+            else:
+                labels = ds.labels
+                parts.append(f"{split} {int((labels == 0).sum())} normal, {int((labels > 0).sum())} anomalous")
+        print(f"{name}: " + "; ".join(parts), flush=True)
+    if problems:
+        raise SystemExit(f"fastad: error: {len(problems)} problem(s) in the data:\n  " + "\n  ".join(problems))
 
 
 def _fmt(v):
-    return "-" if v is None or math.isnan(v) else f"{100 * v:.2f}"
+    return "n/a" if v is None or math.isnan(v) else f"{100 * v:.2f}"
+
+
+def _mean(values: list[float]) -> float:
+    defined = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(defined) / len(defined) if defined else math.nan
 
 
 def results_markdown(rows: list[dict], title: str) -> str:
-    """Per-class table of the seven metrics and mAD (percent), with a mean row."""
+    """Per-class table of the seven metrics and mAD (percent), with a mean row (over the classes
+    where a metric exists) and one line per class whose pixel metrics are missing or partial."""
     from .metrics import METRICS
 
     cols = [*METRICS, "mad"]
@@ -74,19 +136,21 @@ def results_markdown(rows: list[dict], title: str) -> str:
         cells = [r["class"], *(_fmt(r[c]) for c in cols), f"{r['fit_s']:.1f}", f"{r['images_per_s']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     if len(rows) > 1:
-        mean = [_fmt(sum(r[c] for r in rows) / len(rows)) for c in cols]
+        mean = [_fmt(_mean([r[c] for r in rows])) for c in cols]
         lines.append("| **mean** | " + " | ".join(mean) + " | | |")
-    return "\n".join(lines) + "\n"
+    notes = [f"- {r['class']}: {r['pixel_note']}; mAD is the mean of the {r.get('mad_of', 'image metrics')}"
+             for r in rows if r.get("pixel_note")]
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
-def _model_args(pairs: list[str]) -> dict:
+def _model_args(pairs: list[str], flag: str = "--set") -> dict:
     """``KEY=VALUE`` strings -> model keyword arguments; a VALUE that parses as JSON is decoded
     (numbers, true/false, null, lists), anything else stays a string."""
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise SystemExit(f"--set expects KEY=VALUE, got {pair!r}")
+            raise SystemExit(f"{flag} expects KEY=VALUE, got {pair!r}")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -116,7 +180,8 @@ def run(args) -> int:
     if args.model == "patchcore" and args.coreset_ratio:
         kwargs["coreset_ratio"] = args.coreset_ratio
     first = _build(args.model, kwargs)  # its transform sizes the data
-    sets = _datasets(args.data, args.classes, first.transform())
+    sets = _datasets(args.data, args.classes, first.transform(), _model_args(args.data_opt, "--data-opt"))
+    _check_data(sets)
     common = dict(batch_size=args.batch_size, num_workers=args.num_workers)
     unified = None
     if args.setting == "unified":  # one model for all classes, evaluated class by class
@@ -127,7 +192,7 @@ def run(args) -> int:
         model, fit_s = unified or fit_model(model, train, device=args.device, num_workers=args.num_workers)
         res = {"class": name, "model": args.model, "setting": args.setting, "n_train": len(train), "fit_s": fit_s,
                "image_size": list(model.image_size), "resize_size": list(model.resize_size)}
-        metrics, (scores, maps, labels, _) = score(model, test_set, **common)
+        metrics, (scores, maps, labels, *_) = score(model, test_set, **common)
         res.update(metrics)
         rows.append(res)
         if args.out and args.overlays:
@@ -159,7 +224,8 @@ def pretrain(args) -> int:
         print(f"resuming {args.out} at iteration {model.iteration}", flush=True)
     else:
         model = _build("adpretrain", kwargs).to(args.device)
-    sets = _datasets(args.data, args.classes, model.transform())
+    sets = _datasets(args.data, args.classes, model.transform(), _model_args(args.data_opt, "--data-opt"))
+    _check_data(sets)
     data = ConcatDataset([ds for _, train, test in sets for ds in (train, test)])
     model.fit(data, checkpoint=args.out, checkpoint_every=args.checkpoint_every, num_workers=args.num_workers)
     losses = model.loss_history
@@ -189,8 +255,12 @@ def main(argv=None) -> int:
     from .models import MODELS
 
     r.add_argument("--model", default="patchcore", choices=sorted(MODELS))
-    r.add_argument("--data", default="synthetic", help=f"synthetic or KIND:ROOT, KIND in {', '.join(KINDS[1:])}")
+    r.add_argument("--data", default="synthetic", help=f"synthetic or KIND:ROOT, KIND in {', '.join(KINDS[1:])} "
+                   "(list: KIND:FILE, a CSV or JSON list)")
     r.add_argument("--classes", nargs="*", help="classes to run (default: all found under ROOT)")
+    r.add_argument("--data-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="loader option, repeatable, e.g. --data-opt json_dir=realiad_jsons_fuiad_0.0 (realiad), "
+                        "--data-opt test_good=0.3 (imagefolder, list)")
     r.add_argument("--setting", default="separate", choices=["separate", "unified"],
                    help="one model per class, or one model for all classes (multi-class)")
     r.add_argument("--device", default="cpu")
@@ -205,6 +275,7 @@ def main(argv=None) -> int:
                        "then score with --model featurenorm --set pretrained=OUT")
     p.add_argument("--data", default="synthetic", help="synthetic or KIND:ROOT, as for run")
     p.add_argument("--classes", nargs="*", help="classes to use (default: all found under ROOT)")
+    p.add_argument("--data-opt", action="append", default=[], metavar="KEY=VALUE", help="loader option, as for run")
     p.add_argument("--out", required=True, help="checkpoint file (.safetensors), resumed if it exists")
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--device", default="cpu")

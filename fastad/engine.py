@@ -1,6 +1,7 @@
 """Fit a model on normal images, score a test set, compute the metrics, time each stage."""
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -19,8 +20,9 @@ def _loader(ds: Dataset, batch_size: int, num_workers: int, desc: str):
 
 @torch.no_grad()
 def predict(model, ds: Dataset, batch_size: int = 16, num_workers: int = 0):
-    """Scores (N,), maps (N, H, W), labels (N,) and masks (N, H, W) of a dataset, on the CPU."""
-    scores, maps, labels, masks = [], [], [], []
+    """Scores (N,), maps (N, H, W), labels (N,), masks (N, H, W) and has_mask (N,) bool (False: an
+    anomalous image without pixel ground truth) of a dataset, on the CPU."""
+    scores, maps, labels, masks, has_mask = [], [], [], [], []
     for batch in _loader(ds, batch_size, num_workers, "predict"):
         s, m = model(batch["image"])
         mask = batch["mask"]
@@ -31,7 +33,8 @@ def predict(model, ds: Dataset, batch_size: int = 16, num_workers: int = 0):
         maps.append(m.cpu())
         labels.append(torch.as_tensor(batch["label"]))
         masks.append(mask)
-    return torch.cat(scores), torch.cat(maps), torch.cat(labels), torch.cat(masks)
+        has_mask.append(torch.as_tensor(batch.get("has_mask", torch.ones(len(mask), dtype=torch.bool)), dtype=torch.bool))
+    return torch.cat(scores), torch.cat(maps), torch.cat(labels), torch.cat(masks), torch.cat(has_mask)
 
 
 def fit_model(model, train: Dataset, *, device: str = "cpu", num_workers: int = 0, **model_kwargs):
@@ -50,17 +53,32 @@ def score(model, test_set: Dataset, *, batch_size: int = 16, num_workers: int = 
     single class, e.g. no anomalous pixel).
 
     Returns:
-        (results, predictions): the metrics, ``mad``, ``n_test``, ``predict_s``, ``images_per_s``
-        and ``metrics_s``; and :func:`predict`'s (scores, maps, labels, masks).
+        (results, predictions): the metrics, ``mad``, ``mad_of`` (which metrics ``mad`` averages),
+        ``pixel_images`` (the images the pixel metrics use), ``pixel_note`` (why pixel metrics are
+        missing or partial, else None), ``n_test``, ``predict_s``, ``images_per_s`` and ``metrics_s``;
+        and :func:`predict`'s (scores, maps, labels, masks, has_mask).
     """
     t0 = time.perf_counter()
     predictions = predict(model, test_set, batch_size, num_workers)
     t1 = time.perf_counter()
-    scores, maps, labels, masks = predictions
-    metrics = compute_metrics(scores, labels, maps, masks)
+    scores, maps, labels, masks, has_mask = predictions
+    unmasked = int((~has_mask).sum())
+    note = None
+    if unmasked and unmasked == int((labels > 0).sum()):  # image-level data: no pixel metric to compute
+        note = "no anomalous test image has a pixel mask (image-level labels only): pixel metrics n/a"
+        metrics = compute_metrics(scores, labels)
+    else:
+        metrics = compute_metrics(scores, labels, maps, masks, has_mask=has_mask)
     t2 = time.perf_counter()
+    if unmasked and note is None:
+        note = f"pixel metrics over the {int(has_mask.sum())} of {len(has_mask)} test images with pixel ground truth " \
+               f"({unmasked} anomalous images have no mask)"
+    pixel_defined = any(k.startswith("pixel") and not math.isnan(v) for k, v in metrics.items())
     results = {
         **metrics,
+        "mad_of": "image and pixel metrics" if pixel_defined else "image metrics",
+        "pixel_images": int(has_mask.sum()) if pixel_defined else 0,
+        "pixel_note": note,
         "n_test": len(test_set),
         "predict_s": t1 - t0,
         "images_per_s": len(test_set) / max(t1 - t0, 1e-9),

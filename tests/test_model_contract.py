@@ -206,3 +206,38 @@ def test_image_size_rules():
     rlr = create_model("rlr", **TINY["rlr"])
     with pytest.raises(ValueError, match="image_size"):
         rlr(torch.zeros(1, 3, 96, 96))
+
+
+def test_format_1_checkpoints_still_load(tmp_path):
+    """Files of the previous format (trained models only, class name as 'model', RLR/FOD's
+    'input_size', ADPretrain's downstream arguments) load, with a warning for what no longer exists."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    def as_format_1(src, dst, name, config):
+        with safe_open(str(src), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            meta = json.loads(f.metadata()["fastad"])
+        meta.update(format="fastad-checkpoint-1", model=name, config=config)
+        for key in ("class", "fastad"):
+            meta.pop(key)
+        save_file(tensors, str(dst), metadata={"fastad": json.dumps(meta)})
+
+    torch.manual_seed(0)
+    rlr = create_model("rlr", **TINY["rlr"]).fit(SyntheticDataset("train", 4, size=64)).eval()
+    rlr.save(tmp_path / "new.safetensors")
+    old = {k: v for k, v in rlr.config.items() if k not in ("image_size", "crop_fraction")} | {"input_size": 64}
+    as_format_1(tmp_path / "new.safetensors", tmp_path / "rlr1.safetensors", "RLR", old)
+    loaded = load_checkpoint(tmp_path / "rlr1.safetensors").eval()
+    x = _images(rlr)
+    assert loaded.image_size == (64, 64) and loaded.iteration == rlr.iteration
+    assert torch.equal(loaded(x).maps, rlr(x).maps)
+
+    adp = create_model("adpretrain", **TINY["adpretrain"])
+    adp.save(tmp_path / "adp.safetensors")
+    old = dict(adp.config, scorer="featurenorm", project=True, pretrained=None, coreset_ratio=0.1)
+    as_format_1(tmp_path / "adp.safetensors", tmp_path / "adp1.safetensors", "ADPretrain", old)
+    with pytest.warns(UserWarning, match="scorer"):
+        assert type(load_checkpoint(tmp_path / "adp1.safetensors")).__name__ == "ADPretrain"
+    fn = create_model("featurenorm", **{**TINY["featurenorm"], "project": True, "pretrained": str(tmp_path / "adp1.safetensors")})
+    assert torch.equal(fn.projectors[0].reference, adp.projectors[0].reference)

@@ -1,6 +1,8 @@
 """Datasets of (image, mask, label) items. Each item is a dict:
-``image`` (3, H, W) float32, ``mask`` (H, W) float32 in {0, 1}, ``label`` int (1 = anomalous),
-``class_name`` str, ``path`` str. Bad data raises an error naming the file."""
+``image`` (3, H, W) float32, ``mask`` (H, W) float32 in {0, 1}, ``has_mask`` bool (False for an
+anomalous image without pixel ground truth: its mask is all zeros and pixel metrics leave it out),
+``label`` int (1 = anomalous), ``class_name`` str, ``path`` str. Bad data raises an error naming the
+file; :meth:`AnomalyDataset.validate` lists every problem of a dataset at once without decoding."""
 from __future__ import annotations
 
 import csv
@@ -20,10 +22,17 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 @dataclass(frozen=True)
 class Sample:
+    """One image: ``mask_path`` is None for a normal image (all-zero mask) and for an anomalous image
+    without pixel ground truth (image-level label only)."""
+
     path: str
     label: int
     mask_path: str | None
     class_name: str
+
+    @property
+    def has_mask(self) -> bool:
+        return self.label == 0 or self.mask_path is not None
 
 
 def _open(path: str) -> Image.Image:
@@ -38,8 +47,9 @@ def _open(path: str) -> Image.Image:
 
 
 class AnomalyDataset(Dataset):
-    """Loads samples lazily. Normal images get an all-zero mask; every defect image needs a readable
-    mask of its own size (an empty mask file, as MTD has four, is fine: the image stays anomalous)."""
+    """Loads samples lazily. Normal images get an all-zero mask; a defect image's mask must be
+    readable and of its own size (an empty mask file, as MTD has four, is fine: the image stays
+    anomalous); a defect image without a mask path is image-level only."""
 
     def __init__(self, samples: list[Sample], transform: ImageTransform | None = None):
         if not samples:
@@ -54,18 +64,52 @@ class AnomalyDataset(Dataset):
         s = self.samples[i]
         img = _open(s.path)
         image = self.transform.image(img)
-        if s.label == 0:
+        if s.mask_path is None:
             mask = torch.zeros(image.shape[-2:])
         else:
             m = _open(s.mask_path)
             if m.size != img.size:
                 raise ValueError(f"mask {s.mask_path} is {m.size[0]}x{m.size[1]} but image {s.path} is {img.size[0]}x{img.size[1]}")
             mask = self.transform.mask(m)
-        return {"image": image, "mask": mask, "label": s.label, "class_name": s.class_name, "path": s.path}
+        return {"image": image, "mask": mask, "has_mask": s.has_mask, "label": s.label, "class_name": s.class_name,
+                "path": s.path}
 
     @property
     def labels(self) -> torch.Tensor:
         return torch.tensor([s.label for s in self.samples])
+
+    def counts(self) -> dict[str, int]:
+        """Numbers of ``normal``, ``anomalous`` and ``anomalous_with_mask`` images."""
+        anomalous = [s for s in self.samples if s.label]
+        return {"normal": len(self.samples) - len(anomalous), "anomalous": len(anomalous),
+                "anomalous_with_mask": sum(s.mask_path is not None for s in anomalous)}
+
+    def validate(self) -> list[str]:
+        """Every problem of the file list, without decoding pixels: a missing or unreadable image
+        (its header), a missing or unreadable mask, a mask whose size differs from its image's."""
+        problems = []
+        for s in self.samples:
+            size = _header(s.path, "image", problems)
+            if s.mask_path is not None:
+                msize = _header(s.mask_path, "mask", problems)
+                if size and msize and size != msize:
+                    problems.append(f"mask {s.mask_path} is {msize[0]}x{msize[1]} but image {s.path} is {size[0]}x{size[1]}")
+        return problems
+
+
+def _header(path: str, what: str, problems: list[str]) -> tuple[int, int] | None:
+    """(W, H) from the file's header, or None after appending what is wrong to ``problems``."""
+    try:
+        if os.path.getsize(path) == 0:
+            problems.append(f"{what} {path} is an empty file")
+            return None
+        with Image.open(path) as img:
+            return img.size
+    except FileNotFoundError:
+        problems.append(f"{what} file not found: {path}")
+    except (UnidentifiedImageError, OSError) as exc:
+        problems.append(f"cannot read {what} {path}: {exc}")
+    return None
 
 
 def _images(folder: Path) -> list[Path]:
@@ -84,14 +128,16 @@ def _folder_samples(base: Path, split: str, class_name: str, good: str, mask_for
         raise FileNotFoundError(f"no {layout} split folder {base / split}")
     samples = []
     for defect in sorted(d.name for d in (base / split).iterdir() if d.is_dir()):
+        masked = (base / "ground_truth" / defect).is_dir()  # a defect type without a mask folder is image-level
         for p in _images(base / split / defect):
             if defect == good:
                 samples.append(Sample(str(p), 0, None, class_name))
                 continue
-            mask = mask_for(defect, p)
-            if mask is None or not mask.is_file():
-                raise FileNotFoundError(f"missing mask {mask or base / 'ground_truth' / defect / p.stem} for defect image {p}")
-            samples.append(Sample(str(p), 1, str(mask), class_name))
+            mask = mask_for(defect, p) if masked else None
+            if masked and (mask is None or not mask.is_file()):
+                raise FileNotFoundError(f"missing mask {mask or base / 'ground_truth' / defect / p.stem} for defect image {p} "
+                                        f"({base / 'ground_truth' / defect} exists, so every {defect} image needs one)")
+            samples.append(Sample(str(p), 1, None if mask is None else str(mask), class_name))
     if not samples:
         raise ValueError(f"no images under {base / split} (class {class_name!r})")
     return samples
@@ -105,7 +151,8 @@ def folder(
     layout: str = "folder-layout",
 ) -> AnomalyDataset:
     """The generic (MVTec-style) folder layout of one class: ``root/train/good``, ``root/test/good``,
-    ``root/test/<defect>``, ``root/ground_truth/<defect>/<name>_mask.png``."""
+    ``root/test/<defect>``, ``root/ground_truth/<defect>/<name>_mask.png``. A defect type without a
+    ``ground_truth/<defect>`` folder (or a set without ``ground_truth/``) is image-level only."""
     base = Path(root)
     name = class_name or base.name
     return AnomalyDataset(
@@ -133,12 +180,10 @@ def btad(root: str | os.PathLike, category: str, split: str, transform: ImageTra
 
 
 def _listed(image: Path, normal: bool, mask: Path | None, category: str, listing: Path) -> Sample:
-    """A sample of a split file; a defect image must name its mask."""
+    """A sample of a split file; a defect image without a mask is image-level only."""
     if normal:
         return Sample(str(image), 0, None, category)
-    if mask is None:
-        raise FileNotFoundError(f"missing mask for defect image {image} in {listing}")
-    return Sample(str(image), 1, str(mask), category)
+    return Sample(str(image), 1, None if mask is None else str(mask), category)
 
 
 def _listed_dataset(samples: list[Sample], split: str, category: str, listing: Path, transform) -> AnomalyDataset:
@@ -222,3 +267,127 @@ def mtd(root: str | os.PathLike, split: str, transform: ImageTransform | None = 
     else:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     return AnomalyDataset(samples, transform)
+
+
+NORMAL_LABELS = {"0", "good", "normal", "ok", "false"}
+ANOMALOUS_LABELS = {"1", "anomaly", "anomalous", "bad", "defect", "defective", "ng", "ko", "true"}
+
+
+def _held_out_split(samples: list[Sample], split: str, test_good: float, seed: int, where: str) -> list[Sample]:
+    """A split for data without one: test = every anomalous image plus a seeded ``test_good``
+    fraction (at least one) of the normal images; train = the other normal images."""
+    _check_split(split)
+    if not 0 < test_good < 1:
+        raise ValueError(f"test_good must lie in (0, 1), got {test_good!r}")
+    normal = [s for s in samples if s.label == 0]
+    if len(normal) < 2:
+        raise ValueError(f"{where} has {len(normal)} normal images; at least 2 are needed (train and test)")
+    n_test = min(len(normal) - 1, max(1, round(test_good * len(normal))))
+    held = set(torch.randperm(len(normal), generator=torch.Generator().manual_seed(seed))[:n_test].tolist())
+    if split == "train":
+        return [s for i, s in enumerate(normal) if i not in held]
+    test_normal = [s for i, s in enumerate(normal) if i in held]
+    return test_normal + [s for s in samples if s.label]
+
+
+def imagefolder(
+    root: str | os.PathLike,
+    split: str,
+    transform: ImageTransform | None = None,
+    class_name: str | None = None,
+    good: str = "good",
+    test_good: float = 0.2,
+    seed: int = 0,
+) -> AnomalyDataset:
+    """An ImageFolder-style class without a split: ``root/<good>/*`` normal, every other folder
+    ``root/<defect>/*`` anomalous (``root/ground_truth/<defect>/<name>_mask.png`` masks where that
+    folder exists, else image-level). The test split is every defect image plus a seeded ``test_good``
+    fraction of the good images; the train split the other good images."""
+    base = Path(root)
+    name = class_name or base.name
+    if not (base / good).is_dir():
+        raise FileNotFoundError(f"no normal-image folder {base / good} (the ImageFolder layout: {good}/ + one folder per defect)")
+    samples = []
+    for d in sorted(p.name for p in base.iterdir() if p.is_dir() and p.name != "ground_truth"):
+        masked = (base / "ground_truth" / d).is_dir()
+        for p in _images(base / d):
+            if d == good:
+                samples.append(Sample(str(p), 0, None, name))
+                continue
+            mask = base / "ground_truth" / d / f"{p.stem}_mask.png" if masked else None
+            if mask is not None and not mask.is_file():
+                raise FileNotFoundError(f"missing mask {mask} for defect image {p} ({mask.parent} exists)")
+            samples.append(Sample(str(p), 1, None if mask is None else str(mask), name))
+    return AnomalyDataset(_held_out_split(samples, split, test_good, seed, str(base)), transform)
+
+
+def _list_rows(listing: Path) -> list[dict]:
+    if not listing.is_file():
+        raise FileNotFoundError(f"list file not found: {listing}")
+    if listing.suffix.lower() == ".json":
+        rows = json.loads(listing.read_text())
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise ValueError(f"{listing}: expected a JSON list of objects with 'path' and 'label'")
+        return rows
+    with open(listing, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def list_classes(listing: str | os.PathLike) -> list[str]:
+    """The classes named by a list file's ``class`` column (one class, the file's stem, without it)."""
+    listing = Path(listing)
+    return sorted({str(r.get("class") or listing.stem) for r in _list_rows(listing)})
+
+
+def listfile(
+    listing: str | os.PathLike,
+    split: str,
+    transform: ImageTransform | None = None,
+    class_name: str | None = None,
+    test_good: float = 0.2,
+    seed: int = 0,
+) -> AnomalyDataset:
+    """Images named by a CSV (with a header) or JSON (a list of objects) file, without copying them.
+
+    Columns / keys: ``path`` and ``label`` (0 / 1, or good / normal / ok vs anomaly / bad / defect /
+    ng / ...), optional ``mask`` (an anomalous image without one is image-level), ``split``
+    (train / test; without it the split is made as :func:`imagefolder` does, per class, with
+    ``test_good`` and ``seed``) and ``class`` (default: the file's stem; ``class_name`` keeps one
+    class). Relative paths are relative to the list file's folder."""
+    listing = Path(listing)
+    base = listing.parent
+    samples, has_split = [], None
+    for i, row in enumerate(_list_rows(listing), start=2 if listing.suffix.lower() != ".json" else 1):
+        where = f"{listing} {'line' if listing.suffix.lower() != '.json' else 'item'} {i}"
+        if not row.get("path") or row.get("label") in (None, ""):
+            raise ValueError(f"{where}: 'path' and 'label' are required, got {dict(row)}")
+        label = str(row["label"]).strip().lower()
+        if label not in NORMAL_LABELS | ANOMALOUS_LABELS:
+            raise ValueError(f"{where}: label {row['label']!r} is neither normal ({sorted(NORMAL_LABELS)}) "
+                             f"nor anomalous ({sorted(ANOMALOUS_LABELS)})")
+        cls = str(row.get("class") or listing.stem)
+        if class_name is not None and cls != class_name:
+            continue
+        row_split = str(row.get("split") or "").strip().lower() or None
+        if has_split is None:
+            has_split = row_split is not None
+        if (row_split is not None) != has_split or (row_split is not None and row_split not in ("train", "test")):
+            raise ValueError(f"{where}: split must be 'train' or 'test' on every row or on none, got {row.get('split')!r}")
+        anomalous = label in ANOMALOUS_LABELS
+        if anomalous and row_split == "train":
+            raise ValueError(f"{where}: training images must be normal, got label {row['label']!r}")
+        mask = base / row["mask"] if row.get("mask") else None
+        s = Sample(str(base / row["path"]), int(anomalous), None if mask is None or not anomalous else str(mask), cls)
+        samples.append((row_split, s))
+    if not samples:
+        raise ValueError(f"no images{'' if class_name is None else f' of class {class_name!r}'} in {listing}")
+    if has_split:
+        _check_split(split)
+        chosen = [s for sp, s in samples if sp == split]
+    else:
+        chosen = []
+        for cls in sorted({s.class_name for _, s in samples}):
+            chosen += _held_out_split([s for _, s in samples if s.class_name == cls], split, test_good, seed, f"{listing} class {cls!r}")
+    if not chosen:
+        raise ValueError(f"no {split} images{'' if class_name is None else f' of class {class_name!r}'} in {listing}")
+    return AnomalyDataset(chosen, transform)

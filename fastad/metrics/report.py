@@ -30,8 +30,9 @@ def compute_metrics(
     maps: torch.Tensor | None = None,
     masks: torch.Tensor | None = None,
     fpr_limit: float = 0.3,
+    has_mask: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Image AUROC/AP/F1-max, pixel AUROC/AP/F1-max/AUPRO and ``mad`` (their mean).
+    """Image AUROC/AP/F1-max, pixel AUROC/AP/F1-max/AUPRO and ``mad`` (the mean of those defined).
 
     The pixels are sorted once and their regions labelled once for all pixel metrics. A level whose
     ground truth has a single class gives NaN with a RuntimeWarning (as scikit-learn does for AP);
@@ -41,6 +42,9 @@ def compute_metrics(
         image_scores: (N,) floating image scores; image_labels: (N,) bool or {0, 1}.
         maps: (N, H, W) floating anomaly maps; masks: (N, H, W) ground truth, bool or {0, 1}.
         fpr_limit: AUPRO's integration limit.
+        has_mask: (N,) bool, the images whose mask is ground truth (default all); the pixel metrics
+            are computed over these only (anomalous images without a pixel mask are left out), NaN
+            when none is left.
     Returns:
         dict of the seven metrics and ``mad``, Python floats.
     """
@@ -55,14 +59,19 @@ def compute_metrics(
             raise ValueError(f"maps and masks must both be (N, H, W), got {tuple(maps.shape)} and {tuple(masks.shape)}")
         if maps.shape[0] != img.labels.numel():
             raise ValueError(f"{maps.shape[0]} maps for {img.labels.numel()} image scores")
-        px = RankedScores(maps, masks)
-        if not _undefined("pixel", px):
+        if has_mask is not None:
+            keep = torch.as_tensor(has_mask, dtype=torch.bool, device=maps.device).reshape(-1)
+            if keep.numel() != maps.shape[0]:
+                raise ValueError(f"has_mask has {keep.numel()} entries for {maps.shape[0]} maps")
+            maps, masks = maps[keep], masks[keep.to(masks.device)]
+        px = RankedScores(maps, masks) if maps.shape[0] else None
+        if px is not None and not _undefined("pixel", px):
             out.update(
                 pixel_auroc=px.auroc(),
                 pixel_ap=px.average_precision(),
                 pixel_f1max=px.f1_max(),
                 pixel_aupro=aupro(maps, masks, fpr_limit, ranked=px, regions=label_regions(masks)),
             )
-    defined = [v for k, v in out.items() if maps is not None or k.startswith("image")]
-    out["mad"] = sum(defined) / len(defined)
+    defined = [v for v in out.values() if not math.isnan(v)]
+    out["mad"] = sum(defined) / len(defined) if defined else math.nan
     return out

@@ -264,6 +264,9 @@ class ADPretrain(ResidualFeatures, TrainedModel):
         labels = torch.as_tensor(batch["label"])
         if not (labels > 0).any():
             return None
+        if "has_mask" in batch and not torch.as_tensor(batch["has_mask"]).all():
+            missing = [p for p, m in zip(batch["path"], torch.as_tensor(batch["has_mask"]).tolist()) if not m]
+            raise ValueError(f"ADPretrain pretraining needs a pixel mask for every anomalous image; none for {missing[:3]}")
         images = self.batch_images(batch)
         masks = batch["mask"].to(self.device)
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + iteration)
