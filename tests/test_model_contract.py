@@ -31,6 +31,8 @@ TINY = {
     "featurenorm": dict(weights="random", image_size=64, num_references=16, project=False),
 }
 NAMES = sorted(MODELS)
+# FeatureNorm's other scorers keep a memory bank / Gaussians: their save and load are checked too
+VARIANTS = {"featurenorm-patchcore": ("featurenorm", {"scorer": "patchcore"}), "featurenorm-padim": ("featurenorm", {"scorer": "padim"})}
 
 
 @pytest.fixture(autouse=True)
@@ -41,7 +43,8 @@ def _torch_paths(monkeypatch):
 
 def _fitted(name):
     torch.manual_seed(0)
-    model = create_model(name, **TINY[name])
+    name, extra = VARIANTS.get(name, (name, {}))
+    model = create_model(name, **TINY[name], **extra)
     train = SyntheticDataset("train", 6, size=model.image_size)
     if name == "adpretrain":  # pretraining needs labelled images with anomalies
         train = torch.utils.data.ConcatDataset([train, SyntheticDataset("test", 4, size=model.image_size, seed=1)])
@@ -82,7 +85,7 @@ def test_config_is_captured_once_and_rebuilds_the_model(name):
     assert [k for k, _ in rebuilt.state_dict().items()] == [k for k, _ in model.state_dict().items()]
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + sorted(VARIANTS))
 def test_fit_forward_save_and_load_in_a_fresh_process(name, tmp_path):
     model = _fitted(name).eval()
     x = _images(model)
@@ -103,7 +106,8 @@ def test_fit_forward_save_and_load_in_a_fresh_process(name, tmp_path):
     s2, m2 = torch.load(tmp_path / "out.pt")
     assert torch.equal(s2, scores) and torch.equal(m2, maps)  # bit-identical in another process
     # and in this one, through the model's own loader
-    again = create_model(name, **TINY[name]).load_checkpoint(path).eval()
+    base, extra = VARIANTS.get(name, (name, {}))
+    again = create_model(base, **TINY[base], **extra).load_checkpoint(path).eval()
     assert torch.equal(again(x).scores, scores)
 
 
