@@ -188,8 +188,9 @@ def run(args) -> int:
         unified = fit_model(first, ConcatDataset([train for _, train, _ in sets]), device=args.device, num_workers=args.num_workers)
     rows = []
     for i, (name, train, test_set) in enumerate(sets):
-        model = first if i == 0 else _build(args.model, kwargs)
-        model, fit_s = unified or fit_model(model, train, device=args.device, num_workers=args.num_workers)
+        # separate: a fresh model per class (the first reuses the one built above)
+        model, fit_s = unified or fit_model(first if i == 0 else _build(args.model, kwargs), train, device=args.device,
+                                            num_workers=args.num_workers)
         res = {"class": name, "model": args.model, "setting": args.setting, "n_train": len(train), "fit_s": fit_s,
                "image_size": list(model.image_size), "resize_size": list(model.resize_size)}
         metrics, (scores, maps, labels, *_) = score(model, test_set, **common)

@@ -2,6 +2,7 @@
 forward -> AnomalyOutput with maps at the input size, save -> load_checkpoint in a fresh process ->
 identical scores, ``fastad run`` on the synthetic data, clear errors for bad input. A new registry
 entry without a tiny configuration here fails ``test_every_registered_model_has_a_tiny_configuration``."""
+import contextlib
 import json
 import os
 import subprocess
@@ -48,17 +49,9 @@ def _fitted(name):
     train = SyntheticDataset("train", 6, size=model.image_size)
     if name == "adpretrain":  # pretraining needs labelled images with anomalies
         train = torch.utils.data.ConcatDataset([train, SyntheticDataset("test", 4, size=model.image_size, seed=1)])
-    with pytest.warns(UserWarning) if name == "featurenorm" and TINY[name].get("project", True) else _nothing():
+    with pytest.warns(UserWarning) if name == "featurenorm" and TINY[name].get("project", True) else contextlib.nullcontext():
         model.fit(train)
     return model
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _images(model, n=3):

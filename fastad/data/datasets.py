@@ -121,15 +121,18 @@ def _check_split(split: str) -> None:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
 
 
-def _folder_samples(base: Path, split: str, class_name: str, good: str, mask_for, layout: str) -> list[Sample]:
-    """``base/split/<good>`` normal, every other ``base/split/<defect>`` anomalous with ``mask_for(defect, path)``."""
-    _check_split(split)
-    if not (base / split).is_dir():
-        raise FileNotFoundError(f"no {layout} split folder {base / split}")
+def _mvtec_mask(base: Path):
+    """``mask_for`` of the MVTec-style layouts: ``base/ground_truth/<defect>/<name>_mask.png``."""
+    return lambda defect, p: base / "ground_truth" / defect / f"{p.stem}_mask.png"
+
+
+def _defect_folder_samples(images: Path, base: Path, class_name: str, good: str, mask_for) -> list[Sample]:
+    """``images/<good>`` normal, every other ``images/<defect>`` anomalous with ``mask_for(defect, path)``
+    where ``base/ground_truth/<defect>`` exists; a defect type without that folder is image-level."""
     samples = []
-    for defect in sorted(d.name for d in (base / split).iterdir() if d.is_dir()):
-        masked = (base / "ground_truth" / defect).is_dir()  # a defect type without a mask folder is image-level
-        for p in _images(base / split / defect):
+    for defect in sorted(d.name for d in images.iterdir() if d.is_dir() and d.name != "ground_truth"):
+        masked = (base / "ground_truth" / defect).is_dir()
+        for p in _images(images / defect):
             if defect == good:
                 samples.append(Sample(str(p), 0, None, class_name))
                 continue
@@ -138,6 +141,15 @@ def _folder_samples(base: Path, split: str, class_name: str, good: str, mask_for
                 raise FileNotFoundError(f"missing mask {mask or base / 'ground_truth' / defect / p.stem} for defect image {p} "
                                         f"({base / 'ground_truth' / defect} exists, so every {defect} image needs one)")
             samples.append(Sample(str(p), 1, None if mask is None else str(mask), class_name))
+    return samples
+
+
+def _folder_samples(base: Path, split: str, class_name: str, good: str, mask_for, layout: str) -> list[Sample]:
+    """The samples of ``base/split`` (:func:`_defect_folder_samples`)."""
+    _check_split(split)
+    if not (base / split).is_dir():
+        raise FileNotFoundError(f"no {layout} split folder {base / split}")
+    samples = _defect_folder_samples(base / split, base, class_name, good, mask_for)
     if not samples:
         raise ValueError(f"no images under {base / split} (class {class_name!r})")
     return samples
@@ -156,7 +168,7 @@ def folder(
     base = Path(root)
     name = class_name or base.name
     return AnomalyDataset(
-        _folder_samples(base, split, name, "good", lambda d, p: base / "ground_truth" / d / f"{p.stem}_mask.png", layout),
+        _folder_samples(base, split, name, "good", _mvtec_mask(base), layout),
         transform,
     )
 
@@ -307,17 +319,7 @@ def imagefolder(
     name = class_name or base.name
     if not (base / good).is_dir():
         raise FileNotFoundError(f"no normal-image folder {base / good} (the ImageFolder layout: {good}/ + one folder per defect)")
-    samples = []
-    for d in sorted(p.name for p in base.iterdir() if p.is_dir() and p.name != "ground_truth"):
-        masked = (base / "ground_truth" / d).is_dir()
-        for p in _images(base / d):
-            if d == good:
-                samples.append(Sample(str(p), 0, None, name))
-                continue
-            mask = base / "ground_truth" / d / f"{p.stem}_mask.png" if masked else None
-            if mask is not None and not mask.is_file():
-                raise FileNotFoundError(f"missing mask {mask} for defect image {p} ({mask.parent} exists)")
-            samples.append(Sample(str(p), 1, None if mask is None else str(mask), name))
+    samples = _defect_folder_samples(base, base, name, good, _mvtec_mask(base))
     return AnomalyDataset(_held_out_split(samples, split, test_good, seed, str(base)), transform)
 
 

@@ -10,7 +10,7 @@ import math
 import torch
 from torch.utils.data import Dataset
 
-from .transforms import IMAGENET_MEAN, IMAGENET_STD
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, pair
 
 
 class SyntheticDataset(Dataset):
@@ -26,8 +26,8 @@ class SyntheticDataset(Dataset):
     def __init__(self, split: str = "train", n: int = 32, size: int | tuple[int, int] = 224, seed: int = 0):
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        self.shape = (size, size) if isinstance(size, int) else tuple(int(v) for v in size)
-        if n < 1 or len(self.shape) != 2 or min(self.shape) < 16:
+        self.shape = pair(size, "size")
+        if n < 1 or min(self.shape) < 16:
             raise ValueError(f"need n >= 1 and size >= 16 (an int or (H, W)), got n={n}, size={size}")
         self.split, self.n, self.size, self.seed = split, n, max(self.shape), seed
         g = torch.Generator().manual_seed(seed)

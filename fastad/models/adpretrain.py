@@ -33,8 +33,7 @@ import torch.nn.functional as F
 from ..backbones import OFFLINE_DEFAULT
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .base import AnomalyOutput, register
-from .components.maps import level_maps, score_and_map
-from .components.residual import ResidualFeatures, feature_norm
+from .components.residual import ResidualFeatures, feature_norm, feature_norm_map
 from .training import TrainedModel
 
 ABNORMAL_PATCH_FRACTION = 32 / 196  # the code's patchify_mask: > 32 abnormal pixels of a 14 x 14 patch
@@ -169,8 +168,6 @@ class ADPretrain(ResidualFeatures, TrainedModel):
         if shots < 1 or center_shots < 1 or not shot_choices or min(shot_choices) < 1:
             raise ValueError(f"shots, center_shots and shot_choices must be >= 1, got {shots}, {center_shots}, {list(shot_choices)}")
         self.config["layers"] = self.init_residual_features(backbone, layers, weights, heads, num_references, depth)
-        for i, c in enumerate(self.channels):
-            self.register_buffer(f"bank_{i}", torch.empty(0, c))  # the scoring check's reference tokens
         self.tau, self.radius, self.margin = tau, radius, margin
         self.shot_choices, self.center_shots = tuple(shot_choices), center_shots
         self.epochs, self.iterations_override, self.train_batch_size = epochs, iterations, train_batch_size
@@ -195,29 +192,23 @@ class ADPretrain(ResidualFeatures, TrainedModel):
         the first ``shots`` normal images as the scoring check's references."""
         if len(data) == 0:
             raise ValueError("fit() got an empty dataset; expected labelled images with masks")
-        self._data, self._pool = data, _normal_pool(data)
-        if not any(label for label, _, _ in _sample_rows(data)):
+        rows = _sample_rows(data)  # read once: other datasets are read item by item
+        self._data, self._pool = data, _normal_pool(rows)
+        if not any(label for label, _, _ in rows):
             warnings.warn("ADPretrain.fit() got no anomalous images: every batch is skipped and the projectors stay "
                           "untrained (pretrain on labelled data with masks, e.g. train + test splits)", stacklevel=2)
         if self.iteration == 0:
             self._fit_centers()
         TrainedModel.fit(self, data, iterations, **kwargs)
         first = [i for members in self._pool.values() for i, _ in members]
-        refs = torch.stack([data[i]["image"] for i in sorted(first)[: self.shots]]).to(self.device, torch.float32)
-        for i, bank in enumerate(self.reference_banks(refs)):
-            setattr(self, f"bank_{i}", bank)
+        self.set_reference_images(torch.stack([data[i]["image"] for i in sorted(first)[: self.shots]]).to(self.device, torch.float32))
         return self
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
-        banks = [getattr(self, f"bank_{i}") for i in range(len(self.channels))]
-        if banks[0].numel() == 0:
-            raise RuntimeError("ADPretrain is not fitted: call fit() on labelled data or load a checkpoint first")
+        banks = self.banks()
         images = self.check_images(images)
-        feats = self.project(self.residuals(images, banks))
-        scores = [feature_norm(f, dim=1).flatten(1) for f in feats]
-        maps = level_maps(scores, [f.shape[-2:] for f in feats], tuple(images.shape[-2:]))
-        return AnomalyOutput(*score_and_map(maps, self.sigma, smoothed_map=True))
+        return AnomalyOutput(*feature_norm_map(self.project(self.residuals(images, banks)), tuple(images.shape[-2:]), self.sigma))
 
     def _draw_banks(self, classes: list[str], exclude: set[str], k: int, gen: torch.Generator) -> dict[str, list[torch.Tensor]]:
         """Per class: k random normal images of that class (not in ``exclude``) -> their token banks."""
@@ -302,10 +293,10 @@ def _sample_rows(data) -> list[tuple[int, str, str]]:
     return [(int(x["label"]), x["class_name"], str(x["path"])) for x in (data[i] for i in range(len(data)))]
 
 
-def _normal_pool(data) -> dict[str, list[tuple[int, str]]]:
-    """class name -> [(index, path)] of its normal items."""
+def _normal_pool(rows: list[tuple[int, str, str]]) -> dict[str, list[tuple[int, str]]]:
+    """:func:`_sample_rows` -> class name -> [(index, path)] of its normal items."""
     pool: dict[str, list[tuple[int, str]]] = {}
-    for i, (label, c, path) in enumerate(_sample_rows(data)):
+    for i, (label, c, path) in enumerate(rows):
         if label == 0:
             pool.setdefault(c, []).append((i, path))
     if not pool:

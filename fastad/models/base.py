@@ -263,7 +263,8 @@ class AnomalyModel(nn.Module):
         return self
 
 
-def _read(path) -> tuple[dict, dict[str, torch.Tensor]]:
+def _read(path, *, tensors: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(checked fastad metadata, tensors) of a checkpoint; ``tensors=False`` reads the header only."""
     from safetensors import SafetensorError, safe_open
 
     if not os.path.isfile(path):
@@ -271,7 +272,7 @@ def _read(path) -> tuple[dict, dict[str, torch.Tensor]]:
     try:
         with safe_open(os.fspath(path), framework="pt") as f:
             raw = (f.metadata() or {}).get("fastad")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            data = {k: f.get_tensor(k) for k in f.keys()} if tensors and raw is not None else {}
     except (SafetensorError, OSError, ValueError) as exc:
         raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}") from None
     if raw is None:
@@ -279,14 +280,18 @@ def _read(path) -> tuple[dict, dict[str, torch.Tensor]]:
     meta = json.loads(raw)
     if meta.get("format") not in READABLE_FORMATS:
         raise ValueError(f"{path} has checkpoint format {meta.get('format')!r}; this fastad reads {READABLE_FORMATS}")
-    return meta, tensors
+    return meta, data
+
+
+def _config(meta: dict) -> dict:
+    return {LEGACY_ARGUMENTS.get(k, k): v for k, v in meta["config"].items()}
 
 
 def checkpoint_config(path: str | os.PathLike) -> tuple[str, dict]:
-    """(registered model name, constructor config) stored in a fastad checkpoint."""
-    meta, _ = _read(path)
-    config = {LEGACY_ARGUMENTS.get(k, k): v for k, v in meta["config"].items()}
-    return meta["model"], config
+    """(registered model name, constructor config) stored in a fastad checkpoint (its tensors are
+    not read)."""
+    meta, _ = _read(path, tensors=False)
+    return meta["model"], _config(meta)
 
 
 def load_checkpoint(path: str | os.PathLike, device="cpu", **overrides) -> AnomalyModel:
@@ -297,8 +302,8 @@ def load_checkpoint(path: str | os.PathLike, device="cpu", **overrides) -> Anoma
     that lacks them."""
     import warnings
 
-    meta, _ = _read(path)
-    name, config = checkpoint_config(path)
+    meta, _ = _read(path, tensors=False)
+    name, config = meta["model"], _config(meta)
     cls = MODELS.get(name) or next((c for c in MODELS.values() if c.__name__ == name), None)
     if cls is None:
         raise ValueError(f"{path} holds a {name} checkpoint, not a registered model ({sorted(MODELS)})")

@@ -26,7 +26,7 @@ from torch import nn
 from ..ops import gaussian_blur_small, hard_mining_cosine_loss, linear_attention
 from ..optim import StableAdamW, warm_cosine
 from .base import AnomalyOutput, register
-from .components.maps import cosine_distance_map, top_ratio_mean
+from .components.maps import cosine_distance_map, top_ratio_mean, upsample_and_smooth
 from .components.vit_encoder import ViTEncoder
 from .training import TrainedModel
 
@@ -117,7 +117,8 @@ class Dinomaly(TrainedModel):
     """
 
     def __init__(self, encoder: str = "dinov2reg_vit_base_14", weights: str | None = None, encoder_layers=None,
-                 encoder_kwargs: dict | None = None, image_size=None, crop_fraction: float = 0.875, groups=GROUPS, dropout: float = 0.2, decoder_depth: int = 8,
+                 encoder_kwargs: dict | None = None, image_size=None, crop_fraction: float = 0.875, groups=GROUPS,
+                 dropout: float = 0.2, decoder_depth: int = 8,
                  mlp_ratio: float = 4.0, iterations: int = 10000, train_batch_size: int = 16, lr: float = 2e-3,
                  final_lr: float = 2e-4, warmup_iters: int = 100, weight_decay: float = 1e-4, grad_clip: float | None = 0.1,
                  p_final: float = 0.9, p_ramp: int = 1000, factor: float = 0.1, map_size: int = 256,
@@ -191,11 +192,7 @@ class Dinomaly(TrainedModel):
         enc, dec = self.features(images)
         maps = cosine_distance_map(enc, dec, size)
         if self.map_size and tuple(maps.shape[-2:]) != (self.map_size, self.map_size):
-            maps = _resize(maps, (self.map_size, self.map_size))
+            maps = upsample_and_smooth(maps, (self.map_size, self.map_size), 0)  # bilinear, no smoothing
         maps = gaussian_blur_small(maps, self.smoothing_kernel, self.sigma)
         scores = top_ratio_mean(maps, self.max_ratio)  # on the authors' 256-px map
-        return AnomalyOutput(scores, maps if tuple(maps.shape[-2:]) == size else _resize(maps, size))
-
-
-def _resize(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    return F.interpolate(maps.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
+        return AnomalyOutput(scores, maps if tuple(maps.shape[-2:]) == size else upsample_and_smooth(maps, size, 0))

@@ -26,9 +26,9 @@ from torch import nn
 from ..backbones import OFFLINE_DEFAULT
 from .base import AnomalyModel, AnomalyOutput, image_batches, register
 from .components.gaussian import GaussianGrid, per_level_maps
-from .components.maps import level_maps, score_and_map, upsample_and_smooth
+from .components.maps import upsample_and_smooth
 from .components.memory_bank import MemoryBank, PatchEmbedding
-from .components.residual import ResidualFeatures, feature_norm
+from .components.residual import ResidualFeatures, feature_norm_map
 
 SCORERS = ("featurenorm", "patchcore", "padim")
 PADIM_EPS = 0.01  # PaDiM's covariance regulariser
@@ -64,8 +64,6 @@ class FeatureNorm(ResidualFeatures, AnomalyModel):
         if shots < 1:
             raise ValueError(f"shots must be >= 1, got {shots}")
         self.config["layers"] = self.init_residual_features(backbone, layers, weights, heads, num_references, depth)
-        for i, c in enumerate(self.channels):
-            self.register_buffer(f"bank_{i}", torch.empty(0, c))  # the few-shot reference tokens
         self.scorer, self.shots, self.project_features, self.sigma = scorer, shots, project, sigma
         self.coreset_ratio, self.seed = coreset_ratio, seed
         self.scored_levels = list(range(len(self.channels)))[-3:] if scorer == "patchcore" else list(range(len(self.channels)))
@@ -77,17 +75,10 @@ class FeatureNorm(ResidualFeatures, AnomalyModel):
         if pretrained is not None:
             self.load_projectors(pretrained)
 
-    def banks(self) -> list[torch.Tensor]:
-        return [getattr(self, f"bank_{i}") for i in range(len(self.channels))]
-
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """(B, 3, H, W) -> the scored levels' (B, C_l, h_l, w_l) projected (or raw) residual features
         against the fitted reference bank."""
-        banks = self.banks()
-        if banks[0].numel() == 0:
-            raise RuntimeError("FeatureNorm is not fitted (no reference images): call fit() on normal images of the class "
-                               "or load a checkpoint first")
-        res = self.residuals(images, banks)
+        res = self.residuals(images, self.banks())
         feats = self.project(res) if self.project_features else res
         return [feats[i] for i in self.scored_levels]
 
@@ -110,8 +101,7 @@ class FeatureNorm(ResidualFeatures, AnomalyModel):
         refs = torch.cat(taken)[: self.shots]
         if len(refs) < self.shots:
             warnings.warn(f"FeatureNorm: only {len(refs)} reference images, expected shots={self.shots}", stacklevel=2)
-        for i, bank in enumerate(self.reference_banks(refs)):
-            setattr(self, f"bank_{i}", bank)
+        self.set_reference_images(refs)
         self.eval()
         if self.scorer == "patchcore":
             emb = [self.patch_embedding(self.features(x))[0].flatten(0, 1) for x in itertools.chain(taken, batches)]
@@ -137,5 +127,4 @@ class FeatureNorm(ResidualFeatures, AnomalyModel):
             if self.gaussians[0].mean.numel() == 0:
                 raise RuntimeError("FeatureNorm's PaDiM scorer is not fitted: call fit() first")
             return AnomalyOutput(*per_level_maps(self.gaussians, feats, size, self.sigma))
-        maps = level_maps([feature_norm(f, dim=1).flatten(1) for f in feats], [f.shape[-2:] for f in feats], size)
-        return AnomalyOutput(*score_and_map(maps, self.sigma, smoothed_map=True))
+        return AnomalyOutput(*feature_norm_map(feats, size, self.sigma))

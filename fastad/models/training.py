@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .base import AnomalyModel, image_batches
+from .base import AnomalyModel
 
 
 def _epoch_batches(data: Dataset, batch_size: int, seed: int, start: int, num_workers: int) -> Iterator:
@@ -140,7 +140,7 @@ class TrainedModel(AnomalyModel):
 
     def batch_images(self, batch) -> torch.Tensor:
         """The (B, 3, H, W) float32 images of a batch (a tensor or a dict with 'image') on the model's device."""
-        return self.check_images(next(iter(image_batches([batch], self.device, progress=False))))
+        return self.check_images(batch["image"] if isinstance(batch, dict) else batch)
 
     def check_finite(self, loss: torch.Tensor) -> None:
         if not torch.isfinite(loss):

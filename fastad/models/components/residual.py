@@ -21,9 +21,10 @@ from torch import nn
 
 from ...backbones import OFFLINE_DEFAULT, FeatureExtractor
 from ...ops import nearest_reference
+from .maps import level_maps, score_and_map
 from .vit_encoder import ViTMaps
 
-__all__ = ["FeatureProjector", "ResidualFeatures", "feature_norm", "heads_for"]
+__all__ = ["FeatureProjector", "ResidualFeatures", "feature_norm", "feature_norm_map", "heads_for"]
 
 # DINOv2 (no registers) -> the 0-indexed blocks ADPretrain reads (1-indexed 3/6/9/12, 6/12/18/24)
 VIT_LEVELS = {"vit_base_patch14_dinov2": (2, 5, 8, 11), "vit_large_patch14_dinov2": (5, 11, 17, 23)}
@@ -34,6 +35,14 @@ def feature_norm(features: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """ADPretrain's norm, ``sqrt(||x||_2 + 1) - 1`` along ``dim`` (the code's; the paper writes
     ``sqrt(||x||^2 + 1) - 1``)."""
     return torch.sqrt(features.norm(dim=dim) + 1) - 1
+
+
+def feature_norm_map(feats: list[torch.Tensor], size: tuple[int, int], sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """FeatureNorm's scoring: per level (B, C_l, h_l, w_l) features -> each token's :func:`feature_norm`,
+    bilinear (align_corners=True) to ``size``, mean over levels, Gaussian ``sigma``; returns
+    (max of the smoothed map (B,), smoothed map (B, H, W)), as the authors evaluate it."""
+    maps = level_maps([feature_norm(f, dim=1).flatten(1) for f in feats], [f.shape[-2:] for f in feats], size)
+    return score_and_map(maps, sigma, smoothed_map=True)
 
 
 def heads_for(channels: int, heads: int) -> int:
@@ -92,12 +101,13 @@ class FeatureProjector(nn.Module):
 
 class ResidualFeatures:
     """Mixin of the models built on residual features: a frozen ``backbone``, one ``projectors``
-    entry per level and the level centres ``center_<l>`` (kept with the projectors: the angle loss's
-    origin). :meth:`init_residual_features` builds them; the attribute names are the checkpoint keys
+    entry per level, the level centres ``center_<l>`` (kept with the projectors: the angle loss's
+    origin) and the reference tokens ``bank_<l>`` residuals are taken against (set by the model's
+    ``fit``). :meth:`init_residual_features` builds them; the attribute names are the checkpoint keys
     that :meth:`load_projectors` reads."""
 
     def init_residual_features(self, backbone: str, layers, weights, heads: int, num_references: int, depth: int) -> list[int]:
-        """Build backbone, projectors and centres; returns the resolved layers."""
+        """Build backbone, projectors, centres and (empty) reference banks; returns the resolved layers."""
         vit = "dinov2" in backbone
         if layers is None and vit and backbone not in VIT_LEVELS:
             raise ValueError(f"no default blocks for {backbone}: pass layers=[...] (0-indexed blocks)")
@@ -109,10 +119,24 @@ class ResidualFeatures:
         self.projectors = nn.ModuleList(FeatureProjector(c, heads, num_references, depth) for c in self.channels)
         for i, c in enumerate(self.channels):
             self.register_buffer(f"center_{i}", torch.zeros(c))
+            self.register_buffer(f"bank_{i}", torch.empty(0, c))
         return layers
 
     def centers(self) -> list[torch.Tensor]:
         return [getattr(self, f"center_{i}") for i in range(len(self.channels))]
+
+    def banks(self) -> list[torch.Tensor]:
+        """Per level the (M_l, C_l) reference tokens; raises if the model is not fitted."""
+        banks = [getattr(self, f"bank_{i}") for i in range(len(self.channels))]
+        if banks[0].numel() == 0:
+            raise RuntimeError(f"{type(self).__name__} is not fitted (no reference images): call fit() or load a checkpoint first")
+        return banks
+
+    @torch.no_grad()
+    def set_reference_images(self, images: torch.Tensor) -> None:
+        """Make every token of the (K, 3, H, W) ``images`` the reference banks."""
+        for i, bank in enumerate(self.reference_banks(images)):
+            setattr(self, f"bank_{i}", bank)
 
     @torch.no_grad()
     def residuals(self, images: torch.Tensor, banks: list[torch.Tensor]) -> list[torch.Tensor]:
