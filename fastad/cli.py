@@ -11,6 +11,10 @@ import sys
 from pathlib import Path
 
 
+class UsageError(Exception):
+    """A user error: ``main`` prints it as one line ``fastad: error: ...`` and exits with 2."""
+
+
 KINDS = ("synthetic", "mvtec", "mpdd", "btad", "visa", "realiad", "mtd", "folder", "imagefolder", "list")
 
 
@@ -63,56 +67,72 @@ def _datasets(spec: str, classes: list[str] | None, transform, options: dict | N
     options = options or {}
     kind, _, path = spec.partition(":")
     if kind not in KINDS:
-        raise SystemExit(f"unknown data kind {kind!r}; expected one of {', '.join(KINDS)}")
+        raise UsageError(f"--data: unknown data kind {kind!r}; expected one of {', '.join(KINDS)}")
     if kind == "synthetic":
         if options or (classes and classes != ["synthetic"]):
-            raise SystemExit("fastad: error: the synthetic data has one class, 'synthetic', and no --data-opt options")
+            raise UsageError("the synthetic data has one class, 'synthetic', and no --data-opt options")
         return [("synthetic", SyntheticDataset("train", 32, size=transform.crop), SyntheticDataset("test", 32, size=transform.crop))]
     if not path:
-        raise SystemExit(f"--data {spec!r}: expected KIND:PATH, e.g. mvtec:/data/mvtec or mtd:/data/mtd")
+        raise UsageError(f"--data {spec!r}: expected KIND:PATH, e.g. mvtec:/data/mvtec or mtd:/data/mtd")
     root = Path(path)
     if kind == "list" and not root.is_file():
-        raise SystemExit(f"--data {spec!r}: {root} is not a file (a CSV or JSON list)")
+        raise UsageError(f"--data {spec!r}: {root} is not a file (a CSV or JSON list)")
     if kind != "list" and not root.is_dir():
-        raise SystemExit(f"--data {spec!r}: {root} is not a folder")
+        raise UsageError(f"--data {spec!r}: {root} is not a folder")
     load, signature_of = _loaders()[kind]
     accepted = sorted(set(inspect.signature(signature_of).parameters) - FIXED_ARGUMENTS)
     unknown = sorted(set(options) - set(accepted))
     if unknown:
-        raise SystemExit(f"fastad: error: --data-opt {', '.join(unknown)} is not an option of {kind} data; "
+        raise UsageError(f"--data-opt {', '.join(unknown)} is not an option of {kind} data; "
                          f"its options: {', '.join(accepted) or 'none'}")
     t = ImageTransform(transform.crop, transform.crop) if kind == "mtd" else transform
     try:
         available = _class_names(kind, root, options)
         names = classes or available
         if not names:
-            raise SystemExit(f"no {kind} classes found under {root}")
+            raise UsageError(f"--data {spec}: no {kind} classes found under {root}")
         missing = [c for c in names if c not in available]
         if missing:
-            raise SystemExit(f"fastad: error: --classes {', '.join(missing)} not found in {root}; available: {', '.join(available)}")
+            raise UsageError(f"--classes {', '.join(missing)} not found in {root}; available: {', '.join(available)}")
         return [(c, load(root, c, "train", t, **options), load(root, c, "test", t, **options)) for c in names]
     except (FileNotFoundError, ValueError) as exc:
-        raise SystemExit(f"fastad: error: --data {spec}: {exc}") from None
+        raise UsageError(f"--data {spec}: {exc}") from None
 
 
-def _check_data(sets) -> None:
+def _check_data(sets, skip_bad: bool = False) -> tuple[list, dict[str, list[str]]]:
     """The validation pass before any model work: print what each split holds, then stop with every
-    problem of every file list at once (missing / unreadable images and masks, mask sizes)."""
-    problems = []
+    problem of every file list at once (missing, empty or unreadable images and masks, mask sizes),
+    or, with ``skip_bad``, drop the bad images with a warning. Returns (the sets, {class: the
+    skipped problems})."""
+    problems, skipped, checked = [], {}, []
     for name, *splits in sets:
-        parts = []
+        parts, kept = [], []
         for split, ds in zip(("train", "test"), splits):
-            if hasattr(ds, "counts"):
+            if hasattr(ds, "problems"):
+                bad = ds.problems()
+                if bad and skip_bad:
+                    skipped.setdefault(name, []).extend(f"{split}: {msg}" for _, msg in bad)
+                    try:
+                        ds = ds.without([sample for sample, _ in bad])
+                    except ValueError as exc:
+                        raise UsageError(f"{name} {split}: {exc}") from None
+                else:
+                    problems += [msg for _, msg in bad]
                 c = ds.counts()
                 parts.append(f"{split} {c['normal']} normal, {c['anomalous']} anomalous "
                              f"({c['anomalous_with_mask']} with pixel masks)")
-                problems += ds.validate()
             else:
                 labels = ds.labels
                 parts.append(f"{split} {int((labels == 0).sum())} normal, {int((labels > 0).sum())} anomalous")
+            kept.append(ds)
+        checked.append((name, *kept))
         print(f"{name}: " + "; ".join(parts), flush=True)
     if problems:
-        raise SystemExit(f"fastad: error: {len(problems)} problem(s) in the data:\n  " + "\n  ".join(problems))
+        raise UsageError(f"{len(problems)} problem(s) in the data: " + "; ".join(problems) +
+                         " (fix or remove these files, or pass --skip-bad-images)")
+    for name, bad in skipped.items():
+        print(f"warning: {name}: skipped {len(bad)} bad image(s): " + "; ".join(bad), file=sys.stderr, flush=True)
+    return checked, skipped
 
 
 def _fmt(v):
@@ -150,7 +170,7 @@ def _model_args(pairs: list[str], flag: str = "--set") -> dict:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise SystemExit(f"{flag} expects KEY=VALUE, got {pair!r}")
+            raise UsageError(f"{flag} expects KEY=VALUE, got {pair!r}")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -158,57 +178,155 @@ def _model_args(pairs: list[str], flag: str = "--set") -> dict:
     return out
 
 
+def _check_types(name: str, kwargs: dict) -> None:
+    """A ``--set`` value whose JSON type cannot be the argument's (its default's type; a number for
+    a float, a list for an int size or a tuple) is a one-line error naming the argument."""
+    import inspect
+
+    from .models import MODELS
+
+    cls = MODELS.get(name)
+    params = inspect.signature(cls.__init__).parameters if cls else {}
+    for key, value in kwargs.items():
+        p = params.get(key)
+        if p is None or p.default is inspect.Parameter.empty or p.default is None or value is None or "|" in str(p.annotation):
+            continue  # no default to learn the type from, or a union
+        want = type(p.default)
+        ok = {bool: lambda v: isinstance(v, bool),
+              int: lambda v: (isinstance(v, int) and not isinstance(v, bool)) or isinstance(v, list),  # sizes: [H, W]
+              float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+              str: lambda v: isinstance(v, str),
+              tuple: lambda v: isinstance(v, (list, int)), list: lambda v: isinstance(v, list)}.get(want)
+        if ok is not None and not ok(value):
+            raise UsageError(f"--set {key}={json.dumps(value)}: {name}'s {key} expects {want.__name__} "
+                             f"(default {json.dumps(p.default) if not isinstance(p.default, tuple) else list(p.default)}), "
+                             f"got {type(value).__name__}")
+
+
 def _build(name: str, kwargs: dict):
     """The model ``name`` with the ``--set`` arguments; a wrong argument is a one-line error."""
     from .models import create_model
 
+    _check_types(name, kwargs)
     try:
         return create_model(name, **kwargs)
     except TypeError as exc:  # an unknown keyword
-        raise SystemExit(f"fastad: error: --set for {name}: {exc}") from None
+        raise UsageError(f"--set for {name}: {exc}") from None
     except ValueError as exc:
-        raise SystemExit(f"fastad: error: {name}: {exc}") from None
+        raise UsageError(f"{name}: {exc}") from None
+
+
+def _write_results(out: str, rows: list[dict], title: str) -> None:
+    """results.json and results.md, each written atomically (a killed or failed write keeps the old file)."""
+    from .faults import atomic_write
+
+    # NaN (an undefined metric) is not JSON: write null
+    plain = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in rows]
+    text = json.dumps(plain, indent=2)
+    atomic_write(os.path.join(out, "results.json"), lambda tmp: Path(tmp).write_text(text))
+    table = results_markdown(rows, title)
+    atomic_write(os.path.join(out, "results.md"), lambda tmp: Path(tmp).write_text(table))
+
+
+def _keep_previous_results(out: str) -> None:
+    """Rename the results.json / results.md of an earlier run in ``out`` to ``NAME.~N~`` (the next
+    free N, as ``cp --backup=numbered``) and say so: a new run never overwrites them silently."""
+    for name in ("results.json", "results.md"):
+        path = os.path.join(out, name)
+        if os.path.exists(path):
+            n = 1
+            while os.path.exists(f"{path}.~{n}~"):
+                n += 1
+            os.replace(path, f"{path}.~{n}~")
+            print(f"kept the earlier {name} as {name}.~{n}~", flush=True)
+
+
+def _fit(args, build, train, checkpoint: str | None):
+    """(fitted model, fit seconds): a fresh model from ``build()``, or with ``checkpoint`` the model
+    saved there (written by an earlier run with the same configuration), trained on to its recipe's
+    end (exact resume) or, for an embedding model, used as it is; the fitted model is saved there."""
+    import time
+
+    from .engine import fit_model
+    from .models import load_checkpoint
+    from .models.base import checkpoint_config
+    from .models.training import TrainedModel
+
+    model = build()
+    fit_options = {"on_nan": args.on_nan} if isinstance(model, TrainedModel) else {}
+    if checkpoint and os.path.exists(checkpoint):
+        name, config = checkpoint_config(checkpoint)
+        if name != model.registry_name or config != model.config:
+            diff = sorted(k for k in {*config, *model.config} if config.get(k) != model.config.get(k))
+            raise UsageError(f"--checkpoint-dir: {checkpoint} holds a {name} model with other settings "
+                             f"({', '.join(diff) or 'model'} differ); use another --checkpoint-dir or delete the file")
+        model = load_checkpoint(checkpoint, device=args.device)
+        if not isinstance(model, TrainedModel):
+            print(f"loaded the fitted model {checkpoint}", flush=True)
+            return model, 0.0
+        print(f"resuming {checkpoint} at iteration {model.iteration}", flush=True)
+    if isinstance(model, TrainedModel) and checkpoint:
+        fit_options.update(checkpoint=checkpoint, checkpoint_every=args.checkpoint_every)
+    t0 = time.perf_counter()
+    model, _ = fit_model(model, train, device=args.device, num_workers=args.num_workers, fit_options=fit_options)
+    if checkpoint and not isinstance(model, TrainedModel):
+        model.save(checkpoint)
+    return model, time.perf_counter() - t0
 
 
 def run(args) -> int:
+    import torch
     from torch.utils.data import ConcatDataset
 
-    from .engine import fit_model, score
+    from .engine import score
+    from .faults import check_writable
     from .overlays import save_overlays
 
     kwargs = _model_args(args.set)
     if args.model == "patchcore" and args.coreset_ratio:
         kwargs["coreset_ratio"] = args.coreset_ratio
+    for folder, flag in ((args.out, "--out"), (args.checkpoint_dir, "--checkpoint-dir")):
+        if folder:  # before hours of work whose results could not be written
+            check_writable(folder, flag)
+    torch.manual_seed(args.seed)  # torch seeds itself randomly per process: a run is reproducible only seeded
     first = _build(args.model, kwargs)  # its transform sizes the data
     sets = _datasets(args.data, args.classes, first.transform(), _model_args(args.data_opt, "--data-opt"))
-    _check_data(sets)
+    sets, skipped = _check_data(sets, args.skip_bad_images)
+    if args.out:
+        _keep_previous_results(args.out)
     common = dict(batch_size=args.batch_size, num_workers=args.num_workers)
+    built = iter([first])  # the first model is reused, then a fresh one per class
+
+    def build():  # each class's model starts from the same seed, whatever ran (or was resumed) before it
+        model = next(built, None)
+        if model is None:
+            torch.manual_seed(args.seed)
+            model = _build(args.model, kwargs)
+        return model
+
+    def checkpoint(name: str) -> str | None:
+        return os.path.join(args.checkpoint_dir, f"{args.model}-{name}.safetensors") if args.checkpoint_dir else None
+
     unified = None
     if args.setting == "unified":  # one model for all classes, evaluated class by class
-        unified = fit_model(first, ConcatDataset([train for _, train, _ in sets]), device=args.device, num_workers=args.num_workers)
+        unified = _fit(args, build, ConcatDataset([train for _, train, _ in sets]), checkpoint("unified"))
     rows = []
-    for i, (name, train, test_set) in enumerate(sets):
-        # separate: a fresh model per class (the first reuses the one built above)
-        model, fit_s = unified or fit_model(first if i == 0 else _build(args.model, kwargs), train, device=args.device,
-                                            num_workers=args.num_workers)
+    title = f"fastad {args.model} on {args.data} ({args.setting})"
+    for name, train, test_set in sets:
+        model, fit_s = unified or _fit(args, build, train, checkpoint(name))
         res = {"class": name, "model": args.model, "setting": args.setting, "n_train": len(train), "fit_s": fit_s,
                "image_size": list(model.image_size), "resize_size": list(model.resize_size)}
         metrics, (scores, maps, labels, *_) = score(model, test_set, **common)
         res.update(metrics)
+        res["skipped_images"] = skipped.get(name, [])
         rows.append(res)
         if args.out and args.overlays:
             save_overlays(test_set, scores, maps, labels, os.path.join(args.out, "overlays"), name, args.overlays)
+        if args.out:  # after every class: a sweep stopped later keeps the classes already done
+            _write_results(args.out, rows, title)
         print(f"{name}: image AUROC {_fmt(res['image_auroc'])}  pixel AUROC {_fmt(res['pixel_auroc'])}  "
               f"AUPRO {_fmt(res['pixel_aupro'])}  mAD {_fmt(res['mad'])}  "
               f"fit {res['fit_s']:.1f}s  inference {res['images_per_s']:.1f} img/s", flush=True)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "results.json"), "w") as f:
-            # NaN (an undefined metric) is not JSON: write null
-            json.dump([{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in rows], f, indent=2)
-        title = f"fastad {args.model} on {args.data} ({args.setting})"
-        with open(os.path.join(args.out, "results.md"), "w") as f:
-            f.write(results_markdown(rows, title))
     return 0
 
 
@@ -217,18 +335,24 @@ def pretrain(args) -> int:
     chosen classes, written to the ``--out`` checkpoint (resumed from it if it exists)."""
     from torch.utils.data import ConcatDataset
 
+    from .faults import check_writable
     from .models import load_checkpoint
 
     kwargs = _model_args(args.set)
+    check_writable(os.path.dirname(os.path.abspath(args.out)), "--out's folder")
     if os.path.exists(args.out):
         model = load_checkpoint(args.out, device=args.device, **kwargs)
         print(f"resuming {args.out} at iteration {model.iteration}", flush=True)
     else:
+        import torch
+
+        torch.manual_seed(args.seed)
         model = _build("adpretrain", kwargs).to(args.device)
     sets = _datasets(args.data, args.classes, model.transform(), _model_args(args.data_opt, "--data-opt"))
-    _check_data(sets)
+    sets, _ = _check_data(sets, args.skip_bad_images)
     data = ConcatDataset([ds for _, train, test in sets for ds in (train, test)])
-    model.fit(data, checkpoint=args.out, checkpoint_every=args.checkpoint_every, num_workers=args.num_workers)
+    model.fit(data, checkpoint=args.out, checkpoint_every=args.checkpoint_every, num_workers=args.num_workers,
+              on_nan=args.on_nan)
     losses = model.loss_history
     print(f"pretrained {model.iteration} iterations on {len(data)} images of {len(sets)} classes; "
           f"loss {losses[0] if losses else float('nan'):.4f} -> {losses[-1] if losses else float('nan'):.4f}; "
@@ -249,10 +373,31 @@ def bench(args, extra: list[str]) -> int:
     return int(pytest.main([str(folder), "-s", "-q", "-p", "no:cacheprovider", "--benchmark-columns=min,mean,rounds", *extra]))
 
 
+def _one_line(exc: BaseException) -> str:
+    text = str(exc)
+    if isinstance(exc, OSError) and exc.strerror:  # without the "[Errno N]" prefix
+        text = exc.strerror + (f": {exc.filename}" if exc.filename else "")
+    text = " ".join(text.split()) or type(exc).__name__
+    return text if isinstance(exc, (UsageError, ValueError, OSError, FloatingPointError)) else f"{type(exc).__name__}: {text}"
+
+
 def main(argv=None) -> int:
+    """The ``fastad`` command. Returns the exit status: 0, or 2 after one line ``fastad: error: ...``
+    on stderr for a user error (bad arguments or data, unreadable or foreign files, a file that
+    cannot be written, a NaN loss, out of memory); ``--debug`` raises it with its traceback instead."""
     parser = argparse.ArgumentParser(prog="fastad", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="fit and evaluate a model")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    common.add_argument("--skip-bad-images", action="store_true",
+                        help="skip missing/unreadable images and masks (listed in a warning and in results.json) "
+                             "instead of stopping")
+    common.add_argument("--seed", type=int, default=0, help="torch's seed before each model is built (weights, "
+                        "dropout; the models' own seeds, e.g. of the coreset, are --set seed=N)")
+    common.add_argument("--on-nan", default="stop", choices=["stop", "skip"],
+                        help="a NaN/inf loss or gradient stops training (default; the last checkpoint is kept) "
+                             "or skips that update")
+    r = sub.add_parser("run", help="fit and evaluate a model", parents=[common])
     from .models import MODELS
 
     r.add_argument("--model", default="patchcore", choices=sorted(MODELS))
@@ -272,8 +417,12 @@ def main(argv=None) -> int:
                    help="model argument, repeatable, e.g. --set iterations=5000 --set weights=/w/dinov2.pth")
     r.add_argument("--out", default=None, help="folder for results.json, results.md and overlays/")
     r.add_argument("--overlays", type=int, default=4, help="anomaly-map overlay PNGs per class (0: none)")
+    r.add_argument("--checkpoint-dir", default=None,
+                   help="save each fitted model there (MODEL-CLASS.safetensors; trained models every "
+                        "--checkpoint-every iterations) and resume from it when run again")
+    r.add_argument("--checkpoint-every", type=int, default=500, help="iterations between training checkpoints")
     p = sub.add_parser("pretrain", help="pretrain ADPretrain's projectors on labelled images (train + test splits); "
-                       "then score with --model featurenorm --set pretrained=OUT")
+                       "then score with --model featurenorm --set pretrained=OUT", parents=[common])
     p.add_argument("--data", default="synthetic", help="synthetic or KIND:ROOT, as for run")
     p.add_argument("--classes", nargs="*", help="classes to use (default: all found under ROOT)")
     p.add_argument("--data-opt", action="append", default=[], metavar="KEY=VALUE", help="loader option, as for run")
@@ -290,7 +439,15 @@ def main(argv=None) -> int:
         return bench(args, extra)
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    return pretrain(args) if args.command == "pretrain" else run(args)
+    import torch
+
+    try:
+        return pretrain(args) if args.command == "pretrain" else run(args)
+    except (UsageError, ValueError, TypeError, OSError, FloatingPointError, torch.OutOfMemoryError) as exc:
+        if args.debug:
+            raise
+        print(f"fastad: error: {_one_line(exc)}", file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":

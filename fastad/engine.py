@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .faults import memory_stage
 from .metrics import compute_metrics
 from .models import create_model
 
@@ -24,7 +25,8 @@ def predict(model, ds: Dataset, batch_size: int = 16, num_workers: int = 0):
     anomalous image without pixel ground truth) of a dataset, on the CPU."""
     scores, maps, labels, masks, has_mask = [], [], [], [], []
     for batch in _loader(ds, batch_size, num_workers, "predict"):
-        s, m = model(batch["image"])
+        with memory_stage("inference", "lower --batch-size"):
+            s, m = model(batch["image"])
         mask = batch["mask"]
         if mask.shape != m.shape:  # the contract: maps at the input size
             raise ValueError(f"{type(model).__name__} returned maps of shape {tuple(m.shape)} for masks of shape "
@@ -37,14 +39,16 @@ def predict(model, ds: Dataset, batch_size: int = 16, num_workers: int = 0):
     return torch.cat(scores), torch.cat(maps), torch.cat(labels), torch.cat(masks), torch.cat(has_mask)
 
 
-def fit_model(model, train: Dataset, *, device: str = "cpu", num_workers: int = 0, **model_kwargs):
+def fit_model(model, train: Dataset, *, device: str = "cpu", num_workers: int = 0, fit_options: dict | None = None,
+              **model_kwargs):
     """Fit ``model`` (a model, or a registered name created with ``model_kwargs``) on ``train`` on
-    ``device``. Returns (model, seconds). Every model takes the Dataset and batches it its own way."""
+    ``device``; ``fit_options`` go to its ``fit`` (e.g. ``checkpoint``, ``on_nan`` for trained
+    models). Returns (model, seconds). Every model takes the Dataset and batches it its own way."""
     if isinstance(model, str):
         model = create_model(model, **model_kwargs)
     model = model.to(device)
     t0 = time.perf_counter()
-    model.fit(train, num_workers=num_workers)
+    model.fit(train, num_workers=num_workers, **(fit_options or {}))
     return model, time.perf_counter() - t0
 
 

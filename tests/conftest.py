@@ -69,3 +69,16 @@ def skip_unless_runs(path: str, device: str) -> None:
 
     if path == "triton" and device == "cpu" and not dispatch.TRITON_INTERPRET:
         pytest.skip("Triton kernels run on CPU tensors only with TRITON_INTERPRET=1")
+
+
+def cli_error(capsys, argv: list[str]) -> str:
+    """Run ``fastad`` in-process on ``argv``: it must fail with exit status 2 and exactly one line
+    ``fastad: error: ...`` on stderr (no traceback), returned."""
+    from fastad.cli import main
+
+    capsys.readouterr()
+    rc = main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("fastad: error:")]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, (rc, err)
+    return lines[0]

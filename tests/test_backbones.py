@@ -47,5 +47,5 @@ def test_feature_extractor_is_frozen_and_shaped():
 
 def test_missing_weights_never_download(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path))  # empty cache
-    with pytest.raises(RuntimeError, match="never downloads"):
+    with pytest.raises(FileNotFoundError, match="never downloads"):
         FeatureExtractor("resnet18", (1, 2))

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import fastad
+from conftest import cli_error
 from fastad.cli import main
 
 
@@ -66,13 +67,10 @@ def test_cli_results_table(tmp_path, setting):
         assert rows[0]["fit_s"] == rows[1]["fit_s"]
 
 
-def test_cli_bad_data(tmp_path):
-    with pytest.raises(SystemExit, match="unknown data kind"):
-        main(["run", "--data", "nope:/x"])
-    with pytest.raises(SystemExit, match="is not a folder"):
-        main(["run", "--data", f"mvtec:{tmp_path / 'missing'}"])
-    with pytest.raises(SystemExit, match="no mvtec classes"):
-        main(["run", "--data", f"mvtec:{tmp_path}"])
+def test_cli_bad_data(tmp_path, capsys):
+    assert "unknown data kind 'nope'" in cli_error(capsys, ["run", "--data", "nope:/x"])
+    assert "is not a folder" in cli_error(capsys, ["run", "--data", f"mvtec:{tmp_path / 'missing'}"])
+    assert "no mvtec classes" in cli_error(capsys, ["run", "--data", f"mvtec:{tmp_path}"])
 
 
 def test_cli_bench_runs_a_suite():

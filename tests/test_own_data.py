@@ -2,6 +2,7 @@
 modes, the ImageFolder layout, --classes and --data-opt for every kind, and the validation pass."""
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ import torch
 from PIL import Image
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from conftest import cli_error
 from fastad import create_model
 from fastad.cli import main
 from fastad.data import ImageTransform, folder, imagefolder, listfile
@@ -140,7 +142,7 @@ def test_list_file_with_mixed_image_modes(tmp_path):
         listfile(bad, "train")
 
 
-def test_imagefolder_layout_and_its_options(tmp_path):
+def test_imagefolder_layout_and_its_options(tmp_path, capsys):
     rng = np.random.default_rng(2)
     root = tmp_path / "solar"
     for i in range(10):
@@ -155,15 +157,14 @@ def test_imagefolder_layout_and_its_options(tmp_path):
     out = tmp_path / "out"
     assert main(["run", "--data", f"imagefolder:{root}", "--data-opt", "test_good=0.5", *SMALL, "--out", str(out)]) == 0
     assert json.loads((out / "results.json").read_text())[0]["n_test"] == 9
-    with pytest.raises(SystemExit, match="--data-opt json_dir is not an option of imagefolder data; its options: good, seed, test_good"):
-        main(["run", "--data", f"imagefolder:{root}", "--data-opt", "json_dir=x", *SMALL])
+    assert "--data-opt json_dir is not an option of imagefolder data; its options: good, seed, test_good" in \
+        cli_error(capsys, ["run", "--data", f"imagefolder:{root}", "--data-opt", "json_dir=x", *SMALL])
 
 
 def test_classes_are_honoured_for_folder_and_mtd(tmp_path, capsys):
     root = _folder(tmp_path / "widget")
     assert main(["run", "--data", f"folder:{root}", "--classes", "widget", *SMALL, "--out", str(tmp_path / "o")]) == 0
-    with pytest.raises(SystemExit, match="--classes gadget not found .*available: widget"):
-        main(["run", "--data", f"folder:{root}", "--classes", "gadget", *SMALL])
+    assert re.search("--classes gadget not found .*available: widget", cli_error(capsys, ["run", "--data", f"folder:{root}", "--classes", "gadget", *SMALL]))
     rng = np.random.default_rng(3)
     mtd_root = tmp_path / "mtd"
     for i in range(4):
@@ -173,11 +174,10 @@ def test_classes_are_honoured_for_folder_and_mtd(tmp_path, capsys):
     (mtd_root / "mtd_train_filenames.txt").write_text("f0.jpg\nf1.jpg\nf2.jpg\n")
     assert main(["run", "--data", f"mtd:{mtd_root}", "--classes", "mtd", *SMALL, "--out", str(tmp_path / "m")]) == 0
     assert "mtd: train 3 normal, 0 anomalous (0 with pixel masks); test 1 normal, 1 anomalous (1 with pixel masks)" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="--classes bottle not found"):
-        main(["run", "--data", f"mtd:{mtd_root}", "--classes", "bottle", *SMALL])
+    assert "--classes bottle not found" in cli_error(capsys, ["run", "--data", f"mtd:{mtd_root}", "--classes", "bottle", *SMALL])
 
 
-def test_realiad_options_from_the_command_line(tmp_path):
+def test_realiad_options_from_the_command_line(tmp_path, capsys):
     rng = np.random.default_rng(4)
     img = tmp_path / "imgs256/audiojack"
     items = {"train": [], "test": []}
@@ -195,22 +195,34 @@ def test_realiad_options_from_the_command_line(tmp_path):
                  *SMALL, "--out", str(out)]) == 0
     row = json.loads((out / "results.json").read_text())[0]
     assert row["class"] == "audiojack" and row["n_test"] == 3 and row["pixel_images"] == 3
-    with pytest.raises(SystemExit, match="no realiad classes"):
-        main(["run", "--data", f"realiad:{tmp_path}", *SMALL])  # the default realiad_jsons/ is absent
+    assert "no realiad classes" in cli_error(capsys, ["run", "--data", f"realiad:{tmp_path}", *SMALL])  # the default realiad_jsons/ is absent
 
 
-def test_validation_lists_every_problem_before_any_model_work(tmp_path):
+def test_validation_lists_every_problem_before_any_model_work(tmp_path, capsys):
     root = _folder(tmp_path / "broken")
     (root / "train/good/000.png").write_bytes(b"not an image")
     (root / "train/good/001.png").write_bytes(b"")
     Image.fromarray(np.zeros((10, 10), np.uint8)).save(root / "ground_truth/scratch/000_mask.png")
     (root / "ground_truth/dent/001_mask.png").write_bytes(b"garbage")
-    with pytest.raises(SystemExit) as err:
-        main(["run", "--data", f"folder:{root}", *SMALL])
-    msg = str(err.value)
-    assert msg.startswith("fastad: error: 4 problem(s) in the data:")
-    for part in ("cannot read image", "000.png", "001.png is an empty file", "is 10x10 but image", "cannot read mask"):
+    (root / "ground_truth/dent/002_mask.png").unlink()
+    out = tmp_path / "out"
+    msg = cli_error(capsys, ["run", "--data", f"folder:{root}", *SMALL, "--out", str(out)])  # one line, exit 2
+    assert msg.startswith("fastad: error: 5 problem(s) in the data:") and msg.endswith("or pass --skip-bad-images)")
+    for part in ("cannot read image", "train/good/000.png", "001.png is an empty file", "is 10x10 but image",
+                 "cannot read mask", "mask file not found: ", "ground_truth/dent/002_mask.png"):
         assert part in msg, part
+    assert not (out / "results.json").exists()  # stopped before any model work
+
+    # skipped: the run completes without the five images and records them
+    assert main(["run", "--data", f"folder:{root}", *SMALL, "--out", str(out), "--skip-bad-images"]) == 0
+    captured = capsys.readouterr()
+    assert "warning: broken: skipped 5 bad image(s)" in captured.err
+    assert "broken: train 4 normal, 0 anomalous (0 with pixel masks); test 3 normal, 3 anomalous (3 with pixel masks)" in captured.out
+    row = json.loads((out / "results.json").read_text())[0]
+    assert row["n_train"] == 4 and row["n_test"] == 6
+    skipped = row["skipped_images"]
+    assert len(skipped) == 5 and sum(s.startswith("train: ") for s in skipped) == 2, skipped
+    assert any("scratch/000.png" in s for s in skipped) and any("dent/002" in s for s in skipped)
 
 
 def test_adpretrain_refuses_anomalies_without_masks(tmp_path):

@@ -198,9 +198,9 @@ def test_unireplknet_encoder_shapes_and_checkpoint_loading(tmp_path):
             assert torch.equal(loaded.state_dict()[k], v), k
     assert torch.equal(loaded.norm0.weight, torch.ones(80))  # stays identity, as in the authors' code
     torch.save({"model": {"stages.0.0.gamma": torch.zeros(80)}}, tmp_path / "bad.pth")
-    with pytest.raises(RuntimeError, match="not a UniRepLKNet-N checkpoint"):
+    with pytest.raises(ValueError, match="not a UniRepLKNet-N checkpoint"):
         UniRepLKNetEncoder(str(tmp_path / "bad.pth"))
-    with pytest.raises(RuntimeError, match="weights=PATH"):
+    with pytest.raises(FileNotFoundError, match="weights=PATH"):
         UniRepLKNetEncoder(None)
     with pytest.raises(FileNotFoundError):
         UniRepLKNetEncoder(str(tmp_path / "missing.pth"))

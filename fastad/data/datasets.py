@@ -35,15 +35,15 @@ class Sample:
         return self.label == 0 or self.mask_path is not None
 
 
-def _open(path: str) -> Image.Image:
+def _open(path: str, what: str = "image") -> Image.Image:
     try:
         img = Image.open(path)
         img.load()
         return img
     except FileNotFoundError:
-        raise FileNotFoundError(f"image file not found: {path}") from None
+        raise FileNotFoundError(f"{what} file not found: {path}") from None
     except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"cannot read image {path}: {exc}") from None
+        raise ValueError(f"cannot read {what} {path}: {exc}") from None
 
 
 class AnomalyDataset(Dataset):
@@ -67,7 +67,7 @@ class AnomalyDataset(Dataset):
         if s.mask_path is None:
             mask = torch.zeros(image.shape[-2:])
         else:
-            m = _open(s.mask_path)
+            m = _open(s.mask_path, "mask")
             if m.size != img.size:
                 raise ValueError(f"mask {s.mask_path} is {m.size[0]}x{m.size[1]} but image {s.path} is {img.size[0]}x{img.size[1]}")
             mask = self.transform.mask(m)
@@ -84,17 +84,32 @@ class AnomalyDataset(Dataset):
         return {"normal": len(self.samples) - len(anomalous), "anomalous": len(anomalous),
                 "anomalous_with_mask": sum(s.mask_path is not None for s in anomalous)}
 
-    def validate(self) -> list[str]:
-        """Every problem of the file list, without decoding pixels: a missing or unreadable image
-        (its header), a missing or unreadable mask, a mask whose size differs from its image's."""
-        problems = []
+    def problems(self) -> list[tuple[Sample, str]]:
+        """(sample, what is wrong) for every bad file of the list, without decoding pixels: a
+        missing, empty or unreadable image (its header), a missing, empty or unreadable mask, a mask
+        whose size differs from its image's."""
+        found = []
         for s in self.samples:
-            size = _header(s.path, "image", problems)
+            mine: list[str] = []
+            size = _header(s.path, "image", mine)
             if s.mask_path is not None:
-                msize = _header(s.mask_path, "mask", problems)
+                msize = _header(s.mask_path, "mask", mine)
                 if size and msize and size != msize:
-                    problems.append(f"mask {s.mask_path} is {msize[0]}x{msize[1]} but image {s.path} is {size[0]}x{size[1]}")
-        return problems
+                    mine.append(f"mask {s.mask_path} is {msize[0]}x{msize[1]} but image {s.path} is {size[0]}x{size[1]}")
+            found += [(s, p) for p in mine]
+        return found
+
+    def validate(self) -> list[str]:
+        """The messages of :meth:`problems` (empty: every file looks readable)."""
+        return [p for _, p in self.problems()]
+
+    def without(self, bad: list[Sample]) -> AnomalyDataset:
+        """This dataset less the samples ``bad`` (same transform). Raises ValueError if none is left."""
+        drop = set(bad)
+        kept = [s for s in self.samples if s not in drop]
+        if not kept:
+            raise ValueError(f"no image is left after skipping {len(drop)} bad one(s)")
+        return AnomalyDataset(kept, self.transform)
 
 
 def _header(path: str, what: str, problems: list[str]) -> tuple[int, int] | None:
@@ -136,10 +151,9 @@ def _defect_folder_samples(images: Path, base: Path, class_name: str, good: str,
             if defect == good:
                 samples.append(Sample(str(p), 0, None, class_name))
                 continue
+            # a masked defect type needs a mask for every image: a missing one is reported by validate()
+            # (and on reading), never turned into an image-level label
             mask = mask_for(defect, p) if masked else None
-            if masked and (mask is None or not mask.is_file()):
-                raise FileNotFoundError(f"missing mask {mask or base / 'ground_truth' / defect / p.stem} for defect image {p} "
-                                        f"({base / 'ground_truth' / defect} exists, so every {defect} image needs one)")
             samples.append(Sample(str(p), 1, None if mask is None else str(mask), class_name))
     return samples
 
@@ -183,10 +197,10 @@ def btad(root: str | os.PathLike, category: str, split: str, transform: ImageTra
     """BTAD layout: ``root/category/{train/ok, test/ok, test/ko, ground_truth/ko/<name>.<png|bmp>}``."""
     base = Path(root) / category
 
-    def mask_for(defect: str, p: Path) -> Path | None:
+    def mask_for(defect: str, p: Path) -> Path:  # <name>.png or .bmp; a missing one is reported as .png
         masks = base / "ground_truth" / defect
         found = [m for m in _images(masks) if m.stem == p.stem] if masks.is_dir() else []
-        return found[0] if found else None
+        return found[0] if found else masks / f"{p.stem}.png"
 
     return AnomalyDataset(_folder_samples(base, split, category, "ok", mask_for, "BTAD"), transform)
 
@@ -272,10 +286,7 @@ def mtd(root: str | os.PathLike, split: str, transform: ImageTransform | None = 
             if d.name == "MT_Free":
                 continue
             for p in sorted((d / "Imgs").glob("*.jpg")):
-                mask = p.with_suffix(".png")
-                if not mask.is_file():
-                    raise FileNotFoundError(f"missing mask {mask} for defect image {p}")
-                samples.append(Sample(str(p), 1, str(mask), "mtd"))
+                samples.append(Sample(str(p), 1, str(p.with_suffix(".png")), "mtd"))  # a missing mask: validate()
     else:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     return AnomalyDataset(samples, transform)

@@ -271,10 +271,7 @@ class ADPretrain(ResidualFeatures, TrainedModel):
             near = nearest_labels(masks, grid).reshape(-1)
             loss = loss + angle_loss(t1, t2, patch_labels(masks, grid).reshape(-1), self.centers()[lvl], self.tau)
             loss = loss + norm_loss(t1, near, self.radius, self.margin) + norm_loss(t2, near, self.radius, self.margin)
-        self.check_finite(loss)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.update(loss)
         return loss.detach()
 
 

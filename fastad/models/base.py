@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.transforms import ImageTransform, pair
+from ..faults import atomic_write
 
 __all__ = ["MODELS", "AnomalyModel", "AnomalyOutput", "checkpoint_config", "create_model", "image_batches",
            "load_checkpoint", "register"]
@@ -215,7 +216,9 @@ class AnomalyModel(nn.Module):
                 continue  # an unexpected key: reported by load_state_dict
             current = module._buffers.get(name)
             if current is not None and current.shape != value.shape:
-                module._buffers[name] = torch.empty_like(value, device=current.device)
+                # a module may keep a large buffer in host memory (MemoryBank with a memory cap)
+                place = getattr(module, "buffer_device", lambda n, v: None)(name, value)
+                module._buffers[name] = torch.empty_like(value, device=place or current.device)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict]:
@@ -227,7 +230,8 @@ class AnomalyModel(nn.Module):
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the model (weights, fitted buffers, config, and :meth:`checkpoint_state`) to one
-        safetensors file, atomically: a temporary file, fsync, then rename over ``path``."""
+        safetensors file, atomically (:func:`fastad.faults.atomic_write`): a failed or killed write
+        leaves the previous file as it was."""
         from safetensors.torch import save_file
 
         from .. import __version__
@@ -242,12 +246,7 @@ class AnomalyModel(nn.Module):
         tensors.update(extra)
         meta = {"format": FORMAT, "model": self.registry_name or type(self).__name__, "class": type(self).__name__,
                 "fastad": __version__, "config": json.loads(config), **meta}
-        path = os.fspath(path)
-        tmp = f"{path}.tmp"
-        save_file(tensors, tmp, metadata={"fastad": json.dumps(meta)})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"fastad": json.dumps(meta)}))
 
     def load_checkpoint(self, path: str | os.PathLike, *, restore_rng: bool = True) -> AnomalyModel:
         """Load a file written by :meth:`save` for this model class: weights, fitted buffers (resized
@@ -258,7 +257,10 @@ class AnomalyModel(nn.Module):
         if meta.get("model") not in want and meta.get("class") not in want:
             raise ValueError(f"{path} holds a {meta.get('class', meta.get('model'))} checkpoint ({meta.get('model')}), "
                              f"expected {type(self).__name__} ({self.registry_name})")
-        self.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        try:
+            self.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        except RuntimeError as exc:  # missing / unexpected keys, shapes of a differently built model
+            raise ValueError(f"{path} does not fit this {type(self).__name__}: {' '.join(str(exc).split())[:400]}") from None
         self.restore_checkpoint_state(tensors, meta, restore_rng)
         return self
 
@@ -277,9 +279,17 @@ def _read(path, *, tensors: bool = True) -> tuple[dict, dict[str, torch.Tensor]]
         raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}") from None
     if raw is None:
         raise ValueError(f"{path} is not a fastad checkpoint (no 'fastad' metadata)")
-    meta = json.loads(raw)
-    if meta.get("format") not in READABLE_FORMATS:
-        raise ValueError(f"{path} has checkpoint format {meta.get('format')!r}; this fastad reads {READABLE_FORMATS}")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} has corrupt fastad metadata ({exc}); expected a file written by model.save()") from None
+    if not isinstance(meta, dict) or meta.get("format") not in READABLE_FORMATS:
+        fmt = meta.get("format") if isinstance(meta, dict) else None
+        by = f", written by fastad {meta['fastad']}" if isinstance(meta, dict) and "fastad" in meta else ""
+        raise ValueError(f"{path} has checkpoint format {fmt!r}{by}; this fastad reads {', '.join(READABLE_FORMATS)} "
+                         "(load it with the fastad version that wrote it)")
+    if "model" not in meta or not isinstance(meta.get("config"), dict):
+        raise ValueError(f"{path} is a {meta['format']} file without its model name or config (corrupt)")
     return meta, data
 
 

@@ -310,12 +310,7 @@ class FOD(TrainedModel):
         """The two-phase update: ``L1.backward(retain_graph=True)``, ``L2.backward()``, one step.
         Records L_rec."""
         l1, l2, rec = self.phase_losses(self.batch_images(batch))
-        for loss in (l1, l2):
-            self.check_finite(loss)
-        self.optimizer.zero_grad(set_to_none=True)
-        l1.backward(retain_graph=True)
-        l2.backward()
-        self.optimizer.step()
+        self.update(l1, l2)
         return rec.detach()
 
     @torch.no_grad()

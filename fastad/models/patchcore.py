@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..backbones import OFFLINE_DEFAULT, FeatureExtractor
+from ..faults import memory_stage
 from .base import AnomalyModel, AnomalyOutput, image_batches, register
 from .components.maps import upsample_and_smooth
 from .components.memory_bank import MemoryBank, PatchEmbedding
@@ -42,6 +43,9 @@ class PatchCore(AnomalyModel):
         reweight, reweight_neighbors: anomalib-style image-score re-weighting (off, 9).
         sigma: Gaussian smoothing of the map (4).
         bank_backend: ``'torch'`` or ``'faiss'`` (see :class:`fastad.ops.FeatureBank`).
+        bank_memory: bytes of device memory the kNN search may use (None: no cap). With a cap,
+            ``fit`` keeps the patch features in host memory (the coreset then runs on the CPU), a
+            bank larger than the cap stays there and is searched in blocks streamed to the device.
         seed: seed of the coreset projection and starting points.
     Forward:
         images (B, 3, H, W) -> AnomalyOutput(scores (B,), maps (B, H, W)) float32.
@@ -64,12 +68,13 @@ class PatchCore(AnomalyModel):
         reweight_neighbors: int = 9,
         sigma: float = 4.0,
         bank_backend: str = "torch",
+        bank_memory: int | None = None,
         seed: int = 0,
     ):
         super().__init__()
         self.backbone = backbone if isinstance(backbone, nn.Module) else FeatureExtractor(backbone, layers, weights)
         self.patch_embedding = PatchEmbedding(patch_size, pretrain_embed_dim, target_embed_dim)
-        self.bank = MemoryBank(target_embed_dim, bank_backend)
+        self.bank = MemoryBank(target_embed_dim, bank_backend, bank_memory)
         self.coreset_ratio, self.projection_dim, self.seed = coreset_ratio, projection_dim, seed
         self.num_neighbors, self.reweight, self.reweight_neighbors = num_neighbors, reweight, reweight_neighbors
         self.sigma = sigma
@@ -88,7 +93,10 @@ class PatchCore(AnomalyModel):
         """Build the memory bank from normal images: a fastad Dataset (read in order, ``batch_size``
         at a time), a DataLoader of (B, 3, H, W) tensors or dicts with 'image', or a tensor."""
         batches = image_batches(data, self.device, batch_size=batch_size, num_workers=num_workers, progress=progress)
-        feats = [self.embed(self.check_images(x))[0].reshape(-1, self.bank.dim) for x in batches]
+        # with a bank_memory cap the features wait in host memory (the bank may not fit the device)
+        keep = torch.device("cpu") if self.bank.max_bytes is not None else self.device
+        with memory_stage("the embedding", "lower --batch-size (fit(batch_size=N))"):
+            feats = [self.embed(self.check_images(x))[0].reshape(-1, self.bank.dim).to(keep) for x in batches]
         self.bank.fill(torch.cat(feats), self.coreset_ratio, self.projection_dim, self.seed)
         return self
 

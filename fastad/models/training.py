@@ -9,6 +9,7 @@ history and torch's RNG state, used by dropout) continues exactly as the uninter
 """
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from collections.abc import Iterable, Iterator
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..faults import memory_stage
 from .base import AnomalyModel
 
 
@@ -62,6 +64,7 @@ class TrainedModel(AnomalyModel):
         self.loss_history: list[float] = []
         self.optimizer = self.scheduler = None
         self.epoch_length: int | None = None  # batches per epoch of the data first trained on
+        self.skipped_iterations: list[int] = []  # updates skipped for a NaN/inf loss or gradient (on_nan='skip')
 
     def trainable_parameters(self):
         raise NotImplementedError
@@ -88,17 +91,25 @@ class TrainedModel(AnomalyModel):
             self.optimizer, self.scheduler = self.make_optimizer()
 
     def fit(self, data, iterations: int | None = None, *, checkpoint: str | None = None, checkpoint_every: int = 0,
-            num_workers: int = 0, progress: bool | None = None) -> "TrainedModel":
+            num_workers: int = 0, progress: bool | None = None, on_nan: str = "stop") -> "TrainedModel":
         """Train until ``iterations`` (default: the recipe's length) have run in total.
 
         Args:
             data: a Dataset of dicts with 'image' (exact resume), or an iterable of (B, 3, H, W)
                 batches / dicts (cycled in its own order).
-            checkpoint, checkpoint_every: save to this file every N iterations and at the end.
+            checkpoint, checkpoint_every: save to this file every N iterations and at the end
+                (atomically: a run killed at any moment resumes from the last complete file).
             num_workers: DataLoader workers when ``data`` is a Dataset.
             progress: tqdm bar (None: only on a terminal).
+            on_nan: on a NaN/inf loss or gradient, ``'stop'`` raises FloatingPointError naming the
+                iteration (the checkpoint file keeps the last good state); ``'skip'`` drops that
+                update (no optimizer step; the iteration counts and is listed in ``skipped_iterations``).
         """
         from tqdm.auto import tqdm
+
+        if on_nan not in ("stop", "skip"):
+            raise ValueError(f"on_nan must be 'stop' or 'skip', got {on_nan!r}")
+        self.on_nan = on_nan
 
         if self.epoch_length is None:
             if isinstance(data, Dataset):
@@ -119,9 +130,17 @@ class TrainedModel(AnomalyModel):
             batches = _cycle(data)
         bar = tqdm(total=total, initial=min(self.iteration, total), desc="train", unit="it", leave=False,
                    disable=None if progress is None else not progress)
+        saved = None  # the iteration of the last checkpoint this call wrote
         while self.iteration < total:
             self.train()
-            loss = self.training_step(next(batches), self.iteration)
+            try:
+                with memory_stage("training", "lower the batch (--set train_batch_size=N) or image_size"):
+                    loss = self.training_step(next(batches), self.iteration)
+            except FloatingPointError as exc:
+                bar.close()
+                kept = (f"the last good checkpoint {checkpoint} (iteration {saved}) is kept" if saved is not None else
+                        f"{checkpoint} was not rewritten" if checkpoint and os.path.exists(checkpoint) else "no checkpoint was written")
+                raise FloatingPointError(f"{exc}; {kept}; on_nan='skip' (--on-nan skip) skips such updates") from None
             with warnings.catch_warnings():  # a skipped first batch steps the schedule before the optimizer
                 warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()`"), UserWarning)
                 self.scheduler.step()
@@ -132,8 +151,9 @@ class TrainedModel(AnomalyModel):
                 bar.set_postfix(loss=f"{self.loss_history[-1]:.4f}", refresh=False)
             if checkpoint and checkpoint_every and self.iteration % checkpoint_every == 0:
                 self.save(checkpoint)
+                saved = self.iteration
         bar.close()
-        if checkpoint:
+        if checkpoint and saved != self.iteration:
             self.save(checkpoint)
         self.eval()
         return self
@@ -142,27 +162,46 @@ class TrainedModel(AnomalyModel):
         """The (B, 3, H, W) float32 images of a batch (a tensor or a dict with 'image') on the model's device."""
         return self.check_images(batch["image"] if isinstance(batch, dict) else batch)
 
-    def check_finite(self, loss: torch.Tensor) -> None:
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{type(self).__name__}: the loss became {float(loss)} at iteration {self.iteration}")
+    def _not_finite(self, what: str) -> bool:
+        """A NaN/inf ``what`` at this iteration: raise (on_nan='stop') or record the skip (True)."""
+        if getattr(self, "on_nan", "stop") == "stop":
+            raise FloatingPointError(f"{type(self).__name__}: {what} at iteration {self.iteration}")
+        self.skipped_iterations.append(self.iteration)
+        self.optimizer.zero_grad(set_to_none=True)
+        return True
+
+    def update(self, *losses: torch.Tensor) -> bool:
+        """One optimizer update from ``losses`` (their gradients accumulate, FOD's two phases):
+        zero_grad, backward of each, gradient clipping (``grad_clip``), step. A NaN/inf loss or
+        gradient norm stops the run or skips the step (``fit``'s ``on_nan``). Returns whether the
+        step was taken."""
+        for loss in losses:
+            if not torch.isfinite(loss):
+                return not self._not_finite(f"the loss became {float(loss.detach())}")
+        self.optimizer.zero_grad(set_to_none=True)
+        for i, loss in enumerate(losses):
+            loss.backward(retain_graph=i < len(losses) - 1)
+        grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
+        norm = nn.utils.get_total_norm(grads)
+        if not torch.isfinite(norm):
+            return not self._not_finite(f"the gradient norm became {float(norm)}")
+        if self.grad_clip is not None:
+            nn.utils.clip_grads_with_norm_(list(self.trainable_parameters()), self.grad_clip, norm)
+        self.optimizer.step()
+        return True
 
     def training_step(self, batch, iteration: int) -> torch.Tensor:
-        """One update from one batch: ``training_loss``, backward, gradient clipping, optimizer step.
-        Returns the (detached) loss recorded in ``loss_history``, or None for a skipped batch."""
+        """One update from one batch: ``training_loss``, then :meth:`update`. Returns the (detached)
+        loss recorded in ``loss_history``, or None for a batch the recipe skips."""
         loss = self.training_loss(self.batch_images(batch), iteration)
-        self.check_finite(loss)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.grad_clip is not None:
-            nn.utils.clip_grad_norm_(list(self.trainable_parameters()), self.grad_clip)
-        self.optimizer.step()
+        self.update(loss)
         return loss.detach()
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def checkpoint_state(self) -> tuple[dict, dict]:
         """The training state: iteration, epoch length, loss history, RNG, optimizer and scheduler."""
         tensors = {"loss_history": torch.tensor(self.loss_history, dtype=torch.float64), "rng.cpu": torch.get_rng_state()}
-        meta = {"iteration": self.iteration, "epoch_length": self.epoch_length}
+        meta = {"iteration": self.iteration, "epoch_length": self.epoch_length, "skipped_iterations": self.skipped_iterations}
         if torch.cuda.is_available() and self.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
         if self.optimizer is not None:
@@ -181,6 +220,7 @@ class TrainedModel(AnomalyModel):
     def restore_checkpoint_state(self, tensors: dict, meta: dict, restore_rng: bool) -> None:
         self.iteration = int(meta.get("iteration", 0))
         self.epoch_length = meta.get("epoch_length")
+        self.skipped_iterations = list(meta.get("skipped_iterations", []))
         self.loss_history = tensors["loss_history"].tolist() if "loss_history" in tensors else []
         if "optimizer" in meta:
             self.optimizer = self.scheduler = None

@@ -2,7 +2,10 @@
 
 Backends:
 - ``torch``: exact, chunked ``|q|^2 + |b|^2 - 2 q.b`` plus ``topk``; CPU or CUDA, never an
-  (all queries x all bank) matrix.
+  (all queries x all bank) matrix. With ``max_bytes`` (or a bank kept in host memory and queried
+  with CUDA tensors) the bank is also walked in blocks of at most ``max_bytes / 2`` bytes, copied to
+  the queries' device one at a time and merged on (distance, index): banks larger than the device
+  memory are searched.
 - ``faiss``: ``IndexFlatL2`` (exact) or, with ``ivf_nlist``, ``IndexIVFFlat`` (approximate) on the
   CPU; moved to the GPU when the queries are CUDA tensors and faiss was built with GPU support
   (the ``gpu`` extra).
@@ -29,11 +32,18 @@ class FeatureBank:
         ivf_nlist: faiss only: number of IVF lists (approximate search for very large banks);
             trained on the first ``add``.
         nprobe: faiss IVF lists visited per query.
+        max_bytes: torch only: device memory a search may use for bank blocks and distances
+            (None: no cap, except half the free device memory when the bank is on the host and
+            the queries on a GPU).
     """
 
-    def __init__(self, dim: int, backend: str = "torch", device=None, ivf_nlist: int | None = None, nprobe: int = 8):
+    def __init__(self, dim: int, backend: str = "torch", device=None, ivf_nlist: int | None = None, nprobe: int = 8,
+                 max_bytes: int | None = None):
         if backend not in ("torch", "faiss"):
             raise ValueError(f"backend must be 'torch' or 'faiss', got {backend!r}")
+        if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0):
+            raise ValueError(f"max_bytes must be a positive int (bytes) or None, got {max_bytes!r}")
+        self.max_bytes = max_bytes
         if ivf_nlist is not None and backend != "faiss":
             raise ValueError("ivf_nlist needs backend='faiss'")
         self.dim, self.backend = int(dim), backend
@@ -97,18 +107,46 @@ class FeatureBank:
             return self._search_faiss(queries, k)
         return self._search_torch(queries, k)
 
+    def _budget(self, device: torch.device) -> int | None:
+        if self.max_bytes is not None:
+            return self.max_bytes
+        if device.type == "cuda" and self._features.device != device:  # a host bank streamed to the GPU
+            return torch.cuda.mem_get_info(device)[0] // 2
+        return None
+
     def _search_torch(self, queries, k):
         bank = self._features
-        q = queries.detach().float().to(bank.device)
-        bank_sq = bank.pow(2).sum(1)
-        rows = max(1, _CHUNK_ELEMENTS // max(1, len(self)))
+        n = len(self)
+        device = queries.device if bank.device.type == "cpu" else bank.device
+        q = queries.detach().float().to(device)
+        budget = self._budget(device)
+        # bank rows per block (all when uncapped), then query rows so that a distance block fits too
+        block = n if budget is None else max(1, min(n, budget // (2 * 4 * self.dim)))
+        elements = _CHUNK_ELEMENTS if budget is None else max(1, min(_CHUNK_ELEMENTS, budget // (2 * 4)))
+        rows = max(1, elements // block)
+        def bank_blocks():
+            for start in range(0, n, block):
+                b = bank[start : start + block].to(device, non_blocking=True)
+                yield start, b, b.pow(2).sum(1).unsqueeze(0)
+
+        resident = list(bank_blocks()) if block == n else None  # else copied per query chunk: it may not fit
         dists, idxs = [], []
-        for start in range(0, q.shape[0], rows):
-            qc = q[start : start + rows]
-            d = torch.addmm(bank_sq.unsqueeze(0), qc, bank.t(), beta=1.0, alpha=-2.0).add_(qc.pow(2).sum(1, keepdim=True))
-            v, i = torch.topk(d.clamp_min_(0.0), k, dim=1, largest=False, sorted=True)
-            dists.append(v)
-            idxs.append(i)
+        for qs in range(0, q.shape[0], rows):
+            qc = q[qs : qs + rows]
+            q_sq = qc.pow(2).sum(1, keepdim=True)
+            best_v = best_i = None
+            for start, b, b_sq in resident or bank_blocks():
+                d = torch.addmm(b_sq, qc, b.t(), beta=1.0, alpha=-2.0).add_(q_sq)
+                v, i = torch.topk(d.clamp_min_(0.0), min(k, len(b)), dim=1, largest=False, sorted=True)
+                if best_v is None:
+                    best_v, best_i = v, i + start
+                    continue
+                # merge on (distance, index): earlier blocks hold the lower indices, the sort is stable
+                v, i = torch.cat([best_v, v], 1), torch.cat([best_i, i + start], 1)
+                order = torch.sort(v, dim=1, stable=True).indices[:, :k]
+                best_v, best_i = v.gather(1, order), i.gather(1, order)
+            dists.append(best_v)
+            idxs.append(best_i)
         return torch.cat(dists).to(queries.device), torch.cat(idxs).to(queries.device)
 
     def _search_faiss(self, queries, k):

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...faults import memory_stage
 from ...ops import FeatureBank, greedy_coreset
 
 __all__ = ["MemoryBank", "PatchEmbedding"]
@@ -45,14 +46,35 @@ class MemoryBank(nn.Module):
     Args:
         dim: feature size.
         backend: :class:`fastad.ops.FeatureBank` backend ('torch' or 'faiss').
+        max_bytes: device memory the kNN search may use (None: no cap). A bank larger than this
+            stays in host memory when the module moves to a GPU and is searched in blocks
+            streamed to the device (same neighbours; distances within float32 GEMM rounding).
     Buffer ``memory_bank`` (M, dim) float32 is saved with the model.
     """
 
-    def __init__(self, dim: int, backend: str = "torch"):
+    def __init__(self, dim: int, backend: str = "torch", max_bytes: int | None = None):
         super().__init__()
-        self.dim, self.backend = dim, backend
+        self.dim, self.backend, self.max_bytes = dim, backend, max_bytes
         self.register_buffer("memory_bank", torch.empty(0, dim))
         self._index: tuple | None = None  # (key of the bank it was built from, FeatureBank)
+
+    def _on_host(self, bank: torch.Tensor) -> bool:
+        return self.max_bytes is not None and bank.numel() * bank.element_size() > self.max_bytes
+
+    def buffer_device(self, name: str, value: torch.Tensor) -> torch.device | None:
+        """Where a loaded buffer goes (AnomalyModel.load_state_dict): a bank over the cap on the host."""
+        return torch.device("cpu") if name == "memory_bank" and self._on_host(value) else None
+
+    def _apply(self, fn, recurse=True):
+        # .to(device) / .cuda(): a bank over the cap stays on the host (copying it could not fit)
+        bank = self._buffers["memory_bank"]
+        if not self._on_host(bank):
+            return super()._apply(fn, recurse)
+        del self._buffers["memory_bank"]
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            self._buffers["memory_bank"] = bank
 
     @torch.no_grad()
     def fill(self, features: torch.Tensor, coreset_ratio: float = 0.1, projection_dim: int = 128, seed: int = 0) -> None:
@@ -61,8 +83,10 @@ class MemoryBank(nn.Module):
         if len(features) == 0:
             raise ValueError("the memory bank got no training features")
         if coreset_ratio < 1.0:
-            features = features[greedy_coreset(features, ratio=coreset_ratio, projection_dim=projection_dim, seed=seed)]
-        self.memory_bank = features.contiguous()
+            with memory_stage("the coreset selection", "lower coreset_ratio or projection_dim (--set), or fit on the CPU"):
+                features = features[greedy_coreset(features, ratio=coreset_ratio, projection_dim=projection_dim, seed=seed)]
+        home = torch.device("cpu") if self._on_host(features) else self._buffers["memory_bank"].device  # the module's device
+        self.memory_bank = features.to(home).contiguous()
 
     def _search_index(self) -> FeatureBank:
         bank = self.memory_bank
@@ -70,7 +94,7 @@ class MemoryBank(nn.Module):
             raise RuntimeError("not fitted (the memory bank is empty): call fit() or load a checkpoint first")
         key = (id(bank), bank._version, bank.device)  # rebuilt when the buffer is replaced, loaded into or moved
         if self._index is None or self._index[0] != key:
-            index = FeatureBank(self.dim, self.backend, device=bank.device)
+            index = FeatureBank(self.dim, self.backend, device=bank.device, max_bytes=self.max_bytes)
             index.add(bank)
             self._index = (key, index)
         return self._index[1]
@@ -84,15 +108,18 @@ class MemoryBank(nn.Module):
         neighbours of the worst patch's nearest entry (Euclidean distances in the softmax)."""
         b, n, d = emb.shape
         index = self._search_index()
-        dist, idx = index.search(emb.reshape(-1, d), num_neighbors)
+        with memory_stage("the kNN search", "cap its memory with --set bank_memory=BYTES (the bank is searched in blocks) "
+                          "or lower --batch-size"):
+            dist, idx = index.search(emb.reshape(-1, d), num_neighbors)
         patch = dist.mean(1).reshape(b, n)
         best, arg = patch.max(1)
         if not reweight:
             return best, patch
         rows = torch.arange(b, device=emb.device)
         worst = emb[rows, arg]  # most anomalous test patch per image
-        anchor = self.memory_bank[idx[:, 0].reshape(b, n)[rows, arg]]  # its nearest bank entry
-        k = min(reweight_neighbors, len(self.memory_bank))
+        bank = self.memory_bank
+        anchor = bank[idx[:, 0].reshape(b, n)[rows, arg].to(bank.device)].to(emb.device)  # its nearest bank entry
+        k = min(reweight_neighbors, len(bank))
         _, support = index.search(anchor, k)
-        d = torch.linalg.vector_norm(worst.unsqueeze(1) - self.memory_bank[support], dim=-1)
+        d = torch.linalg.vector_norm(worst.unsqueeze(1) - bank[support.to(bank.device)].to(emb.device), dim=-1)
         return (1.0 - torch.softmax(d, 1)[:, 0]) * best, patch

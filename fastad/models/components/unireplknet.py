@@ -136,7 +136,7 @@ class UniRepLKNetEncoder(nn.Module):
                  kernels=UNIREPLKNET_N["kernels"]):
         super().__init__()
         if weights is None:
-            raise RuntimeError("UniRepLKNet-N has no weights in any local cache: pass weights=PATH to the official "
+            raise FileNotFoundError("UniRepLKNet-N has no weights in any local cache: pass weights=PATH to the official "
                                "unireplknet_n_in1k_224_acc81.64.pth, or weights='random'")
         self.channels = list(dims)
         self.reductions = [4 * 2**i for i in range(len(dims))]
@@ -163,7 +163,7 @@ class UniRepLKNetEncoder(nn.Module):
         used = {k: v for k, v in state.items() if k in own}
         missing = [k for k in own if k not in used and not k.startswith("norm")]
         if missing:
-            raise RuntimeError(f"{path} is not a UniRepLKNet-N checkpoint: it lacks {missing[:5]}")
+            raise ValueError(f"{path} is not a UniRepLKNet-N checkpoint: it lacks {missing[:5]}")
         # ImageNet checkpoints have no norm0..2 (only the classifier's final norm): those stay identity,
         # as in the MiniMaxAD code (strict=False)
         self.load_state_dict(used, strict=False)

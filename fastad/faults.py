@@ -1,0 +1,90 @@
+"""Surviving faults: files written atomically, and out-of-memory errors that name the stage and the
+knob to turn.
+
+- :func:`atomic_write`: a file is written to a temporary name in its own folder, flushed to disk
+  (fsync) and renamed over the target, so a reader (or a resumed run) sees the old file or the new
+  one, never half of one; when the write fails (disk full, permission denied) the temporary file is
+  removed, the previous file is untouched and the error names the file.
+- :func:`memory_stage`: a context in which a device out-of-memory error is re-raised as
+  :class:`torch.OutOfMemoryError` naming the stage (embedding, coreset, kNN, training, inference)
+  and the setting that lowers its memory.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from collections.abc import Callable, Iterator
+
+import torch
+
+__all__ = ["atomic_write", "check_writable", "is_out_of_memory", "memory_stage"]
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Write ``path`` atomically: ``write(tmp)`` fills a temporary file beside it (same folder, so
+    the rename cannot cross file systems), which is fsynced and renamed over ``path``.
+
+    Raises:
+        OSError (the same errno) naming ``path`` when the folder is missing or not writable or the
+        disk is full; ``path`` then still holds its previous content and no temporary file is left.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(exc, OSError):
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            kept = "the previous file is unchanged" if os.path.exists(path) else "nothing was written"
+            raise type(exc)(exc.errno, f"cannot write {path}: {reason}; {kept}") from None
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def check_writable(folder: str | os.PathLike, what: str) -> None:
+    """Create ``folder`` if needed and prove a file can be written there (a probe written through
+    :func:`atomic_write`, then removed), before any long work whose results would go there.
+
+    Raises:
+        OSError naming ``folder`` and ``what`` (e.g. ``'--out'``) when it cannot be created or written.
+    """
+    folder = os.fspath(folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".fastad-write-probe.{os.getpid()}")
+        atomic_write(probe, lambda tmp: open(tmp, "wb").close())
+        os.remove(probe)
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise type(exc)(exc.errno or errno.EIO, f"{what} {folder} is not writable: {reason}") from None
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is a device (or host allocator) out-of-memory error."""
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+@contextlib.contextmanager
+def memory_stage(stage: str, knob: str) -> Iterator[None]:
+    """Re-raise an out-of-memory error inside the block as ``torch.OutOfMemoryError`` whose message
+    names ``stage`` and ``knob`` (what to change), followed by the allocator's first line."""
+    try:
+        yield
+    except Exception as exc:
+        if not is_out_of_memory(exc) or str(exc).startswith("out of memory in "):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise torch.OutOfMemoryError(f"out of memory in {stage}: {knob} ({first})") from exc
