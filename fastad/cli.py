@@ -443,7 +443,7 @@ def main(argv=None) -> int:
 
     try:
         return pretrain(args) if args.command == "pretrain" else run(args)
-    except (UsageError, ValueError, TypeError, OSError, FloatingPointError, torch.OutOfMemoryError) as exc:
+    except (UsageError, ValueError, TypeError, OSError, FloatingPointError, torch.cuda.OutOfMemoryError) as exc:
         if args.debug:
             raise
         print(f"fastad: error: {_one_line(exc)}", file=sys.stderr, flush=True)

@@ -6,7 +6,7 @@ knob to turn.
   one, never half of one; when the write fails (disk full, permission denied) the temporary file is
   removed, the previous file is untouched and the error names the file.
 - :func:`memory_stage`: a context in which a device out-of-memory error is re-raised as
-  :class:`torch.OutOfMemoryError` naming the stage (embedding, coreset, kNN, training, inference)
+  :class:`torch.cuda.OutOfMemoryError` naming the stage (embedding, coreset, kNN, training, inference)
   and the setting that lowers its memory.
 """
 from __future__ import annotations
@@ -73,13 +73,13 @@ def check_writable(folder: str | os.PathLike, what: str) -> None:
 
 def is_out_of_memory(exc: BaseException) -> bool:
     """Whether ``exc`` is a device (or host allocator) out-of-memory error."""
-    return isinstance(exc, torch.OutOfMemoryError) or (
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
         isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
 
 
 @contextlib.contextmanager
 def memory_stage(stage: str, knob: str) -> Iterator[None]:
-    """Re-raise an out-of-memory error inside the block as ``torch.OutOfMemoryError`` whose message
+    """Re-raise an out-of-memory error inside the block as ``torch.cuda.OutOfMemoryError`` whose message
     names ``stage`` and ``knob`` (what to change), followed by the allocator's first line."""
     try:
         yield
@@ -87,4 +87,4 @@ def memory_stage(stage: str, knob: str) -> Iterator[None]:
         if not is_out_of_memory(exc) or str(exc).startswith("out of memory in "):
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise torch.OutOfMemoryError(f"out of memory in {stage}: {knob} ({first})") from exc
+        raise torch.cuda.OutOfMemoryError(f"out of memory in {stage}: {knob} ({first})") from exc

@@ -256,16 +256,16 @@ def test_unwritable_output_is_an_error_before_any_work(tmp_path, capsys):
 
 
 def test_out_of_memory_names_the_stage_and_the_knob(monkeypatch, capsys):
-    with pytest.raises(torch.OutOfMemoryError, match=r"out of memory in the kNN search: cap its memory with --set bank_memory=BYTES"):
+    with pytest.raises(torch.cuda.OutOfMemoryError, match=r"out of memory in the kNN search: cap its memory with --set bank_memory=BYTES"):
         with memory_stage("the kNN search", "cap its memory with --set bank_memory=BYTES"):
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
     with pytest.raises(ValueError, match="unrelated"):  # other errors pass through unchanged
         with memory_stage("the kNN search", "x"):
             raise ValueError("unrelated")
     from fastad.ops import feature_bank
 
     def oom(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
 
     monkeypatch.setattr(feature_bank.FeatureBank, "search", oom)
     msg = cli_error(capsys, ["run", "--set", "image_size=64", "--set", "crop_fraction=1", "--overlays", "0"])

@@ -181,12 +181,14 @@ class TrainedModel(AnomalyModel):
         self.optimizer.zero_grad(set_to_none=True)
         for i, loss in enumerate(losses):
             loss.backward(retain_graph=i < len(losses) - 1)
-        grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
-        norm = nn.utils.get_total_norm(grads)
+        params = [p for p in self.trainable_parameters() if p.grad is not None]
+        if self.grad_clip is not None:  # clipping computes the norm (inf: not finite, nothing clipped yet)
+            norm = nn.utils.clip_grad_norm_(params, self.grad_clip)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])) \
+                if params else torch.zeros(())
         if not torch.isfinite(norm):
             return not self._not_finite(f"the gradient norm became {float(norm)}")
-        if self.grad_clip is not None:
-            nn.utils.clip_grads_with_norm_(list(self.trainable_parameters()), self.grad_clip, norm)
         self.optimizer.step()
         return True
 

@@ -41,6 +41,16 @@ __all__ = [
     "window_mask",
 ]
 
+# FlashAttention-style tiles of head dim up to 128 for 16-bit inputs, 64 for float32 (exact IEEE
+# products: a 128-wide float32 tile overflows sm_120's shared memory; fastad.ops.compile_check);
+# larger heads take the PyTorch path
+TRITON_MAX_HEAD_DIM = 128
+TRITON_MAX_HEAD_DIM_F32 = 64
+
+
+def _max_head_dim(dtype: torch.dtype) -> int:
+    return TRITON_MAX_HEAD_DIM_F32 if dtype == torch.float32 else TRITON_MAX_HEAD_DIM
+
 
 def window_mask(grid: tuple[int, int], window: int, device=None) -> torch.Tensor:
     """(N, N) bool, True where key n lies in the ``window x window`` neighbourhood of query m
@@ -127,7 +137,7 @@ def local_window_attention(q, k, v, grid, window, scale=None):
 
 def _grid_attention_dispatch(q, k, v, grid, window, scale, only: bool):
     h, w, scale = _validate(q, k, v, grid, window, scale)
-    if implementation(q, triton=True) == "triton":
+    if implementation(q, triton=True) == "triton" and q.shape[3] <= _max_head_dim(q.dtype):
         return torch.ops.fastad.grid_attention(q, k, v, h, w, window // 2, only, scale)[0]
     # PyTorch path: SDPA (a fused CPU kernel) with the dense boolean mask
     keep, empty = _allowed_keys(h, w, window, only, q.device)
@@ -142,12 +152,12 @@ def _grid_attention_dispatch(q, k, v, grid, window, scale, only: bool):
 def _grid_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: int, w: int, radius: int, only: bool, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    require_triton(q)
+    _require_kernel(q)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     b, nh, n, d = q.shape
     o = torch.empty_like(q)
     lse = torch.empty((b, nh, n), dtype=torch.float32, device=q.device)
-    cfg = _config(q, w)
+    cfg = _config(q.dtype, d, w, q.is_cuda)
     grid = (triton.cdiv(n, cfg["BLOCK_M"]), b * nh)
     _fwd_kernel[grid](q, k, v, o, lse, scale, n, d, h, w, radius, ONLY=only, **cfg)
     return o, lse
@@ -163,12 +173,12 @@ def _grid_attention_backward(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
     h: int, w: int, radius: int, only: bool, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    require_triton(q)
+    _require_kernel(q)
     do, q, k, v = do.contiguous(), q.contiguous(), k.contiguous(), v.contiguous()
     b, nh, n, d = q.shape
     delta = (do.float() * o.float()).sum(-1)  # rowsum(dO * O), FlashAttention-2's D
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    cfg = _config(q, w)
+    cfg = _config(q.dtype, d, w, q.is_cuda)
     grid = (triton.cdiv(n, cfg["BLOCK_M"]), b * nh)
     _bwd_dq_kernel[grid](q, k, v, do, lse, delta, dq, scale, n, d, h, w, radius, ONLY=only, **cfg)
     _bwd_dkdv_kernel[grid](q, k, v, do, lse, delta, dk, dv, scale, n, d, h, w, radius, ONLY=only, **cfg)
@@ -196,17 +206,41 @@ def _backward(ctx, do, dlse):
 _grid_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _config(q: torch.Tensor, w: int) -> dict:
-    d = q.shape[3]
-    return dict(
-        BLOCK_M=64 if q.is_cuda else 16,
-        BLOCK_N=max(16, min(64, triton.next_power_of_2(w))),  # one grid row (or a part) per key block
-        BLOCK_D=max(16, triton.next_power_of_2(d)),
-        # float32 products (no TF32) for float32 inputs, like the reference; bfloat16 tiles are also
-        # widened under the interpreter, whose bfloat16 tl.dot is wrong
-        F32=q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and not q.is_cuda),
-    )
+def _require_kernel(q: torch.Tensor) -> None:
+    require_triton(q)
+    if q.shape[3] > _max_head_dim(q.dtype):
+        raise ValueError(f"the grid attention kernels take {q.dtype} head dims up to {_max_head_dim(q.dtype)}, got {q.shape[3]}; "
+                         "call the public op, which takes the PyTorch path for larger heads")
 
+
+# CUDA tiles per (float32, BLOCK_D, BLOCK_N): (BLOCK_M, num_warps), the largest for which the forward
+# and both backward kernels fit in registers on sm_80, sm_90, sm_100 and sm_120 (measured by
+# fastad.ops.compile_check; float32 runs exact IEEE products and needs smaller tiles)
+_CUDA_TILES = {
+    (False, 16, 16): (64, 4), (False, 16, 32): (64, 4), (False, 16, 64): (64, 4),
+    (False, 32, 16): (64, 4), (False, 32, 32): (64, 4), (False, 32, 64): (64, 4),
+    (False, 64, 16): (64, 4), (False, 64, 32): (64, 4), (False, 64, 64): (32, 8),
+    (False, 128, 16): (64, 8), (False, 128, 32): (32, 8), (False, 128, 64): (32, 8),
+    (True, 16, 16): (64, 4), (True, 16, 32): (64, 8), (True, 16, 64): (32, 4),
+    (True, 32, 16): (64, 4), (True, 32, 32): (32, 4), (True, 32, 64): (32, 8),
+    (True, 64, 16): (64, 8), (True, 64, 64): (32, 8),  # 32-wide key tiles spill: 16 or 64
+}
+
+
+def _config(dtype: torch.dtype, d: int, w: int, cuda: bool) -> dict:
+    """Constexprs and launch options for head dim ``d`` on a grid ``w`` wide (fastad.ops.compile_check
+    compiles every CUDA one)."""
+    block_d = max(16, triton.next_power_of_2(d))
+    block_n = max(16, min(64, triton.next_power_of_2(w)))  # one grid row (or a part) per key block
+    # float32 products (no TF32) for float32 inputs, like the reference; bfloat16 tiles are also
+    # widened under the interpreter, whose bfloat16 tl.dot is wrong
+    f32 = dtype == torch.float32 or (dtype == torch.bfloat16 and not cuda)
+    if not cuda:
+        return dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_D=block_d, F32=f32, num_warps=4, num_stages=3)
+    if f32 and block_d == 64 and block_n == 32:
+        block_n = 16
+    block_m, warps = _CUDA_TILES[(f32, block_d, block_n)]
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, F32=f32, num_warps=warps, num_stages=3)
 
 
 if HAS_TRITON:
@@ -246,7 +280,11 @@ if HAS_TRITON:
         mask = valid[:, None] & dm[None, :]
         return load(A + ptrs, mask, F32), load(B + ptrs, mask, F32), cols, valid
 
-    @triton.jit
+    # no scalar argument is specialised (no variants for a value of 1 or a multiple of 16): one compiled
+    # variant per constexpr set, as fastad.ops.compile_check compiles them
+    _SCALARS = ["scale", "N", "D", "H", "W", "R"]
+
+    @triton.jit(do_not_specialize=_SCALARS)
     def _fwd_kernel(
         Q, K, V, O, LSE, scale, N, D, H, W, R,
         ONLY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, F32: tl.constexpr,
@@ -283,7 +321,7 @@ if HAS_TRITON:
         store_rounded(O + base + offs_m[:, None] * D + offs_d[None, :], out, mm[:, None] & dm[None, :])
         tl.store(LSE + bh * N + offs_m, tl.where(empty, float("inf"), m_i + tl.log(tl.where(empty, 1.0, l_i))), mask=mm)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_SCALARS)
     def _bwd_dq_kernel(
         Q, K, V, DO, LSE, DELTA, DQ, scale, N, D, H, W, R,
         ONLY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, F32: tl.constexpr,
@@ -315,7 +353,7 @@ if HAS_TRITON:
                 dq += dot(ds.to(k.dtype), k, F32)
         store_rounded(DQ + base + offs_m[:, None] * D + offs_d[None, :], dq * scale, qd_mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_SCALARS)
     def _bwd_dkdv_kernel(
         Q, K, V, DO, LSE, DELTA, DK, DV, scale, N, D, H, W, R,
         ONLY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, F32: tl.constexpr,

@@ -98,8 +98,8 @@ class _ADCLoss(torch.autograd.Function):
         if implementation(flat, triton=True) == "triton":
             out = torch.empty_like(flat)
             n = flat.numel()
-            block = 1024
-            _adc_backward_kernel[(triton.cdiv(n, block),)](flat, out, scale, n, float(ctx.tau), BLOCK=block)
+            cfg = _ELEMENTWISE["adc_backward"]
+            _adc_backward_kernel[(triton.cdiv(n, cfg["BLOCK"]),)](flat, out, scale, n, float(ctx.tau), **cfg)
         else:
             s = flat.to(scale.dtype)
             out = torch.where(s * s >= ctx.tau.to(flat.device), 2 * s * scale, 0).to(flat.dtype)
@@ -110,11 +110,11 @@ def _square_tail(flat: torch.Tensor, tau: torch.Tensor) -> tuple[int, torch.Tens
     """(count, float64 sum) of S**2 over the points with S**2 >= tau (S**2 in the compute dtype)."""
     if implementation(flat, triton=True) == "triton":
         n = flat.numel()
-        block = 65536 if not flat.is_cuda else 2048
-        grid = max(1, min(triton.cdiv(n, block), max_programs(flat)))
+        cfg = {**_ELEMENTWISE["square_tail"], **({} if flat.is_cuda else {"BLOCK": 65536})}
+        grid = max(1, min(triton.cdiv(n, cfg["BLOCK"]), max_programs(flat)))
         counts = torch.empty(grid, dtype=torch.int32, device=flat.device)
         sums = torch.empty(grid, dtype=torch.float32, device=flat.device)
-        _square_tail_kernel[(grid,)](flat, n, float(tau), counts, sums, BLOCK=block)
+        _square_tail_kernel[(grid,)](flat, n, float(tau), counts, sums, **cfg)
         return int(counts.sum()), sums.double().sum().cpu()  # per-program partials: deterministic
     s2 = flat.to(tau.dtype) ** 2
     keep = s2 >= tau.to(flat.device)
@@ -207,7 +207,8 @@ class _HardMiningCosine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, k, factor):
         bsz, c = a.shape[:2]
-        a3, b3 = a.reshape(bsz, c, -1), b.reshape(bsz, c, -1)
+        a3, b3 = (t.reshape(bsz, c, -1) for t in (a, b))
+        a3, b3 = (t if t.stride(2) == 1 else t.contiguous() for t in (a3, b3))  # the kernels read points contiguously
         dot, na, nb = _point_stats(a3, b3)  # (B, P) each, float32 or float64
         point_dist = 1 - dot / (na.sqrt().clamp_min(_COS_EPS) * nb.sqrt().clamp_min(_COS_EPS))
         if not bool(torch.isfinite(point_dist).all()):
@@ -233,9 +234,8 @@ class _HardMiningCosine(torch.autograd.Function):
         if implementation(b3, triton=True) == "triton":
             out = torch.empty(b3.shape, dtype=b3.dtype, device=b3.device)
             _cosine_grad_kernel[_point_grid(b3)](
-                a3, b3, out, coef_a, coef_b, scale, b3.shape[1], b3.shape[2],
-                *a3.stride(), *b3.stride(), BLOCK_C=_BLOCK_C, BLOCK_P=_BLOCK_P,
-            )  # fmt: skip
+                a3, b3, out, coef_a, coef_b, scale, b3.shape[1], b3.shape[2], *_strides(a3, b3), **_POINT_CONFIG
+            )
         else:
             cdt = point_dist.dtype
             out = (coef_a[:, None, None] * a3.to(cdt) + coef_b[:, None, None] * b3.to(cdt)) * scale[:, None]
@@ -243,11 +243,20 @@ class _HardMiningCosine(torch.autograd.Function):
         return None, out.view(ctx.shape), None, None
 
 
-_BLOCK_C, _BLOCK_P = 32, 64
+# constexprs and launch options of the CUDA launches (fastad.ops.compile_check compiles these)
+_POINT_CONFIG = dict(BLOCK_C=32, BLOCK_P=64, num_warps=4, num_stages=3)
+_ELEMENTWISE = {"square_tail": dict(BLOCK=2048, num_warps=4, num_stages=3),
+                "adc_backward": dict(BLOCK=1024, num_warps=4, num_stages=3)}
 
 
 def _point_grid(t: torch.Tensor):
-    return (triton.cdiv(t.shape[2], _BLOCK_P), t.shape[0])
+    return (triton.cdiv(t.shape[2], _POINT_CONFIG["BLOCK_P"]), t.shape[0])
+
+
+def _strides(a3: torch.Tensor, b3: torch.Tensor) -> tuple[int, ...]:
+    """(B, C, P) strides of a3 and b3 without the last, which is 1 (the kernels are compiled for that)."""
+    assert all(t.stride(2) == 1 or t.shape[2] == 1 for t in (a3, b3)), "the point kernels need contiguous points"
+    return (*a3.stride()[:2], *b3.stride()[:2])
 
 
 def _point_stats(a3: torch.Tensor, b3: torch.Tensor):
@@ -255,9 +264,7 @@ def _point_stats(a3: torch.Tensor, b3: torch.Tensor):
     if implementation(a3, triton=True) == "triton":
         bsz, c, n = a3.shape
         out = torch.empty((3, bsz, n), dtype=torch.float32, device=a3.device)
-        _point_stats_kernel[_point_grid(a3)](
-            a3, b3, out, c, n, *a3.stride(), *b3.stride(), BLOCK_C=_BLOCK_C, BLOCK_P=_BLOCK_P
-        )
+        _point_stats_kernel[_point_grid(a3)](a3, b3, out, c, n, *_strides(a3, b3), **_POINT_CONFIG)
         return out[0], out[1], out[2]
     cdt = compute_dtype(a3)
     a, b = a3.to(cdt), b3.to(cdt)
@@ -266,7 +273,9 @@ def _point_stats(a3: torch.Tensor, b3: torch.Tensor):
 
 if HAS_TRITON:
 
-    @triton.jit
+    # no scalar is specialised (no variants for a value of 1 or a multiple of 16): one compiled
+    # variant per constexpr set, as fastad.ops.compile_check compiles them
+    @triton.jit(do_not_specialize=["n", "tau"])
     def _square_tail_kernel(x_ptr, n, tau, count_ptr, sum_ptr, BLOCK: tl.constexpr):
         pid = tl.program_id(0)
         count = tl.zeros([BLOCK], dtype=tl.int32)
@@ -281,7 +290,7 @@ if HAS_TRITON:
         tl.store(count_ptr + pid, tl.sum(count))
         tl.store(sum_ptr + pid, tl.sum(total))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n", "tau"])
     def _adc_backward_kernel(x_ptr, out_ptr, scale_ptr, n, tau, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         m = offs < n
@@ -290,9 +299,9 @@ if HAS_TRITON:
         g = tl.where(x * x >= tau, 2 * x * scale, 0.0)
         store_rounded(out_ptr + offs, g, m)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["C", "P", "sab", "sac", "sbb", "sbc"])
     def _point_stats_kernel(
-        a_ptr, b_ptr, out_ptr, C, P, sab, sac, sap, sbb, sbc, sbp,
+        a_ptr, b_ptr, out_ptr, C, P, sab, sac, sbb, sbc,
         BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
     ):  # fmt: skip
         pb = tl.program_id(1)
@@ -304,8 +313,8 @@ if HAS_TRITON:
         for c0 in range(0, C, BLOCK_C):
             cs = c0 + tl.arange(0, BLOCK_C)
             m = (cs[:, None] < C) & pm[None, :]
-            a = tl.load(a_ptr + pb * sab + cs[:, None] * sac + ps[None, :] * sap, mask=m, other=0.0).to(tl.float32)
-            b = tl.load(b_ptr + pb * sbb + cs[:, None] * sbc + ps[None, :] * sbp, mask=m, other=0.0).to(tl.float32)
+            a = tl.load(a_ptr + pb * sab + cs[:, None] * sac + ps[None, :], mask=m, other=0.0).to(tl.float32)
+            b = tl.load(b_ptr + pb * sbb + cs[:, None] * sbc + ps[None, :], mask=m, other=0.0).to(tl.float32)
             dot += tl.sum(a * b, axis=0)
             na += tl.sum(a * a, axis=0)
             nb += tl.sum(b * b, axis=0)
@@ -315,9 +324,9 @@ if HAS_TRITON:
         tl.store(out_ptr + nbp + base, na, mask=pm)
         tl.store(out_ptr + 2 * nbp + base, nb, mask=pm)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["C", "P", "sab", "sac", "sbb", "sbc"])
     def _cosine_grad_kernel(
-        a_ptr, b_ptr, out_ptr, coef_a_ptr, coef_b_ptr, scale_ptr, C, P, sab, sac, sap, sbb, sbc, sbp,
+        a_ptr, b_ptr, out_ptr, coef_a_ptr, coef_b_ptr, scale_ptr, C, P, sab, sac, sbb, sbc,
         BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
     ):  # fmt: skip
         pb = tl.program_id(1)
@@ -329,7 +338,7 @@ if HAS_TRITON:
         for c0 in range(0, C, BLOCK_C):
             cs = c0 + tl.arange(0, BLOCK_C)
             m = (cs[:, None] < C) & pm[None, :]
-            a = tl.load(a_ptr + pb * sab + cs[:, None] * sac + ps[None, :] * sap, mask=m, other=0.0).to(tl.float32)
-            b = tl.load(b_ptr + pb * sbb + cs[:, None] * sbc + ps[None, :] * sbp, mask=m, other=0.0).to(tl.float32)
+            a = tl.load(a_ptr + pb * sab + cs[:, None] * sac + ps[None, :], mask=m, other=0.0).to(tl.float32)
+            b = tl.load(b_ptr + pb * sbb + cs[:, None] * sbc + ps[None, :], mask=m, other=0.0).to(tl.float32)
             g = (ca * a + cb * b) * scale[None, :]
             store_rounded(out_ptr + pb * C * P + cs[:, None] * P + ps[None, :], g, m)

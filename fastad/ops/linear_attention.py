@@ -16,6 +16,10 @@ if HAS_TRITON:
 
 __all__ = ["linear_attention", "linear_attention_reference"]
 
+# the d x d state lives in registers: up to 64 it compiles without spills on sm_80..sm_120 (checked by
+# fastad.ops.compile_check); larger heads take the einsums (GEMMs)
+TRITON_MAX_HEAD_DIM = 64
+
 
 def _phi(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.elu(x) + 1
@@ -41,7 +45,7 @@ def linear_attention(q, k, v, eps: float = 0.0):
         (batch, heads, N, head_dim) in the input dtype, differentiable with respect to q, k and v.
     """
     _validate_linear(q, k, v, eps)
-    if implementation(q, triton=True) == "triton":
+    if implementation(q, triton=True) == "triton" and q.shape[3] <= TRITON_MAX_HEAD_DIM:
         return torch.ops.fastad.linear_attention(q, k, v, float(eps))[0]
     # PyTorch path: the authors' einsums, in float32 for 16-bit inputs as the kernel computes
     cdt = compute_dtype(q)
@@ -59,13 +63,13 @@ def _linear_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (out, KV (B, H, d, d) float32, sum_s phi(k_s) (B, H, d) float32)."""
-    require_triton(q)
+    _require_kernel(q)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     b, nh, n, d = q.shape
     out = torch.empty_like(q)
     kv = torch.empty((b, nh, d, d), dtype=torch.float32, device=q.device)
     ksum = torch.empty((b, nh, d), dtype=torch.float32, device=q.device)
-    _linear_fwd_kernel[(b * nh,)](q, k, v, out, kv, ksum, eps, n, d, **_linear_config(q))
+    _linear_fwd_kernel[(b * nh,)](q, k, v, out, kv, ksum, eps, n, d, **_linear_config(q.dtype, d, q.is_cuda))
     return out, kv, ksum
 
 
@@ -79,11 +83,11 @@ def _(q, k, v, eps):
 def _linear_attention_backward(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor, ksum: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    require_triton(q)
+    _require_kernel(q)
     do, q, k, v = do.contiguous(), q.contiguous(), k.contiguous(), v.contiguous()
     b, nh, n, d = q.shape
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    _linear_bwd_kernel[(b * nh,)](q, k, v, do, kv, ksum, dq, dk, dv, eps, n, d, **_linear_config(q))
+    _linear_bwd_kernel[(b * nh,)](q, k, v, do, kv, ksum, dq, dk, dv, eps, n, d, **_linear_config(q.dtype, d, q.is_cuda))
     return dq, dk, dv
 
 
@@ -106,11 +110,21 @@ def _linear_backward(ctx, do, dkv, dksum):
 _linear_attention.register_autograd(_linear_backward, setup_context=_linear_setup_context)
 
 
-def _linear_config(q: torch.Tensor) -> dict:
+def _require_kernel(q: torch.Tensor) -> None:
+    require_triton(q)
+    if q.shape[3] > TRITON_MAX_HEAD_DIM:
+        raise ValueError(f"the linear attention kernels take head dims up to {TRITON_MAX_HEAD_DIM}, got {q.shape[3]}; "
+                         "call fastad.ops.linear_attention, which takes the einsum path for larger heads")
+
+
+def _linear_config(dtype: torch.dtype, d: int, cuda: bool) -> dict:
+    """Constexprs and launch options for head dim ``d`` (fastad.ops.compile_check compiles every CUDA one):
+    16-token tiles over 8 warps keep the state and the tiles in registers (no spill at d = 64)."""
     return dict(
-        BLOCK_N=64 if q.is_cuda else 16,
-        BLOCK_D=max(16, triton.next_power_of_2(q.shape[3])),
-        F32=q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and not q.is_cuda),
+        BLOCK_N=16,
+        BLOCK_D=max(16, triton.next_power_of_2(d)),
+        F32=dtype == torch.float32 or (dtype == torch.bfloat16 and not cuda),
+        num_warps=8, num_stages=3,
     )
 
 if HAS_TRITON:
@@ -119,7 +133,8 @@ if HAS_TRITON:
     def _elu1(x):
         return tl.where(x > 0, x + 1.0, tl.exp(tl.minimum(x, 0.0)))
 
-    @triton.jit
+    # no scalar argument is specialised: one compiled variant per constexpr set (fastad.ops.compile_check)
+    @triton.jit(do_not_specialize=["eps", "N", "D"])
     def _linear_fwd_kernel(
         Q, K, V, O, KV, KSUM, eps, N, D,
         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, F32: tl.constexpr,
@@ -150,7 +165,7 @@ if HAS_TRITON:
             den = tl.where(offs_n < N, tl.sum(pq * ksum[None, :], 1) + eps, 1.0)  # padding rows: no 0 / 0
             store_rounded(O + base + offs_n[:, None] * D + offs_d[None, :], num / den[:, None], m)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["eps", "N", "D"])
     def _linear_bwd_kernel(
         Q, K, V, DO, KV, KSUM, DQ, DK, DV, eps, N, D,
         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, F32: tl.constexpr,

@@ -169,17 +169,13 @@ def _radix_select(flat: torch.Tensor, rank: int, square: bool):
     n = flat.numel()
     if n > _MAX_NUMEL:
         raise ValueError(f"x has {n} elements; the Triton select supports at most {_MAX_NUMEL}")
-    block = 65536 if not flat.is_cuda else 4096
+    block = _hist_config(0, square, flat.is_cuda)["BLOCK"]
     grid = (max(1, min(triton.cdiv(n, block), max_programs(flat))),)
     hist = torch.zeros((len(_PASSES), _BINS), dtype=torch.int32, device=flat.device)
     bad = torch.zeros(1, dtype=torch.int32, device=flat.device)
     prefix = 0
     for p, (shift, bits) in enumerate(_PASSES):
-        _radix_hist_kernel[grid](
-            flat, n, hist[p], bad, prefix,
-            SHIFT=shift, PREFIX_SHIFT=shift + bits, DIGIT_MASK=(1 << bits) - 1,
-            FIRST=p == 0, SQUARE=square, BLOCK=block, BINS=_BINS,
-        )  # fmt: skip
+        _radix_hist_kernel[grid](flat, n, hist[p], bad, prefix, **_hist_config(p, square, flat.is_cuda))
         h = hist[p].cpu().long()
         if p == 0 and int(bad.item()):
             raise ValueError(f"x contains {int(bad.item())} NaN or inf values; expected finite values")
@@ -189,6 +185,13 @@ def _radix_select(flat: torch.Tensor, rank: int, square: bool):
         prefix = (prefix << bits) | b
     value = torch.tensor(_key_to_value(prefix), dtype=torch.float32, device=flat.device)
     return value, (prefix, h), rank
+
+
+def _hist_config(p: int, square: bool, cuda: bool) -> dict:
+    """Constexprs and launch options of radix pass ``p`` (the compile check lists the CUDA ones)."""
+    shift, bits = _PASSES[p]
+    return dict(SHIFT=shift, PREFIX_SHIFT=shift + bits, DIGIT_MASK=(1 << bits) - 1, FIRST=p == 0, SQUARE=square,
+                BLOCK=4096 if cuda else 65536, BINS=_BINS, num_warps=4, num_stages=3)
 
 
 def _next_from_hist(v: torch.Tensor, last, rank_in_bin: int):
@@ -215,7 +218,9 @@ if HAS_TRITON:
         flip = (bits >> 31) * 0x7FFFFFFF | 0x80000000  # negative: invert all bits; positive: set the sign
         return bits ^ flip
 
-    @triton.jit(do_not_specialize=["prefix"])  # a prefix of 1 must not become a constexpr (no .to)
+    # no scalar is specialised (a prefix of 1 would become a constexpr, which has no .to): one compiled
+    # variant per constexpr set, as fastad.ops.compile_check compiles them
+    @triton.jit(do_not_specialize=["n", "prefix"])
     def _radix_hist_kernel(
         x_ptr, n, hist_ptr, bad_ptr, prefix,
         SHIFT: tl.constexpr, PREFIX_SHIFT: tl.constexpr, DIGIT_MASK: tl.constexpr,
