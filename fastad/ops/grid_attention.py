@@ -219,8 +219,8 @@ def _require_kernel(q: torch.Tensor) -> None:
 _CUDA_TILES = {
     (False, 16, 16): (64, 4), (False, 16, 32): (64, 4), (False, 16, 64): (64, 4),
     (False, 32, 16): (64, 4), (False, 32, 32): (64, 4), (False, 32, 64): (64, 4),
-    (False, 64, 16): (64, 4), (False, 64, 32): (64, 4), (False, 64, 64): (32, 8),
-    (False, 128, 16): (64, 8), (False, 128, 32): (32, 8), (False, 128, 64): (32, 8),
+    (False, 64, 16): (64, 4), (False, 64, 32): (64, 8), (False, 64, 64): (32, 8),
+    (False, 128, 16): (64, 8), (False, 128, 32): (32, 8),  # 64-wide key tiles at 128: at the register limit
     (True, 16, 16): (64, 4), (True, 16, 32): (64, 8), (True, 16, 64): (32, 4),
     (True, 32, 16): (64, 4), (True, 32, 32): (32, 4), (True, 32, 64): (32, 8),
     (True, 64, 16): (64, 8), (True, 64, 64): (32, 8),  # 32-wide key tiles spill: 16 or 64
@@ -239,6 +239,8 @@ def _config(dtype: torch.dtype, d: int, w: int, cuda: bool) -> dict:
         return dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_D=block_d, F32=f32, num_warps=4, num_stages=3)
     if f32 and block_d == 64 and block_n == 32:
         block_n = 16
+    if block_d == 128:
+        block_n = min(block_n, 32)
     block_m, warps = _CUDA_TILES[(f32, block_d, block_n)]
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, F32=f32, num_warps=warps, num_stages=3)
 
