@@ -245,8 +245,6 @@ def _fit(args, build, train, checkpoint: str | None):
     """(fitted model, fit seconds): a fresh model from ``build()``, or with ``checkpoint`` the model
     saved there (written by an earlier run with the same configuration), trained on to its recipe's
     end (exact resume) or, for an embedding model, used as it is; the fitted model is saved there."""
-    import time
-
     from .engine import fit_model
     from .models import load_checkpoint
     from .models.base import checkpoint_config
@@ -267,11 +265,10 @@ def _fit(args, build, train, checkpoint: str | None):
         print(f"resuming {checkpoint} at iteration {model.iteration}", flush=True)
     if isinstance(model, TrainedModel) and checkpoint:
         fit_options.update(checkpoint=checkpoint, checkpoint_every=args.checkpoint_every)
-    t0 = time.perf_counter()
-    model, _ = fit_model(model, train, device=args.device, num_workers=args.num_workers, fit_options=fit_options)
+    model, fit_s = fit_model(model, train, device=args.device, num_workers=args.num_workers, fit_options=fit_options)
     if checkpoint and not isinstance(model, TrainedModel):
         model.save(checkpoint)
-    return model, time.perf_counter() - t0
+    return model, fit_s
 
 
 def run(args) -> int:

@@ -162,13 +162,12 @@ class TrainedModel(AnomalyModel):
         """The (B, 3, H, W) float32 images of a batch (a tensor or a dict with 'image') on the model's device."""
         return self.check_images(batch["image"] if isinstance(batch, dict) else batch)
 
-    def _not_finite(self, what: str) -> bool:
-        """A NaN/inf ``what`` at this iteration: raise (on_nan='stop') or record the skip (True)."""
+    def _stop_or_skip(self, what: str) -> None:
+        """A NaN/inf ``what`` at this iteration: raise (on_nan='stop') or drop the update and record it."""
         if getattr(self, "on_nan", "stop") == "stop":
             raise FloatingPointError(f"{type(self).__name__}: {what} at iteration {self.iteration}")
         self.skipped_iterations.append(self.iteration)
         self.optimizer.zero_grad(set_to_none=True)
-        return True
 
     def update(self, *losses: torch.Tensor) -> bool:
         """One optimizer update from ``losses`` (their gradients accumulate, FOD's two phases):
@@ -177,7 +176,8 @@ class TrainedModel(AnomalyModel):
         step was taken."""
         for loss in losses:
             if not torch.isfinite(loss):
-                return not self._not_finite(f"the loss became {float(loss.detach())}")
+                self._stop_or_skip(f"the loss became {float(loss.detach())}")
+                return False
         self.optimizer.zero_grad(set_to_none=True)
         for i, loss in enumerate(losses):
             loss.backward(retain_graph=i < len(losses) - 1)
@@ -188,7 +188,8 @@ class TrainedModel(AnomalyModel):
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])) \
                 if params else torch.zeros(())
         if not torch.isfinite(norm):
-            return not self._not_finite(f"the gradient norm became {float(norm)}")
+            self._stop_or_skip(f"the gradient norm became {float(norm)}")
+            return False
         self.optimizer.step()
         return True
 

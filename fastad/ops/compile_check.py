@@ -233,13 +233,20 @@ def check(config_list: list[Config], targets=(80, 90, 100, 120), jobs: int | Non
     import multiprocessing
 
     tasks = [(c, t) for c in config_list for t in targets]
+    jobs = jobs or os.cpu_count() or 1
+    saved = os.environ.get("TRITON_CACHE_DIR")
     with tempfile.TemporaryDirectory(prefix="fastad-compile-check-") as cache:
         os.environ["TRITON_CACHE_DIR"] = cache
-        jobs = jobs or os.cpu_count() or 1
-        if jobs == 1:
-            return [compile_one(*t) for t in tasks]
-        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
-            return list(pool.map(_compile_job, tasks, chunksize=4))
+        try:
+            if jobs == 1:
+                return [compile_one(*t) for t in tasks]
+            with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+                return list(pool.map(_compile_job, tasks, chunksize=4))
+        finally:  # the caller's cache again (this one is deleted)
+            if saved is None:
+                os.environ.pop("TRITON_CACHE_DIR", None)
+            else:
+                os.environ["TRITON_CACHE_DIR"] = saved
 
 
 def extension_usage() -> tuple[list[dict], str | None]:
