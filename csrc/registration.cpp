@@ -6,17 +6,26 @@
 
 namespace fastad {
 at::Tensor kcenter_greedy_cpu(const at::Tensor& features, const at::Tensor& starts, int64_t k);
+at::Tensor kcenter_init_cpu(const at::Tensor& features, const at::Tensor& start_vectors);
+at::Tensor kcenter_step_cpu(const at::Tensor& features, at::Tensor dist, at::Tensor assign, const at::Tensor& centers,
+                            int64_t t, int64_t owned, bool prune);
 std::tuple<at::Tensor, at::Tensor> nearest_reference_cpu(const at::Tensor& x, const at::Tensor& bank,
                                                          int64_t metric, int64_t window);
 }  // namespace fastad
 
 TORCH_LIBRARY(fastad, m) {
   m.def("kcenter_greedy(Tensor features, Tensor starts, int k) -> Tensor");
+  // per-step entry points of the same selection, for selections over row shards (fastad.distributed)
+  m.def("kcenter_init(Tensor features, Tensor start_vectors) -> Tensor");
+  m.def("kcenter_step(Tensor features, Tensor(a!) dist, Tensor(b!) assign, Tensor centers, int t, int owned, "
+        "bool prune) -> Tensor");
   m.def("nearest_reference(Tensor x, Tensor bank, int metric, int window) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastad, CPU, m) {
   m.impl("kcenter_greedy", &fastad::kcenter_greedy_cpu);
+  m.impl("kcenter_init", &fastad::kcenter_init_cpu);
+  m.impl("kcenter_step", &fastad::kcenter_step_cpu);
   m.impl("nearest_reference", &fastad::nearest_reference_cpu);
 }
 

@@ -99,11 +99,11 @@ def _datasets(spec: str, classes: list[str] | None, transform, options: dict | N
         raise UsageError(f"--data {spec}: {exc}") from None
 
 
-def _check_data(sets, skip_bad: bool = False) -> tuple[list, dict[str, list[str]]]:
-    """The validation pass before any model work: print what each split holds, then stop with every
-    problem of every file list at once (missing, empty or unreadable images and masks, mask sizes),
-    or, with ``skip_bad``, drop the bad images with a warning. Returns (the sets, {class: the
-    skipped problems})."""
+def _check_data(sets, skip_bad: bool = False, quiet: bool = False) -> tuple[list, dict[str, list[str]]]:
+    """The validation pass before any model work: print what each split holds (not when ``quiet``:
+    ranks other than 0), then stop with every problem of every file list at once (missing, empty or
+    unreadable images and masks, mask sizes), or, with ``skip_bad``, drop the bad images with a
+    warning. Returns (the sets, {class: the skipped problems})."""
     problems, skipped, checked = [], {}, []
     for name, *splits in sets:
         parts, kept = [], []
@@ -126,11 +126,12 @@ def _check_data(sets, skip_bad: bool = False) -> tuple[list, dict[str, list[str]
                 parts.append(f"{split} {int((labels == 0).sum())} normal, {int((labels > 0).sum())} anomalous")
             kept.append(ds)
         checked.append((name, *kept))
-        print(f"{name}: " + "; ".join(parts), flush=True)
+        if not quiet:
+            print(f"{name}: " + "; ".join(parts), flush=True)
     if problems:
         raise UsageError(f"{len(problems)} problem(s) in the data: " + "; ".join(problems) +
                          " (fix or remove these files, or pass --skip-bad-images)")
-    for name, bad in skipped.items():
+    for name, bad in skipped.items() if not quiet else ():
         print(f"warning: {name}: skipped {len(bad)} bad image(s): " + "; ".join(bad), file=sys.stderr, flush=True)
     return checked, skipped
 
@@ -241,10 +242,14 @@ def _keep_previous_results(out: str) -> None:
             print(f"kept the earlier {name} as {name}.~{n}~", flush=True)
 
 
-def _fit(args, build, train, checkpoint: str | None):
+def _fit(args, build, train, checkpoint: str | None, group=None):
     """(fitted model, fit seconds): a fresh model from ``build()``, or with ``checkpoint`` the model
     saved there (written by an earlier run with the same configuration), trained on to its recipe's
-    end (exact resume) or, for an embedding model, used as it is; the fitted model is saved there."""
+    end (exact resume) or, for an embedding model, used as it is; the fitted model is saved there.
+    With ``group`` every rank fits the one model together (data parallel)."""
+    import inspect
+
+    from . import distributed
     from .engine import fit_model
     from .models import load_checkpoint
     from .models.base import checkpoint_config
@@ -252,6 +257,10 @@ def _fit(args, build, train, checkpoint: str | None):
 
     model = build()
     fit_options = {"on_nan": args.on_nan} if isinstance(model, TrainedModel) else {}
+    if distributed.active(group):
+        if "group" not in inspect.signature(model.fit).parameters:
+            raise UsageError(f"{args.model} has no data-parallel fit; run one job per process (--parallel jobs)")
+        fit_options["group"] = group
     if checkpoint and os.path.exists(checkpoint):
         name, config = checkpoint_config(checkpoint)
         if name != model.registry_name or config != model.config:
@@ -266,19 +275,69 @@ def _fit(args, build, train, checkpoint: str | None):
     if isinstance(model, TrainedModel) and checkpoint:
         fit_options.update(checkpoint=checkpoint, checkpoint_every=args.checkpoint_every)
     model, fit_s = fit_model(model, train, device=args.device, num_workers=args.num_workers, fit_options=fit_options)
-    if checkpoint and not isinstance(model, TrainedModel):
+    if checkpoint and not isinstance(model, TrainedModel) and distributed.rank(group) == 0:
         model.save(checkpoint)
     return model, fit_s
+
+
+JOBS = "jobs"  # --out's folder of finished (model, class) jobs: one JSON file each
+
+
+def _job_path(out: str, model: str, name: str) -> str:
+    return os.path.join(out, JOBS, f"{model}-{name}.json")
+
+
+def _balance(sizes: list[int], n: int) -> list[int]:
+    """Shard of each job for ``--shard I/N``: largest first, each to the least loaded shard (the same
+    answer in every process)."""
+    load, owner = [0] * n, [0] * len(sizes)
+    for j in sorted(range(len(sizes)), key=lambda j: (-sizes[j], j)):
+        owner[j] = min(range(n), key=lambda s: (load[s], s))
+        load[owner[j]] += max(1, sizes[j])
+    return owner
+
+
+def merge(out: str) -> list[dict]:
+    """Build ``results.json`` / ``results.md`` in ``out`` from the finished jobs under ``out/jobs/``
+    (written by ``--parallel jobs`` or ``--shard``), rows in class order; returns the rows."""
+    folder = os.path.join(out, JOBS)
+    files = sorted(Path(folder).glob("*.json")) if os.path.isdir(folder) else []
+    if not files:
+        raise UsageError(f"fastad merge: no finished jobs under {folder}")
+    jobs = [json.loads(f.read_text()) for f in files]
+    if any(j.get("settings") != jobs[0].get("settings") for j in jobs):
+        raise UsageError(f"fastad merge: {folder} holds jobs of runs with different settings; merge each run's "
+                         "folder on its own")
+    rows = sorted((j["row"] for j in jobs), key=lambda r: r["class"])
+    earlier = os.path.join(out, "results.json")
+    if os.path.exists(earlier) and json.loads(Path(earlier).read_text()) != rows:
+        _keep_previous_results(out)  # another run's results: kept, not overwritten
+    _write_results(out, rows, jobs[0]["title"])
+    return rows
+
+
+def _parallel_mode(args, world: int, jobs: int) -> str:
+    if args.parallel == "auto":
+        return "jobs" if jobs >= world else "data"
+    return args.parallel
 
 
 def run(args) -> int:
     import torch
     from torch.utils.data import ConcatDataset
 
+    from . import distributed
     from .engine import score
-    from .faults import check_writable
+    from .faults import atomic_write, check_writable
     from .overlays import save_overlays
 
+    ctx = distributed.init(args.device)
+    group = distributed.world() if ctx.world > 1 else None
+    args.device = str(ctx.device)
+    shard = _parse_shard(args.shard)
+    if shard and ctx.world > 1:
+        raise UsageError("--shard I/N splits the jobs between separate commands (Slurm arrays); under torchrun use "
+                         "--parallel jobs instead")
     kwargs = _model_args(args.set)
     if args.model == "patchcore" and args.coreset_ratio:
         kwargs["coreset_ratio"] = args.coreset_ratio
@@ -288,8 +347,14 @@ def run(args) -> int:
     torch.manual_seed(args.seed)  # torch seeds itself randomly per process: a run is reproducible only seeded
     first = _build(args.model, kwargs)  # its transform sizes the data
     sets = _datasets(args.data, args.classes, first.transform(), _model_args(args.data_opt, "--data-opt"))
-    sets, skipped = _check_data(sets, args.skip_bad_images)
-    if args.out:
+    quiet = ctx.rank != 0
+    sets, skipped = _check_data(sets, args.skip_bad_images, quiet=quiet)
+    unified = args.setting == "unified"
+    mode = "serial" if ctx.world == 1 and not shard else "shard" if shard else \
+        _parallel_mode(args, ctx.world, 1 if unified else len(sets))
+    if mode in ("jobs", "shard") and not args.out:
+        raise UsageError(f"--{'shard' if shard else 'parallel jobs'} writes each finished job under --out; pass --out DIR")
+    if mode in ("serial", "data") and args.out and not quiet:
         _keep_previous_results(args.out)
     common = dict(batch_size=args.batch_size, num_workers=args.num_workers)
     built = iter([first])  # the first model is reused, then a fresh one per class
@@ -304,27 +369,96 @@ def run(args) -> int:
     def checkpoint(name: str) -> str | None:
         return os.path.join(args.checkpoint_dir, f"{args.model}-{name}.safetensors") if args.checkpoint_dir else None
 
-    unified = None
-    if args.setting == "unified":  # one model for all classes, evaluated class by class
-        unified = _fit(args, build, ConcatDataset([train for _, train, _ in sets]), checkpoint("unified"))
-    rows = []
     title = f"fastad {args.model} on {args.data} ({args.setting})"
-    for name, train, test_set in sets:
-        model, fit_s = unified or _fit(args, build, train, checkpoint(name))
+    # what a finished job file must match to be reused (a run with other settings never mixes in)
+    settings = {"model": args.model, "config": first.config, "data": args.data, "data_opt": args.data_opt,
+                "setting": args.setting, "seed": args.seed, "skip_bad_images": args.skip_bad_images}
+    say = (lambda msg: print(f"[rank {ctx.rank}] {msg}", flush=True)) if mode == "jobs" else \
+        (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
+    job_group = group if mode == "data" else None
+    fitted = {}
+
+    def run_job(name, train, test_set) -> dict | None:
+        """Fit (or reuse the unified model) and score one class; the row on the rank that writes it."""
+        if unified and "unified" not in fitted:
+            fitted["unified"] = _fit(args, build, ConcatDataset([tr for _, tr, _ in sets]), checkpoint("unified"), job_group)
+        model, fit_s = fitted["unified"] if unified else _fit(args, build, train, checkpoint(name), job_group)
+        metrics, (scores, maps, labels, *_) = score(model, test_set, group=job_group, **common)
+        if metrics is None:  # data parallel: rank 0 holds the metrics
+            return None
         res = {"class": name, "model": args.model, "setting": args.setting, "n_train": len(train), "fit_s": fit_s,
-               "image_size": list(model.image_size), "resize_size": list(model.resize_size)}
-        metrics, (scores, maps, labels, *_) = score(model, test_set, **common)
-        res.update(metrics)
-        res["skipped_images"] = skipped.get(name, [])
-        rows.append(res)
+               "image_size": list(model.image_size), "resize_size": list(model.resize_size), **metrics,
+               "skipped_images": skipped.get(name, [])}
         if args.out and args.overlays:
             save_overlays(test_set, scores, maps, labels, os.path.join(args.out, "overlays"), name, args.overlays)
-        if args.out:  # after every class: a sweep stopped later keeps the classes already done
-            _write_results(args.out, rows, title)
-        print(f"{name}: image AUROC {_fmt(res['image_auroc'])}  pixel AUROC {_fmt(res['pixel_auroc'])}  "
-              f"AUPRO {_fmt(res['pixel_aupro'])}  mAD {_fmt(res['mad'])}  "
-              f"fit {res['fit_s']:.1f}s  inference {res['images_per_s']:.1f} img/s", flush=True)
+        say(f"{name}: image AUROC {_fmt(res['image_auroc'])}  pixel AUROC {_fmt(res['pixel_auroc'])}  "
+            f"AUPRO {_fmt(res['pixel_aupro'])}  mAD {_fmt(res['mad'])}  "
+            f"fit {res['fit_s']:.1f}s  inference {res['images_per_s']:.1f} img/s")
+        return res
+
+    if mode in ("serial", "data"):
+        rows = []
+        for name, train, test_set in sets:
+            res = run_job(name, train, test_set)
+            if res is not None:
+                rows.append(res)
+                if args.out:  # after every class: a sweep stopped later keeps the classes already done
+                    _write_results(args.out, rows, title)
+        return 0
+
+    # one whole job per process: --shard I/N picks a balanced share, torchrun ranks claim jobs from the c10d store
+    order = sorted(range(len(sets)), key=lambda j: (-len(sets[j][1]), sets[j][0]))  # largest training set first
+    if shard:
+        owner = _balance([len(tr) for _, tr, _ in sets], shard[1])
+        claims = iter([j for j in order if owner[j] == shard[0]])
+    else:
+        store = distributed.store()
+        key = f"fastad-jobs/{os.path.abspath(args.out)}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        claims = _claim(store, key, order)
+    os.makedirs(os.path.join(args.out, JOBS), exist_ok=True)
+    for j in claims:
+        name, train, test_set = sets[j]
+        path = _job_path(args.out, args.model, name)
+        if os.path.exists(path):
+            if json.loads(Path(path).read_text()).get("settings") != settings:
+                raise UsageError(f"{path} was written by a run with other settings; use another --out or delete it")
+            say(f"{name}: done by an earlier run ({path})")
+            continue
+        res = run_job(name, train, test_set)
+        text = json.dumps({"title": title, "settings": settings,
+                           "row": {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in res.items()}},
+                          indent=2)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    if shard:
+        print(f"shard {shard[0]}/{shard[1]} done; when every shard is, run: fastad merge {args.out}", flush=True)
+        return 0
+    distributed.wait_all(store, key, ctx.rank, ctx.world)
+    if ctx.rank == 0:
+        merge(args.out)
+        print(f"wrote {os.path.join(args.out, 'results.json')} ({len(sets)} jobs on {ctx.world} processes)", flush=True)
     return 0
+
+
+def _claim(store, key: str, order: list[int]):
+    """Job indices this process claims from the shared counter in the c10d store, until none is left."""
+    while True:
+        j = store.add(key, 1) - 1
+        if j >= len(order):
+            return
+        yield order[j]
+
+
+def _parse_shard(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    i, sep, n = text.partition("/")
+    try:
+        i, n = int(i), int(n)
+    except ValueError:
+        i = n = -1
+    if not sep or n < 1 or not 0 <= i < n:
+        raise UsageError(f"--shard expects I/N with 0 <= I < N (e.g. --shard 0/4), got {text!r}")
+    return i, n
 
 
 def pretrain(args) -> int:
@@ -418,6 +552,14 @@ def main(argv=None) -> int:
                    help="save each fitted model there (MODEL-CLASS.safetensors; trained models every "
                         "--checkpoint-every iterations) and resume from it when run again")
     r.add_argument("--checkpoint-every", type=int, default=500, help="iterations between training checkpoints")
+    r.add_argument("--parallel", default="auto", choices=["auto", "jobs", "data"],
+                   help="under torchrun/srun: one (model, class) job per process from a shared queue (jobs, results "
+                        "under --out/jobs, finished jobs skipped on a restart), all processes on each job (data: "
+                        "sharded embedding, coreset and scoring, data-parallel training), or jobs when there are at "
+                        "least as many jobs as processes (auto)")
+    r.add_argument("--shard", default=None, metavar="I/N",
+                   help="run only shard I of N of the jobs (Slurm arrays, separate machines), each finished job "
+                        "written under --out/jobs; then fastad merge OUT")
     p = sub.add_parser("pretrain", help="pretrain ADPretrain's projectors on labelled images (train + test splits); "
                        "then score with --model featurenorm --set pretrained=OUT", parents=[common])
     p.add_argument("--data", default="synthetic", help="synthetic or KIND:ROOT, as for run")
@@ -428,6 +570,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="ADPretrain argument, repeatable")
+    m = sub.add_parser("merge", help="build results.json / results.md from the finished jobs of --shard or "
+                       "--parallel jobs runs", parents=[common])
+    m.add_argument("out", help="the --out folder of those runs")
     b = sub.add_parser("bench", help="run the kernel benchmarks (source checkout) and print ratio tables; "
                        "other arguments go to pytest, e.g. -k quantile")
     b.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -439,11 +584,18 @@ def main(argv=None) -> int:
     import torch
 
     try:
+        if args.command == "merge":
+            rows = merge(args.out)
+            print(f"wrote {os.path.join(args.out, 'results.json')} and results.md ({len(rows)} jobs)", flush=True)
+            return 0
         return pretrain(args) if args.command == "pretrain" else run(args)
     except (UsageError, ValueError, TypeError, OSError, FloatingPointError, torch.cuda.OutOfMemoryError) as exc:
         if args.debug:
             raise
-        print(f"fastad: error: {_one_line(exc)}", file=sys.stderr, flush=True)
+        from . import distributed
+
+        where = f"[rank {distributed.rank(distributed.world())}] " if distributed.active(distributed.world()) else ""
+        print(f"fastad: error: {where}{_one_line(exc)}", file=sys.stderr, flush=True)
         return 2
 
 

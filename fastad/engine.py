@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from . import distributed
 from .faults import memory_stage
 from .metrics import compute_metrics
 from .models import create_model
@@ -20,9 +21,24 @@ def _loader(ds: Dataset, batch_size: int, num_workers: int, desc: str):
 
 
 @torch.no_grad()
-def predict(model, ds: Dataset, batch_size: int = 16, num_workers: int = 0):
+def predict(model, ds: Dataset, batch_size: int = 16, num_workers: int = 0, group=None):
     """Scores (N,), maps (N, H, W), labels (N,), masks (N, H, W) and has_mask (N,) bool (False: an
-    anomalous image without pixel ground truth) of a dataset, on the CPU."""
+    anomalous image without pixel ground truth) of a dataset, on the CPU.
+
+    With ``group`` (torch.distributed) each rank scores its contiguous share of ``ds`` (no image
+    twice, none padded) and every rank gets all predictions in dataset order."""
+    if distributed.active(group):
+        from .models.base import shard
+
+        part = shard(ds, group)
+        if getattr(model, "collective", False):
+            local = _predict_in_step(model, part, ds, batch_size, group)
+        else:
+            local = predict(model, part, batch_size, num_workers)
+        device = distributed.collective_device(group)
+        return tuple(distributed.gather_rows(t.to(device), group).cpu() for t in local)
+    if len(ds) == 0 and isinstance(ds, torch.utils.data.Subset):  # an empty share of a distributed run
+        return _empty_predictions(ds.dataset)
     scores, maps, labels, masks, has_mask = [], [], [], [], []
     for batch in _loader(ds, batch_size, num_workers, "predict"):
         with memory_stage("inference", "lower --batch-size"):
@@ -39,6 +55,34 @@ def predict(model, ds: Dataset, batch_size: int = 16, num_workers: int = 0):
     return torch.cat(scores), torch.cat(maps), torch.cat(labels), torch.cat(masks), torch.cat(has_mask)
 
 
+def _predict_in_step(model, part, ds, batch_size: int, group):
+    """predict() of a model whose forward is a collective (PatchCore with a sharded bank): every rank
+    makes the same number of forward calls; a rank whose share has run out scores a placeholder
+    (the dataset's first image) and drops the result, so no image is counted twice."""
+    steps = torch.tensor([math.ceil(len(part) / batch_size)], device=distributed.collective_device(group))
+    torch.distributed.all_reduce(steps, op=torch.distributed.ReduceOp.MAX, group=group)
+    outputs = [[], [], [], [], []]
+    for step in range(int(steps)):
+        items = [part[i] for i in range(step * batch_size, min(len(part), (step + 1) * batch_size))]
+        images = torch.stack([it["image"] for it in items]) if items else ds[0]["image"].unsqueeze(0)
+        with memory_stage("inference", "lower --batch-size"):
+            s, m = model(images)
+        if not items:
+            continue
+        mask = torch.stack([torch.as_tensor(it["mask"]) for it in items])
+        for out, value in zip(outputs, (s.cpu(), m.cpu(), torch.as_tensor([it["label"] for it in items]), mask,
+                                        torch.as_tensor([bool(it.get("has_mask", True)) for it in items]))):
+            out.append(value)
+    return tuple(torch.cat(o) for o in outputs) if outputs[0] else _empty_predictions(ds)
+
+
+def _empty_predictions(ds):
+    """predict()'s five tensors for no image (an empty share of a distributed run), shaped like ``ds``'s."""
+    mask = torch.as_tensor(ds[0]["mask"])
+    empty = torch.zeros(0, *mask.shape)
+    return torch.zeros(0), empty, torch.zeros(0, dtype=torch.long), empty.clone(), torch.zeros(0, dtype=torch.bool)
+
+
 def fit_model(model, train: Dataset, *, device: str = "cpu", num_workers: int = 0, fit_options: dict | None = None,
               **model_kwargs):
     """Fit ``model`` (a model, or a registered name created with ``model_kwargs``) on ``train`` on
@@ -52,9 +96,10 @@ def fit_model(model, train: Dataset, *, device: str = "cpu", num_workers: int = 
     return model, time.perf_counter() - t0
 
 
-def score(model, test_set: Dataset, *, batch_size: int = 16, num_workers: int = 0) -> tuple[dict, tuple]:
+def score(model, test_set: Dataset, *, batch_size: int = 16, num_workers: int = 0, group=None) -> tuple[dict, tuple]:
     """Score ``test_set`` and compute :func:`fastad.metrics.compute_metrics` (NaN where a level has a
-    single class, e.g. no anomalous pixel).
+    single class, e.g. no anomalous pixel). With ``group`` the images are scored on all ranks
+    (:func:`predict`) and the metrics computed on rank 0; the other ranks return ``(None, predictions)``.
 
     Returns:
         (results, predictions): the metrics, ``mad``, ``mad_of`` (which metrics ``mad`` averages),
@@ -63,8 +108,10 @@ def score(model, test_set: Dataset, *, batch_size: int = 16, num_workers: int = 
         and :func:`predict`'s (scores, maps, labels, masks, has_mask).
     """
     t0 = time.perf_counter()
-    predictions = predict(model, test_set, batch_size, num_workers)
+    predictions = predict(model, test_set, batch_size, num_workers, group=group)
     t1 = time.perf_counter()
+    if distributed.rank(group) != 0:
+        return None, predictions
     scores, maps, labels, masks, has_mask = predictions
     unmasked = int((~has_mask).sum())
     note = None

@@ -14,6 +14,11 @@ cudaError_t kcenter_grid_size(long long n, int d, int device, int* blocks);
 cudaError_t kcenter_greedy_launch(const float* xt, long long n, int d, const long long* starts, int s, long long k,
                                   double* dist, double* part_v, long long* part_i, long long* out, int blocks,
                                   cudaStream_t stream);
+int kcenter_step_blocks(long long n);
+cudaError_t kcenter_init_launch(const float* x, long long n, int d, const float* sv, int s, double* dist,
+                                cudaStream_t stream);
+cudaError_t kcenter_step_launch(const float* x, long long n, int d, const float* center, long long owned, double* dist,
+                                double* part_v, long long* part_i, double* out, cudaStream_t stream);
 cudaError_t nearest_reference_launch(const float* x, const float* bank, long long nq, long long m, int c, int metric,
                                      int window, int H, int W, int K, const double* xnorm, const double* bnorm,
                                      double* out_v, long long* out_i, cudaStream_t stream);
@@ -52,6 +57,56 @@ at::Tensor kcenter_greedy_cuda(const at::Tensor& features, const at::Tensor& sta
                                     reinterpret_cast<long long*>(out.data_ptr<int64_t>()), blocks,
                                     c10::cuda::getCurrentCUDAStream().stream()),
         "kcenter_greedy");
+  return out;
+}
+
+// Per-step entry points (distributed selection): the same checks and returns as the CPU ops in
+// csrc/coreset_cpu.cpp; no triangle pruning on the GPU (assign and prune are accepted and unused).
+at::Tensor kcenter_init_cuda(const at::Tensor& features, const at::Tensor& start_vectors) {
+  TORCH_CHECK(features.dim() == 2 && features.scalar_type() == at::kFloat && features.is_contiguous(),
+              "fastad::kcenter_init: features must be a contiguous float32 (N, d) tensor");
+  const int64_t n = features.size(0), d = features.size(1);
+  TORCH_CHECK(start_vectors.dim() == 2 && start_vectors.scalar_type() == at::kFloat && start_vectors.size(0) > 0 &&
+                  start_vectors.size(1) == d,
+              "fastad::kcenter_init: start_vectors must be a float32 (S, d) tensor with S >= 1 and d=", d);
+  const c10::cuda::CUDAGuard guard(features.device());
+  const at::Tensor sv = start_vectors.to(features.device()).contiguous();
+  at::Tensor dist = at::empty({n}, features.options().dtype(at::kDouble));
+  if (n > 0)
+    check(cuda::kcenter_init_launch(features.data_ptr<float>(), n, static_cast<int>(d), sv.data_ptr<float>(),
+                                    static_cast<int>(sv.size(0)), dist.data_ptr<double>(),
+                                    c10::cuda::getCurrentCUDAStream().stream()),
+          "kcenter_init");
+  return dist;
+}
+
+at::Tensor kcenter_step_cuda(const at::Tensor& features, at::Tensor dist, at::Tensor assign, const at::Tensor& centers,
+                             int64_t t, int64_t owned, bool prune) {
+  (void)assign;
+  (void)prune;
+  TORCH_CHECK(features.dim() == 2 && features.scalar_type() == at::kFloat && features.is_contiguous(),
+              "fastad::kcenter_step: features must be a contiguous float32 (N, d) tensor");
+  const int64_t n = features.size(0), d = features.size(1);
+  TORCH_CHECK(d <= kMaxSharedDim, "fastad::kcenter_step: CUDA kernel supports d <= ", kMaxSharedDim, ", got ", d);
+  TORCH_CHECK(dist.dim() == 1 && dist.size(0) == n && dist.scalar_type() == at::kDouble && dist.is_contiguous() &&
+                  dist.device() == features.device(),
+              "fastad::kcenter_step: dist must be a contiguous float64 (N,) tensor on the features' device");
+  TORCH_CHECK(centers.dim() == 2 && centers.size(1) == d && centers.scalar_type() == at::kFloat &&
+                  centers.is_contiguous() && t >= 0 && t < centers.size(0) && centers.device() == features.device(),
+              "fastad::kcenter_step: centers must be a contiguous float32 (K, d) tensor with row t=", t,
+              " on the features' device");
+  TORCH_CHECK(owned >= -1 && owned < n, "fastad::kcenter_step: owned=", owned, " must be -1 or a row < ", n);
+  const c10::cuda::CUDAGuard guard(features.device());
+  auto opts = features.options();
+  const int blocks = cuda::kcenter_step_blocks(n);
+  at::Tensor part_v = at::empty({blocks}, opts.dtype(at::kDouble));
+  at::Tensor part_i = at::empty({blocks}, opts.dtype(at::kLong));
+  at::Tensor out = at::empty({3}, opts.dtype(at::kDouble));
+  check(cuda::kcenter_step_launch(features.data_ptr<float>(), n, static_cast<int>(d), centers.data_ptr<float>() + t * d,
+                                  owned, dist.data_ptr<double>(), part_v.data_ptr<double>(),
+                                  reinterpret_cast<long long*>(part_i.data_ptr<int64_t>()), out.data_ptr<double>(),
+                                  c10::cuda::getCurrentCUDAStream().stream()),
+        "kcenter_step");
   return out;
 }
 
@@ -99,5 +154,7 @@ std::tuple<at::Tensor, at::Tensor> nearest_reference_cuda(const at::Tensor& x, c
 
 TORCH_LIBRARY_IMPL(fastad, CUDA, m) {
   m.impl("kcenter_greedy", &fastad::kcenter_greedy_cuda);
+  m.impl("kcenter_init", &fastad::kcenter_init_cuda);
+  m.impl("kcenter_step", &fastad::kcenter_step_cuda);
   m.impl("nearest_reference", &fastad::nearest_reference_cuda);
 }

@@ -158,6 +158,8 @@ class ADPretrain(ResidualFeatures, TrainedModel):
         images (B, 3, H, W) -> AnomalyOutput(scores (B,), maps (B, H, W)) float32, after :meth:`fit`.
     """
 
+    data_parallel = "its batches are drawn per class and per defect kind, not as slices of one permutation"
+
     def __init__(self, backbone: str = OFFLINE_DEFAULT, layers=None, weights: str | None = None, image_size=224,
                  crop_fraction: float = 1.0, heads: int = 16, num_references: int = 2048, depth: int = 1,
                  tau: float = 0.15, radius: float = 0.4, margin: float = 0.75, shot_choices=(1, 4, 8),

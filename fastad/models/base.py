@@ -28,11 +28,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .. import distributed
 from ..data.transforms import ImageTransform, pair
 from ..faults import atomic_write
 
 __all__ = ["MODELS", "AnomalyModel", "AnomalyOutput", "checkpoint_config", "create_model", "image_batches",
-           "load_checkpoint", "register"]
+           "load_checkpoint", "register", "shard"]
 
 FORMAT = "fastad-checkpoint-2"
 READABLE_FORMATS = ("fastad-checkpoint-1", FORMAT)  # version 1: the trained models' files, same layout
@@ -82,13 +83,34 @@ def _jsonable(value):
     return value
 
 
+def shard(data, group=None):
+    """This rank's contiguous share (:func:`fastad.distributed.shard_range`) of a Dataset (a Subset)
+    or of a tensor's first dimension; ``data`` itself without a process group. Other iterables (a
+    DataLoader) cannot be split exactly: ValueError."""
+    if not distributed.active(group):
+        return data
+    lo, hi = distributed.shard_range(len(data) if hasattr(data, "__len__") else 0, distributed.rank(group),
+                                     distributed.world_size(group))
+    if isinstance(data, torch.Tensor):
+        return data[lo:hi]
+    if isinstance(data, Dataset):
+        return torch.utils.data.Subset(data, range(lo, hi))
+    raise ValueError(f"a distributed fit needs a fastad Dataset or an image tensor to split between the ranks, "
+                     f"got {type(data).__name__}")
+
+
 def image_batches(data, device, *, batch_size: int = 16, num_workers: int = 0, progress: bool | None = None,
-                  desc: str = "fit") -> Iterator[torch.Tensor]:
+                  desc: str = "fit", group=None) -> Iterator[torch.Tensor]:
     """(B, 3, H, W) float32 image batches on ``device`` from a Dataset of dicts with 'image' (read in
     order, ``batch_size`` at a time), an iterable of tensors or dicts (a DataLoader), or one tensor.
-    Raises ValueError for anything else or when no image arrives."""
+    With ``group`` (torch.distributed) only this rank's contiguous share (:func:`shard`), which may
+    be empty. Raises ValueError for anything else or when no image arrives."""
     from tqdm.auto import tqdm
 
+    if distributed.active(group):
+        data = shard(data, group)
+        if len(data) == 0:  # fewer images than ranks: the caller's collectives see an empty share
+            return
     if isinstance(data, torch.Tensor):
         data = [data]
     elif isinstance(data, Dataset):
@@ -241,8 +263,10 @@ class AnomalyModel(nn.Module):
         except TypeError as exc:
             raise ValueError(f"{type(self).__name__} cannot be saved: its constructor arguments are not plain values "
                              f"({exc}); build it from names and files (e.g. backbone='...', weights=PATH)") from None
+        extra, meta = self.checkpoint_state()  # a collective in a data-parallel fit: every rank calls save
+        if distributed.rank(getattr(self, "group", None)) != 0:
+            return  # rank 0 writes
         tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        extra, meta = self.checkpoint_state()
         tensors.update(extra)
         meta = {"format": FORMAT, "model": self.registry_name or type(self).__name__, "class": type(self).__name__,
                 "fastad": __version__, "config": json.loads(config), **meta}

@@ -183,7 +183,7 @@ class Dinomaly(TrainedModel):
 
     def training_loss(self, images: torch.Tensor, iteration: int) -> torch.Tensor:
         enc, dec = self.features(images)
-        return hard_mining_cosine_loss(enc, dec, self.hard_mining_p(iteration), self.factor)
+        return hard_mining_cosine_loss(enc, dec, self.hard_mining_p(iteration), self.factor, group=self.group)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> AnomalyOutput:

@@ -197,6 +197,8 @@ class FOD(TrainedModel):
         images (B, 3, *image_size) -> AnomalyOutput(scores (B,), maps (B, H, W)) float32.
     """
 
+    data_parallel = "its recipe trains with batch 1 and two optimizer phases per image"
+
     fixed_input = True
 
     def __init__(self, backbone: str = OFFLINE_DEFAULT, layers=(2, 3), weights: str | None = None, image_size=256,

@@ -105,6 +105,7 @@ class MiniMaxAD(TrainedModel):
         images (B, 3, H, W) -> AnomalyOutput(scores (B,), maps (B, H, W)) float32.
     """
 
+
     input_multiple = 32
 
     def __init__(self, encoder: str = "unireplknet_n", weights: str | None = None, image_size=256,
@@ -148,11 +149,11 @@ class MiniMaxAD(TrainedModel):
     def training_loss(self, images: torch.Tensor, iteration: int) -> torch.Tensor:
         enc, dec = self.features(images)
         if self.loss == "fp":  # sum over levels of the per-sample global cosine distance
-            return len(enc) * hard_mining_cosine_loss(enc, dec, p=0.0)
+            return len(enc) * hard_mining_cosine_loss(enc, dec, p=0.0, group=self.group)
         size = images.shape[-2:]
         s = sum(F.interpolate((1 - F.cosine_similarity(a, b, dim=1)).unsqueeze(1), size=size, mode="nearest")
                 for a, b in zip(enc, dec))
-        return adc_loss(s.squeeze(1), self.p_hard, self.p_lim)
+        return adc_loss(s.squeeze(1), self.p_hard, self.p_lim, group=self.group)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> AnomalyOutput:

@@ -82,14 +82,18 @@ class PaDiM(AnomalyModel):
         return self.backbone(images) if self.per_level else [self.embed(images)]
 
     @torch.no_grad()
-    def fit(self, data, *, num_workers: int = 0, progress: bool | None = None, batch_size: int = 16) -> "PaDiM":
+    def fit(self, data, *, num_workers: int = 0, progress: bool | None = None, batch_size: int = 16,
+            group=None) -> "PaDiM":
         """Fit the per-position Gaussians on normal images: a fastad Dataset (read ``batch_size`` at a
-        time), a DataLoader of (B, 3, H, W) tensors or dicts with 'image', or a tensor."""
-        for images in image_batches(data, self.device, batch_size=batch_size, num_workers=num_workers, progress=progress):
+        time), a DataLoader of (B, 3, H, W) tensors or dicts with 'image', or a tensor. With ``group``
+        (torch.distributed) each rank reads its contiguous share and the float64 sums are all-reduced:
+        every rank gets the same Gaussians (equal to one process's within float64 summation order)."""
+        for images in image_batches(data, self.device, batch_size=batch_size, num_workers=num_workers, progress=progress,
+                                    group=group):
             for g, e in zip(self.gaussians, self._groups(self.check_images(images))):
                 g.accumulate(e)
         for g in self.gaussians:
-            g.finish(self.eps)
+            g.finish(self.eps, group=group)
         return self
 
     @torch.no_grad()

@@ -46,6 +46,10 @@ class PatchCore(AnomalyModel):
         bank_memory: bytes of device memory the kNN search may use (None: no cap). With a cap,
             ``fit`` keeps the patch features in host memory (the coreset then runs on the CPU), a
             bank larger than the cap stays there and is searched in blocks streamed to the device.
+        bank: in a distributed fit (``group=``), ``'replicated'`` (every process holds the whole
+            bank) or ``'sharded'`` (each keeps its own coreset rows: bank memory per process divided
+            by the number of processes; ``forward`` is then a collective that every process calls,
+            and such a model cannot be saved to one file).
         seed: seed of the coreset projection and starting points.
     Forward:
         images (B, 3, H, W) -> AnomalyOutput(scores (B,), maps (B, H, W)) float32.
@@ -69,12 +73,17 @@ class PatchCore(AnomalyModel):
         sigma: float = 4.0,
         bank_backend: str = "torch",
         bank_memory: int | None = None,
+        bank: str = "replicated",
         seed: int = 0,
     ):
         super().__init__()
         self.backbone = backbone if isinstance(backbone, nn.Module) else FeatureExtractor(backbone, layers, weights)
         self.patch_embedding = PatchEmbedding(patch_size, pretrain_embed_dim, target_embed_dim)
-        self.bank = MemoryBank(target_embed_dim, bank_backend, bank_memory)
+        if bank not in ("replicated", "sharded"):
+            raise ValueError(f"bank must be 'replicated' or 'sharded', got {bank!r}")
+        if bank == "sharded" and reweight:
+            raise ValueError("reweight=True needs the whole bank on every process: use bank='replicated'")
+        self.bank = MemoryBank(target_embed_dim, bank_backend, bank_memory, sharded=bank == "sharded")
         self.coreset_ratio, self.projection_dim, self.seed = coreset_ratio, projection_dim, seed
         self.num_neighbors, self.reweight, self.reweight_neighbors = num_neighbors, reweight, reweight_neighbors
         self.sigma = sigma
@@ -89,16 +98,34 @@ class PatchCore(AnomalyModel):
         return self.patch_embedding(self.backbone(images))
 
     @torch.no_grad()
-    def fit(self, data, *, num_workers: int = 0, progress: bool | None = None, batch_size: int = 16) -> "PatchCore":
+    def fit(self, data, *, num_workers: int = 0, progress: bool | None = None, batch_size: int = 16,
+            group=None) -> "PatchCore":
         """Build the memory bank from normal images: a fastad Dataset (read in order, ``batch_size``
-        at a time), a DataLoader of (B, 3, H, W) tensors or dicts with 'image', or a tensor."""
-        batches = image_batches(data, self.device, batch_size=batch_size, num_workers=num_workers, progress=progress)
+        at a time), a DataLoader of (B, 3, H, W) tensors or dicts with 'image', or a tensor.
+
+        With ``group`` (torch.distributed; every rank calls ``fit`` with the same data) each rank
+        embeds its contiguous share of the images, the coreset is selected across the ranks, and
+        every rank ends with the bank one process would build (bit-identical)."""
+        batches = image_batches(data, self.device, batch_size=batch_size, num_workers=num_workers, progress=progress,
+                                group=group)
         # with a bank_memory cap the features wait in host memory (the bank may not fit the device)
         keep = torch.device("cpu") if self.bank.max_bytes is not None else self.device
         with memory_stage("the embedding", "lower --batch-size (fit(batch_size=N))"):
             feats = [self.embed(self.check_images(x))[0].reshape(-1, self.bank.dim).to(keep) for x in batches]
-        self.bank.fill(torch.cat(feats), self.coreset_ratio, self.projection_dim, self.seed)
+        feats = torch.cat(feats) if feats else torch.empty(0, self.bank.dim, device=keep)
+        self.bank.fill(feats, self.coreset_ratio, self.projection_dim, self.seed, group=group)
         return self
+
+    @property
+    def collective(self) -> bool:
+        """True when ``forward`` is a collective: the bank is sharded over a process group."""
+        return self.bank.group is not None
+
+    def checkpoint_state(self):
+        if self.bank.group is not None:
+            raise ValueError("a PatchCore fitted with bank='sharded' holds 1/W of its bank on each process and cannot "
+                             "be saved to one file; fit with bank='replicated' to save it")
+        return super().checkpoint_state()
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> AnomalyOutput:

@@ -6,6 +6,14 @@ when one loss and one backward pass do not describe its update (FOD's two phases
 masks). ``fit`` then runs the remaining iterations. Given a Dataset, the batch order is a function of (seed, epoch), so a run
 resumed from a checkpoint (which also holds the optimizer, the scheduler, the iteration, the loss
 history and torch's RNG state, used by dropout) continues exactly as the uninterrupted one.
+
+Data parallel (``fit(..., group=...)``, torch.distributed): every rank draws the same seeded
+permutation and takes slice r of each global batch (the recipe's ``train_batch_size`` is the global
+batch); the loss of a slice is scaled by its share of the batch, gradients are all-reduced (a sum
+of the shares: the gradient of the global batch's mean loss), batch-wide statistics are global
+(Dinomaly's hard-mining threshold by a distributed select), and rank 0 writes the checkpoints,
+which hold every rank's RNG state: a resume with the same number of processes is exact, another
+number is refused. Models whose recipe cannot be split this way set ``data_parallel`` to the reason.
 """
 from __future__ import annotations
 
@@ -18,22 +26,27 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .. import distributed
 from ..faults import memory_stage
 from .base import AnomalyModel
+from .components.batch_norm import global_batch_norms
 
 
-def _epoch_batches(data: Dataset, batch_size: int, seed: int, start: int, num_workers: int) -> Iterator:
+def _epoch_batches(data: Dataset, batch_size: int, seed: int, start: int, num_workers: int,
+                   part: tuple[int, int] = (0, 1)) -> Iterator:
     """Collated batches (dicts or tensors) from iteration ``start`` on: each epoch is a seeded permutation, last partial
-    batch dropped (the authors' drop_last), or the whole set as one batch if it is smaller."""
+    batch dropped (the authors' drop_last), or the whole set as one batch if it is smaller. ``part`` = (rank, world):
+    that rank's contiguous slice of every batch."""
     n = len(data)
     if n == 0:
         raise ValueError("fit() got an empty dataset")
     bs = min(batch_size, n)
     per_epoch = n // bs
     epoch, skip = divmod(start, per_epoch)
+    lo, hi = distributed.shard_range(bs, *part)
     while True:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        order = order[: per_epoch * bs].view(per_epoch, bs)[skip:]
+        order = order[: per_epoch * bs].view(per_epoch, bs)[skip:, lo:hi]
         # its own generator: a loader would otherwise draw its worker seed from torch's global RNG,
         # which dropout uses too, at a point that differs between a resumed and a straight run
         gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -56,7 +69,12 @@ class TrainedModel(AnomalyModel):
     """Base of the models fitted by gradient descent (Dinomaly, MiniMaxAD, RLR, FOD, ADPretrain).
 
     Subclasses set ``iterations``, ``train_batch_size``, ``seed`` and ``grad_clip`` (None: no clipping).
+    ``data_parallel`` is True when ``training_loss`` is a mean over the batch's samples (or takes its
+    batch-wide statistics over ``self.group``), else a string saying why the model cannot train
+    data-parallel.
     """
+
+    data_parallel: bool | str = True
 
     def __init__(self):
         super().__init__()
@@ -65,6 +83,11 @@ class TrainedModel(AnomalyModel):
         self.optimizer = self.scheduler = None
         self.epoch_length: int | None = None  # batches per epoch of the data first trained on
         self.skipped_iterations: list[int] = []  # updates skipped for a NaN/inf loss or gradient (on_nan='skip')
+        self.group = None  # the torch.distributed group while a data-parallel fit runs
+        self._share = 1.0  # this rank's fraction of the global batch
+        self._checkpoint_world = 1  # processes that wrote the loaded checkpoint
+        self._rank_rng: list[torch.Tensor] | None = None  # their RNG states
+        self.last_grad_norm: float | None = None  # norm of the last update's gradient, before clipping
 
     def trainable_parameters(self):
         raise NotImplementedError
@@ -91,7 +114,7 @@ class TrainedModel(AnomalyModel):
             self.optimizer, self.scheduler = self.make_optimizer()
 
     def fit(self, data, iterations: int | None = None, *, checkpoint: str | None = None, checkpoint_every: int = 0,
-            num_workers: int = 0, progress: bool | None = None, on_nan: str = "stop") -> "TrainedModel":
+            num_workers: int = 0, progress: bool | None = None, on_nan: str = "stop", group=None) -> "TrainedModel":
         """Train until ``iterations`` (default: the recipe's length) have run in total.
 
         Args:
@@ -104,12 +127,53 @@ class TrainedModel(AnomalyModel):
             on_nan: on a NaN/inf loss or gradient, ``'stop'`` raises FloatingPointError naming the
                 iteration (the checkpoint file keeps the last good state); ``'skip'`` drops that
                 update (no optimizer step; the iteration counts and is listed in ``skipped_iterations``).
+            group: torch.distributed process group for data-parallel training (module docstring);
+                every rank calls ``fit`` with the same Dataset; the model must start equal on all
+                ranks (the trainable parameters are broadcast from rank 0).
         """
-        from tqdm.auto import tqdm
-
         if on_nan not in ("stop", "skip"):
             raise ValueError(f"on_nan must be 'stop' or 'skip', got {on_nan!r}")
         self.on_nan = on_nan
+        part = self._join(group, data)
+        try:
+            return self._fit(data, iterations, checkpoint, checkpoint_every, num_workers, progress, part)
+        finally:
+            self.group, self._share = None, 1.0
+
+    def _join(self, group, data) -> tuple[int, int]:
+        """Checks and state of a data-parallel fit; returns (rank, world)."""
+        world = distributed.world_size(group)
+        if self.iteration and world != self._checkpoint_world:
+            raise ValueError(f"this checkpoint was written by a run of {self._checkpoint_world} process(es); resume it "
+                             f"with the same number (torchrun --nproc-per-node ...), not {world}, or start anew")
+        if world == 1:
+            return 0, 1
+        name = type(self).__name__
+        if self.data_parallel is not True:
+            raise ValueError(f"{name} cannot train data-parallel: {self.data_parallel}; run one job per process instead "
+                             "(fastad run --parallel jobs)")
+        if not isinstance(data, Dataset):
+            raise ValueError(f"a data-parallel fit needs a fastad Dataset (each rank takes its slice of every batch), "
+                             f"got {type(data).__name__}")
+        bs = min(self.train_batch_size, len(data))
+        if bs < world:
+            raise ValueError(f"{name}'s global batch of {bs} image(s) cannot be split between {world} processes; "
+                             "use at most as many processes as images per batch")
+        r = distributed.rank(group)
+        self.group = group
+        lo, hi = distributed.shard_range(bs, r, world)
+        self._share = (hi - lo) / bs
+        with torch.no_grad():  # every rank starts from rank 0's weights
+            for p in self.trainable_parameters():
+                t = p.data.to(distributed.collective_device(group))
+                torch.distributed.broadcast(t, 0, group=group)
+                p.data.copy_(t)
+        if self.iteration and self._rank_rng is not None:
+            torch.set_rng_state(self._rank_rng[r])
+        return r, world
+
+    def _fit(self, data, iterations, checkpoint, checkpoint_every, num_workers, progress, part) -> "TrainedModel":
+        from tqdm.auto import tqdm
 
         if self.epoch_length is None:
             if isinstance(data, Dataset):
@@ -125,12 +189,21 @@ class TrainedModel(AnomalyModel):
                 if isinstance(v, torch.Tensor) and v.dim() and v.device != p.device:
                     state[k] = v.to(p.device)
         if isinstance(data, Dataset):
-            batches = _epoch_batches(data, self.train_batch_size, self.seed, self.iteration, num_workers)
+            batches = _epoch_batches(data, self.train_batch_size, self.seed, self.iteration, num_workers, part)
         else:
             batches = _cycle(data)
         bar = tqdm(total=total, initial=min(self.iteration, total), desc="train", unit="it", leave=False,
-                   disable=None if progress is None else not progress)
+                   disable=part[0] != 0 or (None if progress is None else not progress))
         saved = None  # the iteration of the last checkpoint this call wrote
+        trainable = {id(p) for p in self.trainable_parameters()}
+        with global_batch_norms((m for m in self.modules() if any(id(p) in trainable for p in m.parameters(False))),
+                                self.group):
+            self._loop(batches, total, bar, checkpoint, checkpoint_every, saved)
+        bar.close()
+        self.eval()
+        return self
+
+    def _loop(self, batches, total, bar, checkpoint, checkpoint_every, saved) -> None:
         while self.iteration < total:
             self.train()
             try:
@@ -147,16 +220,18 @@ class TrainedModel(AnomalyModel):
             self.iteration += 1
             bar.update(1)
             if loss is not None:  # None: a batch the recipe skips (ADPretrain: no anomaly in it)
+                if distributed.active(self.group):  # the shares add up to the global batch's loss
+                    loss = loss.detach().double().to(distributed.collective_device(self.group))
+                    torch.distributed.all_reduce(loss, group=self.group)
                 self.loss_history.append(float(loss.detach()))
                 bar.set_postfix(loss=f"{self.loss_history[-1]:.4f}", refresh=False)
             if checkpoint and checkpoint_every and self.iteration % checkpoint_every == 0:
                 self.save(checkpoint)
                 saved = self.iteration
-        bar.close()
         if checkpoint and saved != self.iteration:
             self.save(checkpoint)
-        self.eval()
-        return self
+        if checkpoint and distributed.active(self.group):
+            torch.distributed.barrier(group=self.group)  # rank 0's file is complete when fit returns on any rank
 
     def batch_images(self, batch) -> torch.Tensor:
         """The (B, 3, H, W) float32 images of a batch (a tensor or a dict with 'image') on the model's device."""
@@ -174,29 +249,51 @@ class TrainedModel(AnomalyModel):
         zero_grad, backward of each, gradient clipping (``grad_clip``), step. A NaN/inf loss or
         gradient norm stops the run or skips the step (``fit``'s ``on_nan``). Returns whether the
         step was taken."""
-        for loss in losses:
-            if not torch.isfinite(loss):
-                self._stop_or_skip(f"the loss became {float(loss.detach())}")
-                return False
+        bad = [float(loss.detach()) for loss in losses if not torch.isfinite(loss)]
+        if distributed.active(self.group):  # every rank takes the same decision
+            flag = torch.tensor([float(len(bad))], device=distributed.collective_device(self.group))
+            torch.distributed.all_reduce(flag, group=self.group)
+            if flag.item() and not bad:
+                bad = ["non-finite on another rank"]
+        if bad:
+            self._stop_or_skip(f"the loss became {bad[0]}")
+            return False
         self.optimizer.zero_grad(set_to_none=True)
         for i, loss in enumerate(losses):
             loss.backward(retain_graph=i < len(losses) - 1)
+        if distributed.active(self.group):
+            self._all_reduce_gradients()
         params = [p for p in self.trainable_parameters() if p.grad is not None]
         if self.grad_clip is not None:  # clipping computes the norm (inf: not finite, nothing clipped yet)
             norm = nn.utils.clip_grad_norm_(params, self.grad_clip)
         else:
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])) \
                 if params else torch.zeros(())
+        self.last_grad_norm = float(norm)  # of the global batch's gradient (for logging)
         if not torch.isfinite(norm):
             self._stop_or_skip(f"the gradient norm became {float(norm)}")
             return False
         self.optimizer.step()
         return True
 
+    def _all_reduce_gradients(self) -> None:
+        """Sum every trainable parameter's gradient over the ranks (one flat buffer; zeros where a
+        rank has none), so that all ranks take the same step."""
+        params = list(self.trainable_parameters())
+        device = distributed.collective_device(self.group)
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(device) for p in params])
+        torch.distributed.all_reduce(flat, group=self.group)
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset : offset + n].view_as(p).to(p.device)
+            offset += n
+
     def training_step(self, batch, iteration: int) -> torch.Tensor:
         """One update from one batch: ``training_loss``, then :meth:`update`. Returns the (detached)
-        loss recorded in ``loss_history``, or None for a batch the recipe skips."""
-        loss = self.training_loss(self.batch_images(batch), iteration)
+        loss recorded in ``loss_history``, or None for a batch the recipe skips. Data parallel: the
+        rank's loss scaled by its share of the global batch."""
+        loss = self.training_loss(self.batch_images(batch), iteration) * self._share
         self.update(loss)
         return loss.detach()
 
@@ -205,6 +302,11 @@ class TrainedModel(AnomalyModel):
         """The training state: iteration, epoch length, loss history, RNG, optimizer and scheduler."""
         tensors = {"loss_history": torch.tensor(self.loss_history, dtype=torch.float64), "rng.cpu": torch.get_rng_state()}
         meta = {"iteration": self.iteration, "epoch_length": self.epoch_length, "skipped_iterations": self.skipped_iterations}
+        if distributed.active(self.group):  # every rank's RNG (dropout draws differ per rank)
+            device = distributed.collective_device(self.group)
+            states = distributed.gather_rows(torch.get_rng_state().unsqueeze(0).to(device), self.group).cpu()
+            tensors.update({f"rng.cpu.{r}": s for r, s in enumerate(states)})
+            meta["world_size"] = distributed.world_size(self.group)
         if torch.cuda.is_available() and self.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
         if self.optimizer is not None:
@@ -225,6 +327,9 @@ class TrainedModel(AnomalyModel):
         self.epoch_length = meta.get("epoch_length")
         self.skipped_iterations = list(meta.get("skipped_iterations", []))
         self.loss_history = tensors["loss_history"].tolist() if "loss_history" in tensors else []
+        self._checkpoint_world = int(meta.get("world_size", 1))
+        self._rank_rng = [tensors[f"rng.cpu.{r}"] for r in range(self._checkpoint_world)] \
+            if f"rng.cpu.{self._checkpoint_world - 1}" in tensors and self._checkpoint_world > 1 else None
         if "optimizer" in meta:
             self.optimizer = self.scheduler = None
             self._ensure_optimizer()

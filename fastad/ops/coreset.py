@@ -9,6 +9,13 @@ Selection (amazon-science/patchcore-inspection ``sampler.py``, see spec section 
 
 Distances are accumulated in float64 in the reference and in the kernels, so both select the same
 indices. A selected point is never selected again, even when the data has duplicates.
+
+With ``group`` (a torch.distributed process group) every rank passes its contiguous shard of the rows
+and all select the same points as one process on the concatenation: the projection is computed in
+float64 and rounded to float32 (so a row's projection does not depend on the rows beside it), and at
+every step each rank offers its best point (distance, global index, projected row); all take the
+largest, ties to the lowest global index (one all_gather of W x (d + 2) float64 per step), and
+lower their own distances with the same kernel arithmetic as the one-process loop.
 """
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ import math
 
 import torch
 
+from .. import distributed
 from ._checks import check_tensor
 from .dispatch import implementation
 
@@ -47,18 +55,24 @@ def project_features(features: torch.Tensor, projection_dim: int | None = 128, s
         projection_dim: output dimension; ``None`` or ``>= D`` keeps the features as they are.
         seed: seed of the projection matrix (drawn on the CPU, so identical on every device).
     Returns:
-        (N, projection_dim) float32 contiguous tensor on ``features.device``.
+        (N, projection_dim) float32 contiguous tensor on ``features.device``: the float64 product
+        rounded to float32, so that a row's projection does not depend on the other rows (a
+        float32 GEMM's rounding may depend on the matrix shape; distributed selections project
+        their shards separately).
     """
-    d = features.shape[1]
-    x = features.float()
+    n, d = features.shape
     if projection_dim is None or projection_dim >= d:
-        return x.contiguous()
+        return features.float().contiguous()
     if projection_dim < 1:
         raise ValueError(f"projection_dim must be >= 1 or None, got {projection_dim}")
     gen = torch.Generator().manual_seed(seed)
     bound = 1.0 / math.sqrt(d)
-    weight = torch.empty(projection_dim, d).uniform_(-bound, bound, generator=gen).to(features.device)
-    return (x @ weight.t()).contiguous()
+    weight = torch.empty(projection_dim, d).uniform_(-bound, bound, generator=gen).to(features.device, torch.float64)
+    out = torch.empty(n, projection_dim, dtype=torch.float32, device=features.device)
+    rows = max(1, (1 << 24) // d)  # float64 copies of at most 128 MiB at a time
+    for start in range(0, n, rows):
+        out[start : start + rows] = features[start : start + rows].double() @ weight.t()
+    return out
 
 
 def starting_points(n: int, num_starts: int = 10, seed: int = 0) -> torch.Tensor:
@@ -100,6 +114,7 @@ def greedy_coreset(
     projection_dim: int | None = 128,
     seed: int = 0,
     num_starts: int = 10,
+    group=None,
 ) -> torch.Tensor:
     """Indices of a greedy k-center coreset of ``features``.
 
@@ -110,11 +125,17 @@ def greedy_coreset(
         projection_dim: dimension of the random projection used for selection (None: no projection).
         seed: seed for the projection and the starting points.
         num_starts: random starting points whose mean distance initialises the search (PatchCore: 10).
+        group: a torch.distributed process group (None: this process alone).
+            In a group of several processes ``features`` is this rank's contiguous shard (n_r, D)
+            of the rows (n_r may be 0), ``k``/``ratio`` refer to all N = sum n_r rows, and every
+            rank returns the same global indices (into the concatenation in rank order).
     Returns:
         (k,) int64 tensor of distinct indices into ``features``, in selection order, on ``features.device``.
     Raises:
         TypeError/ValueError: wrong dtype or rank, empty input, NaN/inf, bad k or ratio.
     """
+    if distributed.active(group):
+        return _distributed_coreset(features, k, ratio, projection_dim, seed, num_starts, group)
     check_tensor("features", features, ndim=2, finite=False)
     n = features.shape[0]
     k = coreset_size(n, k, ratio)
@@ -129,3 +150,75 @@ def greedy_coreset(
     if implementation(projected, extension=True) == "extension":
         return torch.ops.fastad.kcenter_greedy(projected, starts.to(projected.device), k)
     return greedy_coreset_reference(projected, starts, k)
+
+
+_PROBE = 64  # as csrc/coreset_cpu.cpp: the triangle test is probed every 64 steps, kept while it skips >= 25%
+
+
+def _init_reference(x: torch.Tensor, start_vectors: torch.Tensor) -> torch.Tensor:
+    """greedy_coreset_reference's initial distances of the rows of ``x`` to given start vectors."""
+    x, sv = x.double(), start_vectors.double()
+    if x.shape[0] == 0:
+        return torch.empty(0, dtype=torch.float64, device=x.device)
+    return torch.stack([(x - v).pow(2).sum(1).sqrt() for v in sv], 1).mean(1)
+
+
+def _step_reference(x: torch.Tensor, dist: torch.Tensor, center: torch.Tensor, owned: int) -> tuple[float, int]:
+    """greedy_coreset_reference's update of ``dist`` (in place) for a new center; (best, its row or -1)."""
+    if x.shape[0] == 0:
+        return -math.inf, -1
+    d = (x.double() - center.double()).pow(2).sum(1).sqrt()
+    dist.copy_(torch.where(dist > 0, torch.minimum(dist, d), dist))
+    if owned >= 0:
+        dist[owned] = -1.0
+    i = int(torch.argmax(dist))
+    return float(dist[i]), i
+
+
+def _distributed_coreset(features, k, ratio, projection_dim, seed, num_starts, group) -> torch.Tensor:
+    if not isinstance(features, torch.Tensor) or features.dim() != 2 or not features.is_floating_point():
+        raise TypeError(f"features must be a floating (n, D) tensor shard, got "
+                        f"{tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__}")
+    first, n = distributed.offset(features.shape[0], group)
+    if n == 0:
+        raise ValueError("features are empty on every rank; expected at least one row")
+    k = coreset_size(n, k, ratio)
+    x = project_features(features, projection_dim, seed)
+    device = x.device
+    bad = torch.tensor([float((~torch.isfinite(x)).sum())], device=device)
+    torch.distributed.all_reduce(bad, group=group)
+    if bad.item():
+        raise ValueError("features contain NaN or inf values (or values so large that the projection overflows "
+                         "float32); expected finite values")
+    rows, d = x.shape
+    starts = starting_points(n, num_starts, seed).tolist()
+    start_vectors = torch.zeros(len(starts), d, device=device)
+    for j, s in enumerate(starts):
+        if first <= s < first + rows:
+            start_vectors[j] = x[s - first]
+    torch.distributed.all_reduce(start_vectors, group=group)  # each row is owned by exactly one rank
+    kernel = implementation(x, extension=True) == "extension"
+    if kernel:
+        dist = torch.ops.fastad.kcenter_init(x, start_vectors)
+    else:
+        dist = _init_reference(x, start_vectors)
+    assign = torch.full((rows,), -1, dtype=torch.int32, device=device)
+    centers = torch.empty(k, d, device=device)
+    out = torch.empty(k, dtype=torch.long)
+    value, best = (float(dist.max()), int(torch.argmax(dist))) if rows else (-math.inf, -1)
+    zeros = torch.zeros(d, device=device)
+    prune = False
+    for t in range(k):
+        _, c, centers[t] = distributed.all_max_index(value, first + best if best >= 0 else -1,
+                                                     x[best] if best >= 0 else zeros, group)
+        out[t] = c
+        owned = c - first if first <= c < first + rows else -1
+        if kernel:
+            use = prune or (t % _PROBE == 0 and t > 0)
+            res = torch.ops.fastad.kcenter_step(x, dist, assign, centers, t, owned, use).tolist()
+            value, best = res[0], int(res[1])
+            if use:
+                prune = res[2] * 4 >= rows
+        else:
+            value, best = _step_reference(x, dist, centers[t], owned)
+    return out.to(features.device)

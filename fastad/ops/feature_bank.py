@@ -10,11 +10,19 @@ Backends:
   CPU; moved to the GPU when the queries are CUDA tensors and faiss was built with GPU support
   (the ``gpu`` extra).
 Both return **squared** L2 distances, as FAISS does and as PatchCore's official code uses them.
+
+With ``group`` the bank is sharded across processes: each rank ``add``s its rows, every rank
+searches the same queries in its shard, and the per-shard top-k (with global ids: the shards'
+concatenation in rank order) are all-gathered and merged on (distance, id). Torch backend: the
+neighbours and distances of one process searching the whole bank (distances within float32 GEMM
+rounding, which may depend on the block shape); FAISS: the same within FAISS's own variation with
+the batch size (its BLAS blocking).
 """
 from __future__ import annotations
 
 import torch
 
+from .. import distributed
 from ._checks import check_tensor
 
 __all__ = ["FeatureBank"]
@@ -35,10 +43,14 @@ class FeatureBank:
         max_bytes: torch only: device memory a search may use for bank blocks and distances
             (None: no cap, except half the free device memory when the bank is on the host and
             the queries on a GPU).
+        group: torch.distributed process group over which the bank is sharded (None: this
+            process alone); ``len`` and ``features`` are then this rank's shard, and ``search``
+            is a collective that every rank calls with the same queries.
     """
 
     def __init__(self, dim: int, backend: str = "torch", device=None, ivf_nlist: int | None = None, nprobe: int = 8,
-                 max_bytes: int | None = None):
+                 max_bytes: int | None = None, group=None):
+        self.group = group
         if backend not in ("torch", "faiss"):
             raise ValueError(f"backend must be 'torch' or 'faiss', got {backend!r}")
         if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0):
@@ -99,6 +111,8 @@ class FeatureBank:
         check_tensor("queries", queries, ndim=2)
         if queries.shape[1] != self.dim:
             raise ValueError(f"queries must be (Q, {self.dim}), got {tuple(queries.shape)}")
+        if distributed.active(self.group):
+            return self._search_sharded(queries, k)
         if len(self) == 0:
             raise ValueError("the feature bank is empty: call add() first")
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(self):
@@ -106,6 +120,29 @@ class FeatureBank:
         if self.backend == "faiss":
             return self._search_faiss(queries, k)
         return self._search_torch(queries, k)
+
+    def _search_sharded(self, queries, k):
+        first, total = distributed.offset(len(self), self.group)
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= total:
+            raise ValueError(f"k must be an int in [1, {total}] (bank size over all ranks), got {k!r}")
+        q = queries.shape[0]
+        v = torch.full((q, k), float("inf"), device=queries.device)
+        i = torch.full((q, k), -1, dtype=torch.long, device=queries.device)
+        if len(self):
+            kk = min(k, len(self))
+            lv, li = self._search_faiss(queries, kk) if self.backend == "faiss" else self._search_torch(queries, kk)
+            v[:, :kk], i[:, :kk] = lv, li + first
+        device = distributed.collective_device(self.group)
+        parts_v = [torch.empty(q, k, device=device) for _ in range(distributed.world_size(self.group))]
+        parts_i = [torch.empty(q, k, dtype=torch.long, device=device) for _ in parts_v]
+        torch.distributed.all_gather(parts_v, v.to(device), group=self.group)
+        torch.distributed.all_gather(parts_i, i.to(device), group=self.group)
+        v, i = torch.cat(parts_v, 1), torch.cat(parts_i, 1)
+        # merge on (distance, global id): order by id, then a stable sort by distance
+        by_id = torch.sort(torch.where(i < 0, torch.iinfo(torch.long).max, i), dim=1, stable=True).indices
+        v, i = v.gather(1, by_id), i.gather(1, by_id)
+        order = torch.sort(v, dim=1, stable=True).indices[:, :k]
+        return v.gather(1, order).to(queries.device), i.gather(1, order).to(queries.device)
 
     def _budget(self, device: torch.device) -> int | None:
         if self.max_bytes is not None:

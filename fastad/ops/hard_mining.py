@@ -21,7 +21,8 @@ from .dispatch import HAS_TRITON, implementation
 
 if HAS_TRITON:
     from ._triton import store_rounded
-from .select import _check_q, _quantile, quantile_reference, select_rank
+from .. import distributed
+from .select import _check_q, _quantile, _values, quantile, quantile_reference, select_rank
 
 __all__ = ["adc_loss", "adc_loss_reference", "hard_mining_cosine_loss", "hard_mining_cosine_loss_reference"]
 
@@ -56,7 +57,7 @@ def adc_loss_reference(maps: torch.Tensor, p_hard: float = 0.9999, p_lim: float 
 
 
 @torch.compiler.disable  # data-dependent thresholds: runs eagerly inside compiled code
-def adc_loss(maps: torch.Tensor, p_hard: float = 0.9999, p_lim: float = 0.9995) -> torch.Tensor:
+def adc_loss(maps: torch.Tensor, p_hard: float = 0.9999, p_lim: float = 0.9995, *, group=None) -> torch.Tensor:
     """MiniMaxAD's adaptive contraction hard-mining loss (ADCLoss, the -fr variant).
 
     With S = ``maps``, sigma = std(S) (unbiased, whole batch) and tau = quantile(S, p_hard) - sigma**2:
@@ -68,17 +69,24 @@ def adc_loss(maps: torch.Tensor, p_hard: float = 0.9999, p_lim: float = 0.9995) 
             maps are computed in float32.
         p_hard: primary mining quantile, in (0, 1).
         p_lim: lower-bound mining quantile, in (0, 1).
+        group: torch.distributed process group of a data-parallel step (None: this process): each
+            rank passes its slice of the batch; sigma, both quantiles (distributed select) and the
+            hard points' count are taken over the global batch, and the result is this rank's
+            term such that the sum over ranks of (its share of the points) x (term) is the global
+            loss, like the per-sample means of the other losses (sigma from float64 sums there).
     Returns:
         0-d loss, float32 (float64 for float64 maps), differentiable with respect to ``maps``.
     """
     _check_adc(maps, p_hard, p_lim)
-    return _ADCLoss.apply(maps, p_hard, p_lim)
+    return _ADCLoss.apply(maps, p_hard, p_lim, group if distributed.active(group) else None)
 
 
 class _ADCLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, maps, p_hard, p_lim):
+    def forward(ctx, maps, p_hard, p_lim, group):
         flat = maps.detach().contiguous().view(-1)
+        if group is not None:
+            return _ADCLoss._forward_global(ctx, maps, flat, p_hard, p_lim, group)
         n = flat.numel()
         var = torch.std(flat.to(compute_dtype(flat))).cpu() ** 2  # as the reference
         # the quantile's first radix pass also rejects NaN/inf maps
@@ -92,6 +100,34 @@ class _ADCLoss(torch.autograd.Function):
         return (total / count).to(var.dtype).to(maps.device)
 
     @staticmethod
+    def _forward_global(ctx, maps, flat, p_hard, p_lim, group):
+        device = distributed.collective_device(group)
+        values = flat.to(compute_dtype(flat))
+        sums = torch.tensor([values.numel(), values.double().sum()], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(sums, group=group)
+        n = int(sums[0])
+        mean = sums[1] / n
+        dev2 = ((values.double() - mean.to(values.device)) ** 2).sum().reshape(1).to(device)
+        torch.distributed.all_reduce(dev2, group=group)
+        var = (dev2[0] / (n - 1)).to(values.dtype).cpu()  # unbiased, as torch.std
+        tau = quantile(values, p_hard, group=group).cpu() - var  # the select rejects NaN/inf on every rank
+
+        def tail(tau):  # (global count, this rank's sum) of the hard points
+            count, total = _square_tail(flat, tau)
+            count = torch.tensor([count], dtype=torch.int64, device=device)
+            torch.distributed.all_reduce(count, group=group)
+            return int(count), total
+
+        count, total = tail(tau)
+        if count < n * (1 - p_lim):
+            tau = quantile(_values(flat, True), p_lim, group=group).cpu() - var
+            count, total = tail(tau)
+        share = flat.numel() / n  # the caller weights this rank's term by its share of the batch
+        ctx.save_for_backward(flat)
+        ctx.tau, ctx.count, ctx.shape = tau, count * share, maps.shape
+        return (total / (count * share)).to(var.dtype).to(maps.device)
+
+    @staticmethod
     def backward(ctx, grad):
         (flat,) = ctx.saved_tensors
         scale = (grad / ctx.count).reshape(1)
@@ -103,7 +139,7 @@ class _ADCLoss(torch.autograd.Function):
         else:
             s = flat.to(scale.dtype)
             out = torch.where(s * s >= ctx.tau.to(flat.device), 2 * s * scale, 0).to(flat.dtype)
-        return out.view(ctx.shape), None, None
+        return out.view(ctx.shape), None, None, None
 
 
 def _square_tail(flat: torch.Tensor, tau: torch.Tensor) -> tuple[int, torch.Tensor]:
@@ -178,7 +214,7 @@ def hard_mining_cosine_loss_reference(enc_feats, dec_feats, p: float, factor: fl
 
 
 @torch.compiler.disable  # data-dependent thresholds: runs eagerly inside compiled code
-def hard_mining_cosine_loss(enc_feats, dec_feats, p: float, factor: float = 0.1) -> torch.Tensor:
+def hard_mining_cosine_loss(enc_feats, dec_feats, p: float, factor: float = 0.1, *, group=None) -> torch.Tensor:
     """Dinomaly's global cosine loss with hard mining (``global_cosine_hm_percent``).
 
     For each group: d = 1 - cos(a, b) along channels at every point (no gradient); thresh = the k-th
@@ -193,27 +229,40 @@ def hard_mining_cosine_loss(enc_feats, dec_feats, p: float, factor: float = 0.1)
             float64).
         p: hard-mining fraction in [0, 1); Dinomaly ramps it from 0 to 0.9. p = 0 down-weights nothing.
         factor: gradient multiplier of the easy points (Dinomaly: 0.1).
+        group: torch.distributed process group of a data-parallel step (None: this process): each
+            rank passes its slice of the batch; the threshold is taken over the global batch (a
+            distributed select); the result is this rank's mean, to be weighted by its share.
     Returns:
         0-d loss, differentiable with respect to ``dec_feats``.
     """
     pairs = _pairs(enc_feats, dec_feats)
+    batch = pairs[0][0].shape[0]
+    if distributed.active(group):  # the threshold counts the points of the global batch
+        total = torch.tensor([batch], device=distributed.collective_device(group))
+        torch.distributed.all_reduce(total, group=group)
+        batch = int(total)
     # validated before any pass over the features; k = int(B * H * W * (1 - p)) hard points per group
-    ks = [_check_p(p, factor, a.shape[0] * a[0, 0].numel()) for a, _ in pairs]
-    terms = [_HardMiningCosine.apply(a.detach(), b, k, factor) for (a, b), k in zip(pairs, ks)]
+    ks = [_check_p(p, factor, batch * a[0, 0].numel()) for a, _ in pairs]
+    terms = [_HardMiningCosine.apply(a.detach(), b, k, factor, group) for (a, b), k in zip(pairs, ks)]
     return sum(terms) / len(terms)
 
 
 class _HardMiningCosine(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a, b, k, factor):
+    def forward(ctx, a, b, k, factor, group):
         bsz, c = a.shape[:2]
         a3, b3 = (t.reshape(bsz, c, -1) for t in (a, b))
         a3, b3 = (t if t.stride(2) == 1 else t.contiguous() for t in (a3, b3))  # the kernels read points contiguously
         dot, na, nb = _point_stats(a3, b3)  # (B, P) each, float32 or float64
         point_dist = 1 - dot / (na.sqrt().clamp_min(_COS_EPS) * nb.sqrt().clamp_min(_COS_EPS))
-        if not bool(torch.isfinite(point_dist).all()):
-            raise ValueError("enc_feats or dec_feats contains NaN or inf values; expected finite values")
-        thresh = select_rank(point_dist, point_dist.numel() - k)
+        if distributed.active(group):  # the select checks finiteness on all ranks together
+            n = torch.tensor([point_dist.numel()], device=distributed.collective_device(group))
+            torch.distributed.all_reduce(n, group=group)
+            thresh = select_rank(point_dist, int(n) - k, group=group)
+        else:
+            if not bool(torch.isfinite(point_dist).all()):
+                raise ValueError("enc_feats or dec_feats contains NaN or inf values; expected finite values")
+            thresh = select_rank(point_dist, point_dist.numel() - k)
         # per-sample global cosine from the per-point sums (float64 for the long reduction)
         dot_n, na_n, nb_n = dot.double().sum(1), na.double().sum(1).sqrt(), nb.double().sum(1).sqrt()
         na_n, nb_n = na_n.clamp_min(_COS_EPS), nb_n.clamp_min(_COS_EPS)
@@ -240,7 +289,7 @@ class _HardMiningCosine(torch.autograd.Function):
             cdt = point_dist.dtype
             out = (coef_a[:, None, None] * a3.to(cdt) + coef_b[:, None, None] * b3.to(cdt)) * scale[:, None]
             out = out.to(b3.dtype)
-        return None, out.view(ctx.shape), None, None
+        return None, out.view(ctx.shape), None, None, None
 
 
 # constexprs and launch options of the CUDA launches (fastad.ops.compile_check compiles these)

@@ -5,11 +5,17 @@ Global search (ADPretrain/ResAD residual features: no positional constraint) or 
 (FOD's "nearest features": only the ``window x window`` neighbourhood of the same position in every
 reference image). Scores are exact float64 in the kernels and the reference, with the lowest bank
 index winning ties, so both return the same indices.
+
+With ``group`` the bank is sharded across processes (each rank passes its rows, or its reference
+images, and the same queries): every rank searches its shard, the float64 scores and global indices
+are all-gathered and merged (lowest global index on ties), and the residual comes from the rank that
+holds the winner. Same values and indices as one process searching the concatenated bank.
 """
 from __future__ import annotations
 
 import torch
 
+from .. import distributed
 from ._checks import check_same_device, check_tensor
 from .dispatch import implementation
 from .grid_attention import window_mask
@@ -74,7 +80,8 @@ def nearest_reference_reference(x, bank, *, metric: str = "l2", window: int | No
     return values.reshape(lead), indices.reshape(lead), residual
 
 
-def nearest_reference(x: torch.Tensor, bank: torch.Tensor, *, metric: str = "l2", window: int | None = None):
+def nearest_reference(x: torch.Tensor, bank: torch.Tensor, *, metric: str = "l2", window: int | None = None,
+                      group=None):
     """Nearest bank entry of every feature, and the residual.
 
     Args:
@@ -88,17 +95,60 @@ def nearest_reference(x: torch.Tensor, bank: torch.Tensor, *, metric: str = "l2"
         values: x.shape[:-1], dtype of x: the Euclidean distance (l2) or the cosine similarity.
         indices: x.shape[:-1], int64 rows of ``bank.reshape(-1, C)``; lowest index on ties.
         residual: x.shape, dtype of x: ``x - bank.reshape(-1, C)[indices]``.
+        group: torch.distributed process group (None: this process alone): ``bank`` is this rank's
+            shard (rows, or reference images for a windowed search; may be empty), ``x`` the same
+            queries on every rank; indices refer to the concatenation of the shards in rank order.
     """
+    if distributed.active(group):
+        return _sharded(x, bank, metric, window, group)
     _validate(x, bank, metric, window)
+    values, indices = _search(x, bank, metric, window)
+    residual = x - bank.reshape(-1, bank.shape[-1])[indices]
+    return values.to(x.dtype), indices, residual
+
+
+def _search(x, bank, metric, window):
+    """(float64 values, indices), both x.shape[:-1], of validated inputs."""
     c = bank.shape[-1]
+    lead = x.shape[:-1]
     if implementation(x, extension=True) != "extension":
-        v, i, r = nearest_reference_reference(x, bank, metric=metric, window=window)
-        return v.to(x.dtype), i, r
+        v, i, _ = nearest_reference_reference(x, bank, metric=metric, window=window)
+        return v, i
     xf, bf = x.float().contiguous(), bank.float().contiguous()
     if window is None:
         xf, bf = xf.reshape(-1, c), bf.reshape(-1, c)
     values, indices = torch.ops.fastad.nearest_reference(xf, bf, _METRICS[metric], window or 0)
+    return values.reshape(lead), indices.reshape(lead)
+
+
+def _sharded(x, bank, metric, window, group):
+    c = bank.shape[-1]
+    rows = bank.reshape(-1, c) if bank.numel() or bank.dim() == 2 else bank.new_empty(0, c)
+    first, total = distributed.offset(rows.shape[0], group)
+    if total == 0:
+        raise ValueError("bank is empty on every rank; expected at least one reference feature")
     lead = x.shape[:-1]
-    indices = indices.reshape(lead)
-    residual = x - bank.reshape(-1, c)[indices]
-    return values.reshape(lead).to(x.dtype), indices, residual
+    if rows.shape[0]:
+        _validate(x, bank, metric, window)
+        values, indices = _search(x, bank, metric, window)
+        residual = x - rows[indices]
+        indices = indices + first
+    else:  # this rank holds no reference: it never wins
+        check_tensor("x", x)
+        values = torch.full(lead, float("inf") if metric == "l2" else -float("inf"), dtype=torch.float64, device=x.device)
+        indices = torch.full(lead, -1, dtype=torch.long, device=x.device)
+        residual = torch.zeros_like(x)
+    device = distributed.collective_device(group)
+    world = distributed.world_size(group)
+    all_v = [torch.empty(lead, dtype=torch.float64, device=device) for _ in range(world)]
+    all_i = [torch.empty(lead, dtype=torch.long, device=device) for _ in range(world)]
+    torch.distributed.all_gather(all_v, values.to(device).contiguous(), group=group)
+    torch.distributed.all_gather(all_i, indices.to(device).contiguous(), group=group)
+    v, i = torch.stack(all_v), torch.stack(all_i)
+    # ranks hold increasing index ranges: the first rank with the best score has the lowest index
+    winner = (v.argmin(0) if metric == "l2" else v.argmax(0)).unsqueeze(0)
+    best_v, best_i = v.gather(0, winner)[0].to(x.device), i.gather(0, winner)[0].to(x.device)
+    mine = (winner[0] == distributed.rank(group)).to(x.device).unsqueeze(-1)
+    residual = torch.where(mine, residual, torch.zeros_like(residual)).to(device)
+    torch.distributed.all_reduce(residual, group=group)  # exactly one rank contributes each row
+    return best_v.to(x.dtype), best_i, residual.to(x.device)

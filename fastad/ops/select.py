@@ -15,6 +15,11 @@ more than 2**24 elements): neither has a size limit.
 rounded to the input dtype, the rank ``q * (n - 1)`` is taken in float64 and ``torch.lerp``
 interpolates in the input dtype (what torch 2.14 does; older torch raised above 2**24 elements).
 16-bit inputs are computed, and returned, in float32.
+
+With ``group`` (a torch.distributed process group of several processes) each rank passes its shard
+and all get the value of the whole: a radix select over order-preserving integer keys (16 bits per
+pass: two passes for float32, four for float64) whose histograms are all-reduced, so the result is
+bit-identical to ``torch.quantile`` / ``kthvalue`` of the concatenation. A shard may be empty.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import math
 
 import torch
 
+from .. import distributed
 from ._checks import check_tensor, compute_dtype
 from ._triton import max_programs, tl, triton
 from .dispatch import HAS_TRITON, implementation
@@ -67,15 +73,21 @@ def _sorted_quantile(flat: torch.Tensor, q: float) -> torch.Tensor:
 
 
 @torch.compiler.disable  # host-side radix passes: runs eagerly inside compiled code
-def select_rank(x: torch.Tensor, rank: int) -> torch.Tensor:
+def select_rank(x: torch.Tensor, rank: int, *, group=None) -> torch.Tensor:
     """The ``rank``-th smallest value (0-based) of all elements of ``x``.
 
     Args:
         x: floating tensor of any shape and size (< 2**31 elements on the Triton path), finite.
         rank: 0 <= rank < x.numel().
+        group: torch.distributed process group: ``x`` is this rank's shard (may be empty), ``rank``
+            counts over all shards, every rank gets the same value.
     Returns:
         0-d tensor on ``x.device``; float32 for 16-bit and float32 inputs, float64 for float64.
     """
+    if distributed.active(group):
+        flat, n = _prepare_shard(x, group)
+        _check_rank(rank, n)
+        return _shard_select(flat, rank, group)
     flat = _prepare(x)
     _check_rank(rank, flat.numel())
     if implementation(flat, triton=True) == "triton":
@@ -85,17 +97,25 @@ def select_rank(x: torch.Tensor, rank: int) -> torch.Tensor:
 
 
 @torch.compiler.disable  # host-side radix passes: runs eagerly inside compiled code
-def quantile(x: torch.Tensor, q: float) -> torch.Tensor:
+def quantile(x: torch.Tensor, q: float, *, group=None) -> torch.Tensor:
     """``torch.quantile(x, q)`` over all elements (linear interpolation), exact, for any size.
 
     Args:
         x: floating tensor of any shape, finite.
         q: quantile in [0, 1].
+        group: torch.distributed process group: ``x`` is this rank's shard (may be empty) and every
+            rank gets the quantile of all shards together.
     Returns:
         0-d tensor on ``x.device``; float32 for 16-bit and float32 inputs, float64 for float64.
     """
-    flat = _prepare(x)
     _check_q("q", q)
+    if distributed.active(group):
+        flat, n = _prepare_shard(x, group)
+        lo, hi, w = _ranks(q, n, flat.dtype)
+        v_lo = _shard_select(flat, lo, group)
+        v_hi = v_lo if hi == lo else _shard_select(flat, hi, group)
+        return torch.lerp(v_lo, v_hi, w.to(v_lo.device))
+    flat = _prepare(x)
     return _quantile(flat, q, square=False)
 
 
@@ -153,6 +173,58 @@ def _next_value(values: torch.Tensor, v: torch.Tensor, rank: int) -> torch.Tenso
     if int((values <= v).sum()) > rank + 1:
         return v
     return torch.where(values > v, values, torch.full_like(values, math.inf)).amin()
+
+
+# ----------------------------------------------------------------------------------------------------
+# radix select over shards (torch ops; the histograms are all-reduced)
+
+_SHARD_BITS = 16
+
+
+def _prepare_shard(x: torch.Tensor, group) -> tuple[torch.Tensor, int]:
+    """(this shard flattened in the compute dtype, elements of all shards); checks finiteness of all."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating tensor, got {x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
+    flat = x.reshape(-1).to(compute_dtype(x))
+    counts = torch.tensor([flat.numel(), int((~torch.isfinite(flat)).sum())], dtype=torch.int64,
+                          device=distributed.collective_device(group))
+    torch.distributed.all_reduce(counts, group=group)
+    n, bad = counts.tolist()
+    if n == 0:
+        raise ValueError("x is empty on every rank; expected at least one element")
+    if bad:
+        raise ValueError(f"x contains {bad} NaN or inf values over all ranks; expected finite values")
+    return flat, n
+
+
+def _signed_keys(flat: torch.Tensor) -> torch.Tensor:
+    """int64 keys whose signed order is the float order of ``flat`` (float32 or float64)."""
+    if flat.dtype == torch.float64:
+        bits = flat.view(torch.int64)
+        return torch.where(bits < 0, bits ^ 0x7FFFFFFFFFFFFFFF, bits)
+    bits = flat.view(torch.int32).long()
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+def _shard_select(flat: torch.Tensor, rank: int, group) -> torch.Tensor:
+    total = 64 if flat.dtype == torch.float64 else 32
+    keys = _signed_keys(flat).to(distributed.collective_device(group))
+    prefix = 0
+    for shift in range(total - _SHARD_BITS, -1, -_SHARD_BITS):
+        if shift == total - _SHARD_BITS:  # the top digit is signed: shift it to [0, 2**16)
+            digits = (keys >> shift) + (1 << (_SHARD_BITS - 1))
+        else:
+            digits = (keys[(keys >> (shift + _SHARD_BITS)) == prefix] >> shift) & ((1 << _SHARD_BITS) - 1)
+        hist = torch.bincount(digits, minlength=1 << _SHARD_BITS)
+        torch.distributed.all_reduce(hist, group=group)
+        cum = torch.cumsum(hist.cpu(), 0)
+        b = int(torch.searchsorted(cum, rank, right=True))
+        rank -= int(cum[b - 1]) if b else 0
+        prefix = b - (1 << (_SHARD_BITS - 1)) if shift == total - _SHARD_BITS else (prefix << _SHARD_BITS) | b
+    bits = prefix ^ 0x7FFFFFFFFFFFFFFF if prefix < 0 and total == 64 else prefix ^ 0x7FFFFFFF if prefix < 0 else prefix
+    value = torch.tensor([bits], dtype=torch.int64)
+    value = value.view(torch.float64) if total == 64 else value.to(torch.int32).view(torch.float32)
+    return value[0].to(flat.device)
 
 
 # ----------------------------------------------------------------------------------------------------

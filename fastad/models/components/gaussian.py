@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ... import distributed
 from .maps import level_maps, score_and_map
 
 __all__ = ["GaussianGrid", "per_level_maps"]
@@ -31,9 +32,19 @@ class GaussianGrid(nn.Module):
             self._sums[2] += outer
         self._sums[0] += b
 
-    def finish(self, eps: float) -> None:
+    def finish(self, eps: float, group=None) -> None:
+        """Mean and inverse covariance from the accumulated sums (with ``group``: all ranks' sums)."""
         count, total, outer, grid = self._sums or (0, None, None, None)
         self._sums = None
+        if distributed.active(group):
+            if total is None:
+                raise ValueError(f"rank {distributed.rank(group)} got no training image: PaDiM needs at least one "
+                                 "image per process (use fewer processes)")
+            device = distributed.collective_device(group)
+            sums = [torch.tensor([float(count)], dtype=torch.float64, device=device), total.to(device), outer.to(device)]
+            for t in sums:
+                torch.distributed.all_reduce(t, group=group)
+            count, total, outer = int(sums[0]), sums[1].to(total.device), sums[2].to(outer.device)
         if count < 2:
             raise ValueError(f"PaDiM needs at least 2 training images to estimate a covariance, got {count}")
         mean = total / count

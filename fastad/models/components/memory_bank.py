@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ... import distributed
 from ...faults import memory_stage
 from ...ops import FeatureBank, greedy_coreset
 
@@ -49,14 +50,18 @@ class MemoryBank(nn.Module):
         max_bytes: device memory the kNN search may use (None: no cap). A bank larger than this
             stays in host memory when the module moves to a GPU and is searched in blocks
             streamed to the device (same neighbours; distances within float32 GEMM rounding).
+        sharded: in a distributed :meth:`fill`, keep only this rank's coreset rows (memory per
+            process divided by the number of processes); scoring is then a collective (every
+            rank's queries searched in every shard) and the bank cannot be saved to one file.
     Buffer ``memory_bank`` (M, dim) float32 is saved with the model.
     """
 
-    def __init__(self, dim: int, backend: str = "torch", max_bytes: int | None = None):
+    def __init__(self, dim: int, backend: str = "torch", max_bytes: int | None = None, sharded: bool = False):
         super().__init__()
-        self.dim, self.backend, self.max_bytes = dim, backend, max_bytes
+        self.dim, self.backend, self.max_bytes, self.sharded = dim, backend, max_bytes, sharded
         self.register_buffer("memory_bank", torch.empty(0, dim))
         self._index: tuple | None = None  # (key of the bank it was built from, FeatureBank)
+        self.group = None  # the process group a sharded bank is spread over
 
     def _on_host(self, bank: torch.Tensor) -> bool:
         return self.max_bytes is not None and bank.numel() * bank.element_size() > self.max_bytes
@@ -77,25 +82,54 @@ class MemoryBank(nn.Module):
             self._buffers["memory_bank"] = bank
 
     @torch.no_grad()
-    def fill(self, features: torch.Tensor, coreset_ratio: float = 0.1, projection_dim: int = 128, seed: int = 0) -> None:
+    def fill(self, features: torch.Tensor, coreset_ratio: float = 0.1, projection_dim: int = 128, seed: int = 0,
+             group=None) -> None:
         """(N, dim) normal features -> the bank: their greedy coreset of ``coreset_ratio`` (1.0 keeps
-        all) with a ``projection_dim`` random projection and ``seed``."""
-        if len(features) == 0:
+        all) with a ``projection_dim`` random projection and ``seed``. With ``group`` ``features``
+        is this rank's contiguous shard; every rank gets the whole bank (the rows in selection order)."""
+        self.group = group if self.sharded and distributed.active(group) else None
+        if distributed.active(group):
+            features = self._select_across(features, coreset_ratio, projection_dim, seed, group, self.sharded)
+        if len(features) == 0 and self.group is None:
             raise ValueError("the memory bank got no training features")
-        if coreset_ratio < 1.0:
+        if coreset_ratio < 1.0 and not distributed.active(group):
             with memory_stage("the coreset selection", "lower coreset_ratio or projection_dim (--set), or fit on the CPU"):
                 features = features[greedy_coreset(features, ratio=coreset_ratio, projection_dim=projection_dim, seed=seed)]
         home = torch.device("cpu") if self._on_host(features) else self._buffers["memory_bank"].device  # the module's device
         self.memory_bank = features.to(home).contiguous()
 
+    @staticmethod
+    def _select_across(features, coreset_ratio, projection_dim, seed, group, keep_own: bool) -> torch.Tensor:
+        """The coreset rows of features sharded over ``group``, on every rank, in selection order
+        (``keep_own``: only the rows this rank holds, in selection order)."""
+        first, total = distributed.offset(len(features), group)
+        if total == 0:
+            raise ValueError("the memory bank got no training features")
+        if coreset_ratio < 1.0:
+            with memory_stage("the coreset selection", "lower coreset_ratio or projection_dim (--set), or fit on the CPU"):
+                chosen = greedy_coreset(features, ratio=coreset_ratio, projection_dim=projection_dim, seed=seed,
+                                        group=group).to(features.device)
+        else:
+            chosen = torch.arange(total, device=features.device)
+        mine = torch.nonzero((chosen >= first) & (chosen < first + len(features))).flatten()
+        if keep_own:
+            return features[chosen[mine] - first]
+        device = distributed.collective_device(group)
+        rows = distributed.gather_rows(features[chosen[mine] - first].to(device), group)
+        where = distributed.gather_rows(mine.to(device), group)
+        bank = torch.empty(len(chosen), features.shape[1], dtype=features.dtype, device=device)
+        bank[where] = rows  # rows copied, not summed: the bank is bit-identical to one process's
+        return bank.to(features.device)
+
     def _search_index(self) -> FeatureBank:
         bank = self.memory_bank
-        if len(bank) == 0:
+        if len(bank) == 0 and self.group is None:
             raise RuntimeError("not fitted (the memory bank is empty): call fit() or load a checkpoint first")
         key = (id(bank), bank._version, bank.device)  # rebuilt when the buffer is replaced, loaded into or moved
         if self._index is None or self._index[0] != key:
-            index = FeatureBank(self.dim, self.backend, device=bank.device, max_bytes=self.max_bytes)
-            index.add(bank)
+            index = FeatureBank(self.dim, self.backend, device=bank.device, max_bytes=self.max_bytes, group=self.group)
+            if len(bank):
+                index.add(bank)
             self._index = (key, index)
         return self._index[1]
 
@@ -108,9 +142,18 @@ class MemoryBank(nn.Module):
         neighbours of the worst patch's nearest entry (Euclidean distances in the softmax)."""
         b, n, d = emb.shape
         index = self._search_index()
+        queries = emb.reshape(-1, d)
+        if self.group is not None:  # a sharded bank: every rank's queries are searched in every shard
+            if reweight:
+                raise ValueError("re-weighting needs the whole bank on every process; use bank='replicated'")
+            first, _ = distributed.offset(len(queries), self.group)
+            device = distributed.collective_device(self.group)
+            queries = distributed.gather_rows(queries.to(device), self.group).to(emb.device)
         with memory_stage("the kNN search", "cap its memory with --set bank_memory=BYTES (the bank is searched in blocks) "
                           "or lower --batch-size"):
-            dist, idx = index.search(emb.reshape(-1, d), num_neighbors)
+            dist, idx = index.search(queries, num_neighbors)
+        if self.group is not None:
+            dist, idx = dist[first : first + b * n], idx[first : first + b * n]
         patch = dist.mean(1).reshape(b, n)
         best, arg = patch.max(1)
         if not reweight:
