@@ -263,6 +263,11 @@ def _fit(args, build, train, checkpoint: str | None, group=None):
         fit_options["group"] = group
     if checkpoint and os.path.exists(checkpoint):
         name, config = checkpoint_config(checkpoint)
+        # an argument added after the file was written counts as its default
+        defaults = {k: p.default for k, p in inspect.signature(type(model).__init__).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
+        config = {**{k: v for k, v in model.config.items() if k not in config and v == defaults.get(k, object())},
+                  **config}
         if name != model.registry_name or config != model.config:
             diff = sorted(k for k in {*config, *model.config} if config.get(k) != model.config.get(k))
             raise UsageError(f"--checkpoint-dir: {checkpoint} holds a {name} model with other settings "

@@ -74,7 +74,7 @@ def init(device: str | torch.device = "cpu") -> Context:
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         return Context(r, w, r, device)
-    if env is None:
+    if env is None or env[1] == 1:  # no launcher, or a one-task job (e.g. plain `fastad run` inside sbatch)
         return Context(0, 1, 0, device)
     r, w, local, local_world = env
     if device.type == "cuda":

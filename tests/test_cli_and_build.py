@@ -83,3 +83,24 @@ def test_cli_bench_runs_a_suite():
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "2 passed" in out.stdout and "quantile 0.9999, 1M: fastad" in out.stdout
+
+
+def test_a_checkpoint_from_before_an_argument_existed_is_reused(tmp_path, capsys):
+    """A checkpoint written before an argument was added (here PatchCore's ``bank``) still matches a
+    run that leaves the new argument at its default; another value of it is refused."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    argv = ["run", "--set", "image_size=64", "--set", "crop_fraction=1.0", "--overlays", "0",
+            "--checkpoint-dir", str(tmp_path)]
+    assert main(argv) == 0
+    path = tmp_path / "patchcore-synthetic.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["fastad"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    del meta["config"]["bank"]  # as an older fastad wrote it
+    save_file(tensors, str(path), metadata={"fastad": json.dumps(meta)})
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "loaded the fitted model" in capsys.readouterr().out
+    assert "bank differ" in cli_error(capsys, [*argv, "--set", "bank=sharded"])

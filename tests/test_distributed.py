@@ -42,11 +42,15 @@ def test_shard_range_is_contiguous_and_covers_everything():
         distributed.shard_range(5, 2, 2)
 
 
-def test_without_a_group_nothing_is_collective():
+def test_without_a_group_nothing_is_collective(monkeypatch):
     assert not distributed.active(None) and distributed.rank() == 0 and distributed.world_size() == 1
     x = torch.randn(5, 3)
     assert distributed.gather_rows(x) is x
     assert distributed.init("cpu").world == 1
+    # a one-task Slurm job (plain `fastad run` inside sbatch) starts no process group
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert distributed.init("cpu").world == 1 and not torch.distributed.is_initialized()
 
 
 # -- exact distributed ops ---------------------------------------------------------------------------
