@@ -310,6 +310,8 @@ def _resume_writer(rank, world, folder):
 
     _tiny_dinomaly().fit(SyntheticDataset("train", 8, size=56), iterations=1,
                          checkpoint=os.path.join(folder, "ck.safetensors"), group=W())
+    _tiny_dinomaly(iterations=1, warmup_iters=0).fit(SyntheticDataset("train", 8, size=56),  # a finished run
+                                                     checkpoint=os.path.join(folder, "done.safetensors"), group=W())
     with pytest.raises(ValueError, match="cannot train data-parallel: its recipe trains with batch 1"):
         FOD(image_size=64, iterations=1).fit(SyntheticDataset("train", 4, size=64), group=W())
     return True
@@ -323,6 +325,8 @@ def test_resume_with_another_number_of_processes_is_refused(tmp_path):
     model = load_checkpoint(tmp_path / "ck.safetensors")
     with pytest.raises(ValueError, match="written by a run of 2 process.*not 1"):
         model.fit(SyntheticDataset("train", 8, size=56))
+    done = load_checkpoint(tmp_path / "done.safetensors")  # nothing left to train: usable anywhere
+    assert done.fit(SyntheticDataset("train", 8, size=56)).iteration == 1
 
 
 # -- failures end the run ------------------------------------------------------------------------------

@@ -143,9 +143,6 @@ class TrainedModel(AnomalyModel):
     def _join(self, group, data) -> tuple[int, int]:
         """Checks and state of a data-parallel fit; returns (rank, world)."""
         world = distributed.world_size(group)
-        if self.iteration and world != self._checkpoint_world:
-            raise ValueError(f"this checkpoint was written by a run of {self._checkpoint_world} process(es); resume it "
-                             f"with the same number (torchrun --nproc-per-node ...), not {world}, or start anew")
         if world == 1:
             return 0, 1
         name = type(self).__name__
@@ -168,8 +165,8 @@ class TrainedModel(AnomalyModel):
                 t = p.data.to(distributed.collective_device(group))
                 torch.distributed.broadcast(t, 0, group=group)
                 p.data.copy_(t)
-        if self.iteration and self._rank_rng is not None:
-            torch.set_rng_state(self._rank_rng[r])
+        if self.iteration and self._rank_rng is not None and len(self._rank_rng) == world:
+            torch.set_rng_state(self._rank_rng[r])  # (another world size is refused once the length is known)
         return r, world
 
     def _fit(self, data, iterations, checkpoint, checkpoint_every, num_workers, progress, part) -> "TrainedModel":
@@ -183,6 +180,9 @@ class TrainedModel(AnomalyModel):
         total = self.training_length(self.epoch_length) if iterations is None else int(iterations)
         if total < 0:
             raise ValueError(f"iterations must be >= 0, got {total}")
+        if 0 < self.iteration < total and part[1] != self._checkpoint_world:  # a finished model is used anywhere
+            raise ValueError(f"this checkpoint was written by a run of {self._checkpoint_world} process(es); resume it "
+                             f"with the same number (torchrun --nproc-per-node ...), not {part[1]}, or start anew")
         self._ensure_optimizer()
         for p, state in self.optimizer.state.items():  # the model may have moved since the state was made
             for k, v in state.items():
