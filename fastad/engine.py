@@ -25,12 +25,13 @@ def predict(model, ds: Dataset, batch_size: int = 16, num_workers: int = 0, grou
     """Scores (N,), maps (N, H, W), labels (N,), masks (N, H, W) and has_mask (N,) bool (False: an
     anomalous image without pixel ground truth) of a dataset, on the CPU.
 
-    With ``group`` (torch.distributed) each rank scores its contiguous share of ``ds`` (no image
-    twice, none padded) and every rank gets all predictions in dataset order."""
+    With ``group`` (torch.distributed) each rank scores its contiguous share of ``ds`` in whole
+    batches (no image twice, none padded; the same batches as one process) and every rank gets all
+    predictions in dataset order."""
     if distributed.active(group):
         from .models.base import shard
 
-        part = shard(ds, group)
+        part = shard(ds, group, batch_size)  # whole batches: each image scored in the batch one process uses
         if getattr(model, "collective", False):
             local = _predict_in_step(model, part, ds, batch_size, group)
         else:

@@ -83,32 +83,33 @@ def _jsonable(value):
     return value
 
 
-def shard(data, group=None):
-    """This rank's contiguous share (:func:`fastad.distributed.shard_range`) of a Dataset (a Subset)
-    or of a tensor's first dimension; ``data`` itself without a process group. Other iterables (a
-    DataLoader) cannot be split exactly: ValueError."""
+def shard(data, group=None, batch_size: int = 1):
+    """This rank's contiguous share of a Dataset (a Subset) or of a tensor's first dimension, in
+    whole batches of ``batch_size``: the batches one process would read (``[0, B)``, ``[B, 2B)``, ...)
+    split by :func:`fastad.distributed.shard_range`, so every image is computed in the same batch as
+    in one process (CPU/GPU kernels may round differently with another batch size). ``data`` itself
+    without a process group. Other iterables (a DataLoader) cannot be split exactly: ValueError."""
     if not distributed.active(group):
         return data
-    lo, hi = distributed.shard_range(len(data) if hasattr(data, "__len__") else 0, distributed.rank(group),
-                                     distributed.world_size(group))
-    if isinstance(data, torch.Tensor):
-        return data[lo:hi]
-    if isinstance(data, Dataset):
-        return torch.utils.data.Subset(data, range(lo, hi))
-    raise ValueError(f"a distributed fit needs a fastad Dataset or an image tensor to split between the ranks, "
-                     f"got {type(data).__name__}")
+    if not isinstance(data, (torch.Tensor, Dataset)):
+        raise ValueError(f"a distributed fit needs a fastad Dataset or an image tensor to split between the ranks, "
+                         f"got {type(data).__name__}")
+    n = len(data)
+    first, last = distributed.shard_range(-(-n // batch_size), distributed.rank(group), distributed.world_size(group))
+    lo, hi = first * batch_size, min(n, last * batch_size)
+    return data[lo:hi] if isinstance(data, torch.Tensor) else torch.utils.data.Subset(data, range(lo, hi))
 
 
 def image_batches(data, device, *, batch_size: int = 16, num_workers: int = 0, progress: bool | None = None,
                   desc: str = "fit", group=None) -> Iterator[torch.Tensor]:
     """(B, 3, H, W) float32 image batches on ``device`` from a Dataset of dicts with 'image' (read in
     order, ``batch_size`` at a time), an iterable of tensors or dicts (a DataLoader), or one tensor.
-    With ``group`` (torch.distributed) only this rank's contiguous share (:func:`shard`), which may
-    be empty. Raises ValueError for anything else or when no image arrives."""
+    With ``group`` (torch.distributed) only this rank's contiguous share of whole batches
+    (:func:`shard`), which may be empty. Raises ValueError for anything else or when no image arrives."""
     from tqdm.auto import tqdm
 
     if distributed.active(group):
-        data = shard(data, group)
+        data = shard(data, group, batch_size)
         if len(data) == 0:  # fewer images than ranks: the caller's collectives see an empty share
             return
     if isinstance(data, torch.Tensor):
