@@ -217,13 +217,16 @@ def _build(name: str, kwargs: dict):
         raise UsageError(f"{name}: {exc}") from None
 
 
+def _plain(row: dict) -> dict:
+    """A results row as JSON can hold it: NaN (an undefined metric) becomes null."""
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
+
+
 def _write_results(out: str, rows: list[dict], title: str) -> None:
     """results.json and results.md, each written atomically (a killed or failed write keeps the old file)."""
     from .faults import atomic_write
 
-    # NaN (an undefined metric) is not JSON: write null
-    plain = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in rows]
-    text = json.dumps(plain, indent=2)
+    text = json.dumps([_plain(r) for r in rows], indent=2)
     atomic_write(os.path.join(out, "results.json"), lambda tmp: Path(tmp).write_text(text))
     table = results_markdown(rows, title)
     atomic_write(os.path.join(out, "results.md"), lambda tmp: Path(tmp).write_text(table))
@@ -430,9 +433,7 @@ def run(args) -> int:
             say(f"{name}: done by an earlier run ({path})")
             continue
         res = run_job(name, train, test_set)
-        text = json.dumps({"title": title, "settings": settings,
-                           "row": {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in res.items()}},
-                          indent=2)
+        text = json.dumps({"title": title, "settings": settings, "row": _plain(res)}, indent=2)
         atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     if shard:
         print(f"shard {shard[0]}/{shard[1]} done; when every shard is, run: fastad merge {args.out}", flush=True)

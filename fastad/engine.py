@@ -28,18 +28,26 @@ def predict(model, ds: Dataset, batch_size: int = 16, num_workers: int = 0, grou
     With ``group`` (torch.distributed) each rank scores its contiguous share of ``ds`` in whole
     batches (no image twice, none padded; the same batches as one process) and every rank gets all
     predictions in dataset order."""
-    if distributed.active(group):
-        from .models.base import shard
+    if not distributed.active(group):
+        return _predict(model, ds, batch_size, num_workers)
+    from .models.base import shard
 
-        part = shard(ds, group, batch_size)  # whole batches: each image scored in the batch one process uses
-        if getattr(model, "collective", False):
-            local = _predict_in_step(model, part, ds, batch_size, group)
-        else:
-            local = predict(model, part, batch_size, num_workers)
-        device = distributed.collective_device(group)
-        return tuple(distributed.gather_rows(t.to(device), group).cpu() for t in local)
-    if len(ds) == 0 and isinstance(ds, torch.utils.data.Subset):  # an empty share of a distributed run
-        return _empty_predictions(ds.dataset)
+    part = shard(ds, group, batch_size)  # whole batches: each image scored in the batch one process uses
+    placeholders = 0
+    if getattr(model, "collective", False):  # a collective forward (PatchCore, sharded bank): as many calls everywhere
+        calls = math.ceil(len(part) / batch_size)
+        most = torch.tensor([calls], device=distributed.collective_device(group))
+        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX, group=group)
+        placeholders = int(most) - calls
+    local = _predict(model, part, batch_size, num_workers, placeholders, ds)
+    device = distributed.collective_device(group)
+    return tuple(distributed.gather_rows(t.to(device), group).cpu() for t in local)
+
+
+def _predict(model, ds: Dataset, batch_size: int, num_workers: int, placeholders: int = 0, whole: Dataset | None = None):
+    """predict() of this process's images; then ``placeholders`` forward calls on ``whole``'s first
+    image whose results are dropped (a rank whose share of a collective forward has run out), and
+    empty tensors for an empty share of ``whole``."""
     scores, maps, labels, masks, has_mask = [], [], [], [], []
     for batch in _loader(ds, batch_size, num_workers, "predict"):
         with memory_stage("inference", "lower --batch-size"):
@@ -53,28 +61,12 @@ def predict(model, ds: Dataset, batch_size: int = 16, num_workers: int = 0, grou
         labels.append(torch.as_tensor(batch["label"]))
         masks.append(mask)
         has_mask.append(torch.as_tensor(batch.get("has_mask", torch.ones(len(mask), dtype=torch.bool)), dtype=torch.bool))
-    return torch.cat(scores), torch.cat(maps), torch.cat(labels), torch.cat(masks), torch.cat(has_mask)
-
-
-def _predict_in_step(model, part, ds, batch_size: int, group):
-    """predict() of a model whose forward is a collective (PatchCore with a sharded bank): every rank
-    makes the same number of forward calls; a rank whose share has run out scores a placeholder
-    (the dataset's first image) and drops the result, so no image is counted twice."""
-    steps = torch.tensor([math.ceil(len(part) / batch_size)], device=distributed.collective_device(group))
-    torch.distributed.all_reduce(steps, op=torch.distributed.ReduceOp.MAX, group=group)
-    outputs = [[], [], [], [], []]
-    for step in range(int(steps)):
-        items = [part[i] for i in range(step * batch_size, min(len(part), (step + 1) * batch_size))]
-        images = torch.stack([it["image"] for it in items]) if items else ds[0]["image"].unsqueeze(0)
+    for _ in range(placeholders):
         with memory_stage("inference", "lower --batch-size"):
-            s, m = model(images)
-        if not items:
-            continue
-        mask = torch.stack([torch.as_tensor(it["mask"]) for it in items])
-        for out, value in zip(outputs, (s.cpu(), m.cpu(), torch.as_tensor([it["label"] for it in items]), mask,
-                                        torch.as_tensor([bool(it.get("has_mask", True)) for it in items]))):
-            out.append(value)
-    return tuple(torch.cat(o) for o in outputs) if outputs[0] else _empty_predictions(ds)
+            model(whole[0]["image"].unsqueeze(0))
+    if not scores and whole is not None:
+        return _empty_predictions(whole)
+    return torch.cat(scores), torch.cat(maps), torch.cat(labels), torch.cat(masks), torch.cat(has_mask)
 
 
 def _empty_predictions(ds):

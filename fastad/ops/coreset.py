@@ -94,15 +94,12 @@ def greedy_coreset_reference(projected: torch.Tensor, starts: torch.Tensor, k: i
         (k,) int64 indices in selection order, on ``projected.device``.
     """
     x = projected.double()
-    starts = starts.to(x.device)
-    dist = torch.stack([(x - x[s]).pow(2).sum(1).sqrt() for s in starts.tolist()], 1).mean(1)
+    dist = _init_reference(x, x[starts.to(x.device)])
     out = torch.empty(k, dtype=torch.long, device=x.device)
+    c = int(torch.argmax(dist))
     for t in range(k):
-        c = int(torch.argmax(dist))
         out[t] = c
-        d = (x - x[c]).pow(2).sum(1).sqrt()
-        dist = torch.where(dist > 0, torch.minimum(dist, d), dist)
-        dist[c] = -1.0
+        _, c = _step_reference(x, dist, x[c], c)
     return out
 
 
@@ -156,7 +153,8 @@ _PROBE = 64  # as csrc/coreset_cpu.cpp: the triangle test is probed every 64 ste
 
 
 def _init_reference(x: torch.Tensor, start_vectors: torch.Tensor) -> torch.Tensor:
-    """greedy_coreset_reference's initial distances of the rows of ``x`` to given start vectors."""
+    """The reference's initial distances: mean distance of every row of ``x`` to the start vectors
+    (float64); also the distributed loop's, on a shard."""
     x, sv = x.double(), start_vectors.double()
     if x.shape[0] == 0:
         return torch.empty(0, dtype=torch.float64, device=x.device)
@@ -164,7 +162,8 @@ def _init_reference(x: torch.Tensor, start_vectors: torch.Tensor) -> torch.Tenso
 
 
 def _step_reference(x: torch.Tensor, dist: torch.Tensor, center: torch.Tensor, owned: int) -> tuple[float, int]:
-    """greedy_coreset_reference's update of ``dist`` (in place) for a new center; (best, its row or -1)."""
+    """The reference's step: lower ``dist`` (in place) to the distances to a new center, mark row
+    ``owned`` (-1: none here) selected; returns (best distance, its row or -1 for no row)."""
     if x.shape[0] == 0:
         return -math.inf, -1
     d = (x.double() - center.double()).pow(2).sum(1).sqrt()

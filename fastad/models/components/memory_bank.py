@@ -86,13 +86,14 @@ class MemoryBank(nn.Module):
              group=None) -> None:
         """(N, dim) normal features -> the bank: their greedy coreset of ``coreset_ratio`` (1.0 keeps
         all) with a ``projection_dim`` random projection and ``seed``. With ``group`` ``features``
-        is this rank's contiguous shard; every rank gets the whole bank (the rows in selection order)."""
+        is this rank's contiguous shard; every rank gets the whole bank (the rows in selection order;
+        with ``sharded``, only its own rows)."""
         self.group = group if self.sharded and distributed.active(group) else None
         if distributed.active(group):
             features = self._select_across(features, coreset_ratio, projection_dim, seed, group, self.sharded)
-        if len(features) == 0 and self.group is None:
+        elif len(features) == 0:
             raise ValueError("the memory bank got no training features")
-        if coreset_ratio < 1.0 and not distributed.active(group):
+        elif coreset_ratio < 1.0:
             with memory_stage("the coreset selection", "lower coreset_ratio or projection_dim (--set), or fit on the CPU"):
                 features = features[greedy_coreset(features, ratio=coreset_ratio, projection_dim=projection_dim, seed=seed)]
         home = torch.device("cpu") if self._on_host(features) else self._buffers["memory_bank"].device  # the module's device
