@@ -1,0 +1,1 @@
+"""Adapters for other tools; each submodule imports its tool and is optional (``fastad.integrations.anomalib``)."""
