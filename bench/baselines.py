@@ -41,9 +41,10 @@ def _jl_min_dim(n: int, eps: float) -> int:
     return int(4 * math.log(n) / (eps**2 / 2 - eps**3 / 3))
 
 
-def anomalib_sampler(features: torch.Tensor, ratio: float, seed: int = 0) -> torch.Tensor:
-    """anomalib's KCenterGreedy: sparse random projection (eps=0.9, density 1/sqrt(D)), a single
-    random start, ``F.pairwise_distance`` + ``torch.minimum`` + argmax per step."""
+def anomalib_style_sampler(features: torch.Tensor, ratio: float, seed: int = 0) -> torch.Tensor:
+    """A re-implementation in anomalib's style, not the installed package (that is
+    :func:`anomalib_installed_sampler`): sparse random projection (eps=0.9, density 1/sqrt(D)), a
+    single random start, ``F.pairwise_distance`` + ``torch.minimum`` + argmax per step."""
     torch.manual_seed(seed)
     n, d = features.shape
     comps = _jl_min_dim(n, 0.9)
@@ -66,3 +67,12 @@ def anomalib_sampler(features: torch.Tensor, ratio: float, seed: int = 0) -> tor
             min_d[idx] = 0
             selected.append(idx)
     return torch.tensor(selected)
+
+
+def anomalib_installed_sampler(features: torch.Tensor, ratio: float, seed: int = 0) -> torch.Tensor:
+    """The installed anomalib's own ``KCenterGreedy`` (global RNG seeded with ``seed``); raises
+    ImportError without anomalib."""
+    from anomalib.models.components import KCenterGreedy
+
+    torch.manual_seed(seed)
+    return torch.tensor(KCenterGreedy(features, sampling_ratio=ratio).select_coreset_idxs())

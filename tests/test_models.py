@@ -126,3 +126,25 @@ def test_patchcore_mtd():
     res = evaluate("patchcore", mtd(root, "train"), mtd(root, "test"), device=device)
     print(f"MTD: image AUROC {res['image_auroc']:.4f}, pixel AUROC {res['pixel_auroc']:.4f}")
     assert res["image_auroc"] >= 0.90
+
+
+@pytest.mark.parametrize("channels,grid", [((40, 112), (28, 28)), ((3,), (5, 7)), ((7, 5, 2), (9, 11)), ((64, 128), (1, 1))])
+@pytest.mark.parametrize("dims", [(1024, 1024), (100, 37)])
+def test_patch_embedding_gemm_form_equals_the_official_pipeline(channels, grid, dims):
+    """The composed convolution against the unfold / resize / pool pipeline in float64: both float32
+    computations within the rounding bound of a sum of C*p*p + 8 nonnegative-weight terms."""
+    from fastad.models.components.memory_bank import PatchEmbedding
+
+    g = torch.Generator().manual_seed(0)
+    feats = [torch.randn(2, c, max(1, grid[0] >> i), max(1, grid[1] >> i), generator=g) for i, c in enumerate(channels)]
+    pe = PatchEmbedding(3, *dims)
+    got, hw = pe(feats)
+    old, hw_old = pe.reference(feats)
+    exact, _ = pe.reference([f.double() for f in feats])
+    magnitude, _ = pe.reference([f.double().abs() for f in feats])  # the weights are >= 0
+    bound = (max(channels) * 9 + 8) * torch.finfo(torch.float32).eps * magnitude + 1e-30
+    assert hw == hw_old == grid and got.shape == (2, grid[0] * grid[1], dims[1]) and got.dtype == torch.float32
+    assert bool(((got.double() - exact).abs() <= bound).all())
+    assert bool(((old.double() - exact).abs() <= bound).all())
+    f64, _ = pe([f.double() for f in feats])  # float64 input: float64 weights, the exact values
+    torch.testing.assert_close(f64, exact, rtol=1e-12, atol=1e-12)
