@@ -89,3 +89,43 @@ def test_anomalib_patchcore_bottle(benchmark, tmp_path):
                                 speedups=ratios, anomalib_metrics=their_results, fastad_metrics=our_results)
     assert theirs["bank"] == ours["bank"]
     del am
+
+
+@pytest.mark.skipif(not (DATA / "bottle").is_dir(), reason="needs ../shared/data/mvtec/bottle")
+def test_inference_images_per_second(benchmark, tmp_path):
+    """Test time per image, 1% coreset, same Lite0 weights, one run: anomalib's own Patchcore inference
+    (its 152-d stage-2+3 embedding, its kNN; the bank selected with fastad's sampler so the fit is
+    short; `Engine.test`: predict + post-processing + its metrics) vs fastad's PatchCore
+    (1024-d embedding of the same stages, FeatureBank kNN, sigma-4 map; `engine.score`: predict +
+    the seven metrics). Both read and decode the same 83 PNGs."""
+    from anomalib.models.image.patchcore.torch_model import PatchcoreModel as AnomalibPatchcoreModel
+
+    from fastad.data import mvtec
+    from fastad.engine import fit_model, score
+
+    model = fa.Patchcore(backbone="tf_efficientnet_lite0", layers=[2, 3], pre_trained=False,
+                         coreset_sampling_ratio=RATIO, visualizer=False)
+    fa.load_offline_lite0(model)
+    datamodule = MVTecAD(root=DATA, category="bottle", train_batch_size=32, eval_batch_size=32, num_workers=0)
+    engine = Engine(default_root_dir=tmp_path, logger=False, accelerator="cpu", devices=1, enable_progress_bar=False)
+    engine.fit(model=model, datamodule=datamodule)
+    model.model.__class__ = AnomalibPatchcoreModel  # anomalib's own inference on that bank
+    t = time.perf_counter()
+    engine.test(model=model, datamodule=datamodule, verbose=False)
+    anomalib_s = time.perf_counter() - t
+    n_test = len(datamodule.test_data)
+
+    fastad_model, _ = fit_model("patchcore", mvtec(DATA, "bottle", "train"), coreset_ratio=RATIO)
+    test_set = mvtec(DATA, "bottle", "test")
+    out = {}
+    benchmark.pedantic(lambda: out.update(r=score(fastad_model, test_set)[0]), rounds=1, iterations=1)
+    r = out["r"]
+    fastad_s = r["predict_s"] + r["metrics_s"]
+    print(f"\nbottle test, {n_test} images, coreset {RATIO:.0%}, {torch.get_num_threads()} threads: anomalib 2.7 "
+          f"{n_test / anomalib_s:.1f} images/s (bank {len(model.model.memory_bank)} x {model.model.memory_bank.shape[1]}), "
+          f"fastad {r['n_test'] / fastad_s:.1f} images/s (predict {r['images_per_s']:.1f} images/s, bank "
+          f"{len(fastad_model.bank.memory_bank)} x {fastad_model.bank.memory_bank.shape[1]}); "
+          f"ratio {anomalib_s / n_test / (fastad_s / r['n_test']):.2f}x")
+    benchmark.extra_info.update(anomalib_images_per_s=n_test / anomalib_s, fastad_images_per_s=r["n_test"] / fastad_s,
+                                fastad_predict_images_per_s=r["images_per_s"])
+    assert n_test == r["n_test"]
