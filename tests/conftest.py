@@ -22,6 +22,33 @@ def shared(*parts: str) -> Path:
     return p
 
 
+def write_defect_images(train, test_good, bad, masks, n_train=8, n_test=4, mask_suffix="", size=64):
+    """A tiny seeded defect set on disk: ``n_train`` normal images in ``train``; ``n_test`` normal
+    images in ``test_good`` and as many anomalous ones in ``bad`` (a red 14-px square on the same
+    noisy gradient texture), each with its 0/255 mask ``masks/<name><mask_suffix>.png``."""
+    import numpy as np
+    from PIL import Image
+
+    g = np.random.default_rng(0)
+    for d in (train, test_good, bad, masks):
+        Path(d).mkdir(parents=True, exist_ok=True)
+
+    def texture():
+        base = np.tile(np.linspace(60, 180, size, dtype=np.float64), (size, 1))
+        return np.clip(base[..., None] + g.normal(0, 8, (size, size, 3)), 0, 255)
+
+    for i in range(n_train):
+        Image.fromarray(texture().astype(np.uint8)).save(Path(train) / f"{i:03d}.png")
+    for i in range(n_test):
+        Image.fromarray(texture().astype(np.uint8)).save(Path(test_good) / f"{i:03d}.png")
+        img, mask = texture(), np.zeros((size, size), np.uint8)
+        y, x = g.integers(4, size - 20, 2)
+        img[y : y + 14, x : x + 14] = [250, 30, 30]
+        mask[y : y + 14, x : x + 14] = 255
+        Image.fromarray(img.astype(np.uint8)).save(Path(bad) / f"{i:03d}.png")
+        Image.fromarray(mask).save(Path(masks) / f"{i:03d}{mask_suffix}.png")
+
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 

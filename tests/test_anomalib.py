@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 pytest.importorskip("anomalib")
 import anomalib.metrics as am  # noqa: E402
@@ -17,6 +15,7 @@ from anomalib.metrics import Evaluator  # noqa: E402
 from anomalib.models import Patchcore as AnomalibPatchcore  # noqa: E402
 from anomalib.models.components import KCenterGreedy as AnomalibKCenterGreedy  # noqa: E402
 
+from conftest import write_defect_images  # noqa: E402
 from fastad.integrations import anomalib as fa  # noqa: E402
 from fastad.ops import greedy_coreset  # noqa: E402
 
@@ -52,26 +51,9 @@ def test_sampler_is_greedy_coreset_with_anomalibs_contract():
         fa.KCenterGreedy(x, sampling_ratio=1.5)
 
 
-def _folder(root, size=64):
+def _folder(root):
     """8 normal training images, 4 normal and 4 anomalous test images with masks (a bright square)."""
-    g = np.random.default_rng(0)
-    for sub in ("good", "test_good", "bad", "masks"):
-        (root / sub).mkdir(parents=True)
-
-    def texture():
-        base = np.tile(np.linspace(60, 180, size, dtype=np.float64), (size, 1))
-        return np.clip(base[..., None] + g.normal(0, 8, (size, size, 3)), 0, 255)
-
-    for i in range(8):
-        Image.fromarray(texture().astype(np.uint8)).save(root / "good" / f"{i:03d}.png")
-    for i in range(4):
-        Image.fromarray(texture().astype(np.uint8)).save(root / "test_good" / f"{i:03d}.png")
-        img, mask = texture(), np.zeros((size, size), np.uint8)
-        y, x = g.integers(4, size - 20, 2)
-        img[y : y + 14, x : x + 14] = [250, 30, 30]
-        mask[y : y + 14, x : x + 14] = 255
-        Image.fromarray(img.astype(np.uint8)).save(root / "bad" / f"{i:03d}.png")
-        Image.fromarray(mask).save(root / "masks" / f"{i:03d}.png")
+    write_defect_images(root / "good", root / "test_good", root / "bad", root / "masks")
     return Folder(name="tiny", root=root, normal_dir="good", abnormal_dir="bad", normal_test_dir="test_good",
                   mask_dir="masks", train_batch_size=4, eval_batch_size=4, num_workers=0, seed=0)
 

@@ -8,9 +8,8 @@ import re
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-from PIL import Image
+from conftest import write_defect_images
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,26 +21,10 @@ def _snippet(name: str) -> str:
     return m.group(1)
 
 
-def _tiny_mvtec(root, size=64):
-    g = np.random.default_rng(0)
+def _tiny_mvtec(root):
     base = root / "bottle"
-    for sub in ("train/good", "test/good", "test/broken", "ground_truth/broken"):
-        (base / sub).mkdir(parents=True)
-
-    def texture():
-        img = np.tile(np.linspace(60, 180, size), (size, 1))[..., None] + g.normal(0, 8, (size, size, 3))
-        return np.clip(img, 0, 255)
-
-    for i in range(8):
-        Image.fromarray(texture().astype(np.uint8)).save(base / "train/good" / f"{i:03d}.png")
-    for i in range(3):
-        Image.fromarray(texture().astype(np.uint8)).save(base / "test/good" / f"{i:03d}.png")
-        img, mask = texture(), np.zeros((size, size), np.uint8)
-        y, x = g.integers(4, size - 20, 2)
-        img[y : y + 14, x : x + 14] = [250, 30, 30]
-        mask[y : y + 14, x : x + 14] = 255
-        Image.fromarray(img.astype(np.uint8)).save(base / "test/broken" / f"{i:03d}.png")
-        Image.fromarray(mask).save(base / "ground_truth/broken" / f"{i:03d}_mask.png")
+    write_defect_images(base / "train/good", base / "test/good", base / "test/broken", base / "ground_truth/broken",
+                        n_test=3, mask_suffix="_mask")
 
 
 @pytest.mark.parametrize("name", ["anomalib", "lightning", "ops"])

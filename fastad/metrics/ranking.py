@@ -21,11 +21,20 @@ def _check(scores: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, to
     y = labels.detach().reshape(-1).to(s.device)
     if s.numel() != y.numel():
         raise ValueError(f"scores ({s.numel()}) and labels ({y.numel()}) differ in size")
+    return s, binary_labels(y)
+
+
+def binary_labels(labels: torch.Tensor, name: str = "labels") -> torch.Tensor:
+    """``labels`` (any shape; bool, or integer/floating {0, 1}) detached as a bool tensor; TypeError
+    for a non-tensor, ValueError for another value."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
+    y = labels.detach()
     if y.dtype != torch.bool:
         if not bool(((y == 0) | (y == 1)).all()):
-            raise ValueError("labels must be 0 or 1 (bool, integer or floating)")
+            raise ValueError(f"{name} must be 0 or 1 (bool, integer or floating)")
         y = y.bool()
-    return s, y
+    return y
 
 
 def _descending_keys(s: torch.Tensor) -> torch.Tensor:

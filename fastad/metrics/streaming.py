@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .ranking import RankedScores
+from .ranking import RankedScores, binary_labels
 from .report import compute_metrics
 
 try:
@@ -55,17 +55,6 @@ def _empty(state) -> bool:
     return state.numel() == 0 if isinstance(state, torch.Tensor) else not state
 
 
-def _labels(target: torch.Tensor, name: str) -> torch.Tensor:
-    if not isinstance(target, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(target).__name__}")
-    t = target.detach()
-    if t.dtype != torch.bool:
-        if t.numel() and not bool(((t == 0) | (t == 1)).all()):
-            raise ValueError(f"{name} must be 0 or 1 (bool, integer or floating)")
-        t = t.bool()
-    return t
-
-
 def _scores(preds: torch.Tensor, name: str) -> torch.Tensor:
     if not isinstance(preds, torch.Tensor) or not preds.is_floating_point():
         got = preds.dtype if isinstance(preds, torch.Tensor) else type(preds).__name__
@@ -78,7 +67,7 @@ def _scores(preds: torch.Tensor, name: str) -> torch.Tensor:
 
 def _maps(preds: torch.Tensor, target: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, H, W) or (B, 1, H, W) maps and masks -> float32 (B, H, W) and bool (B, H, W)."""
-    p, t = _scores(preds, f"{what} preds"), _labels(target, f"{what} target")
+    p, t = _scores(preds, f"{what} preds"), binary_labels(target, f"{what} target")
     if p.dim() == 4 and p.shape[1] == 1:
         p = p[:, 0]
     if t.dim() == 4 and t.shape[1] == 1:
@@ -106,7 +95,7 @@ class _Ranked(_Metric):
     def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
         """Add a batch: ``preds`` floating scores of any shape (image scores (B,), maps (B, H, W) or
         (B, 1, H, W)); ``target`` the same number of elements, bool or {0, 1}."""
-        p, t = _scores(preds, "preds").reshape(-1), _labels(target, "target").reshape(-1)
+        p, t = _scores(preds, "preds").reshape(-1), binary_labels(target, "target").reshape(-1)
         if p.numel() != t.numel():
             raise ValueError(f"preds ({p.numel()} elements) and target ({t.numel()}) differ in size")
         self.preds.append(p)
@@ -202,7 +191,7 @@ class AnomalyMetrics(_Metric):
 
     def update(self, image_scores, image_labels, maps=None, masks=None, has_mask=None) -> None:
         s = _scores(image_scores, "image_scores").reshape(-1)
-        y = _labels(image_labels, "image_labels").reshape(-1).to(s.device)
+        y = binary_labels(image_labels, "image_labels").reshape(-1).to(s.device)
         if s.numel() != y.numel():
             raise ValueError(f"image_scores ({s.numel()}) and image_labels ({y.numel()}) differ in size")
         if (maps is None) != (masks is None):
@@ -213,7 +202,7 @@ class AnomalyMetrics(_Metric):
             m, g = _maps(maps, masks, "AnomalyMetrics")
             if m.shape[0] != s.numel():
                 raise ValueError(f"{m.shape[0]} maps for {s.numel()} image scores")
-            keep = torch.ones(s.numel(), dtype=torch.bool) if has_mask is None else _labels(has_mask, "has_mask").reshape(-1).cpu()
+            keep = torch.ones(s.numel(), dtype=torch.bool) if has_mask is None else binary_labels(has_mask, "has_mask").reshape(-1).cpu()
             if keep.numel() != s.numel():
                 raise ValueError(f"has_mask has {keep.numel()} entries for {s.numel()} images")
             self.maps.append(m)

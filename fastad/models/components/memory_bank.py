@@ -47,7 +47,7 @@ class PatchEmbedding(nn.Module):
     def __init__(self, patch_size: int = 3, pretrain_embed_dim: int = 1024, target_embed_dim: int = 1024):
         super().__init__()
         self.patch_size, self.pretrain_embed_dim, self.target_embed_dim = patch_size, pretrain_embed_dim, target_embed_dim
-        self._weights: dict[tuple, list[torch.Tensor]] = {}  # (channels, dtype, device) -> conv weights
+        self._weights: dict[tuple, list[list[tuple]]] = {}  # (channels, dtype, device) -> blocks per level
 
     def weights(self, channels: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> list[list[tuple]]:
         """Per level the blocks ``(r0, r1, c0, c1, weight)`` of the composed poolings: output rows
