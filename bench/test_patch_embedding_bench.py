@@ -7,6 +7,7 @@ copy bandwidth and the bytes the blocked form moves (its floor).
 """
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -19,22 +20,30 @@ CASES = {  # backbone levels at 224 px: channels and grids of the stride-8 and s
     "wide_resnet50_2": ((512, 28), (1024, 14)),
 }
 BATCH = 16
+DEVICE = os.environ.get("FASTAD_BENCH_DEVICE", "cpu")
 _rows = {}
+
+
+def _sync():
+    if DEVICE == "cuda":  # kernels run asynchronously: time them to completion
+        torch.cuda.synchronize()
 
 
 def _best(fn, reps=5):
     fn()
+    _sync()
     best = float("inf")
     for _ in range(reps):
         t = time.perf_counter()
         fn()
+        _sync()
         best = min(best, time.perf_counter() - t)
     return best
 
 
 def _copy_bandwidth() -> float:
     """Bytes per second of a 256 MiB tensor copy (read + write), best of 5."""
-    src = torch.ones(64 << 20)
+    src = torch.ones(64 << 20, device=DEVICE)
     dst = torch.empty_like(src)
     return 2 * src.numel() * 4 / _best(lambda: dst.copy_(src))
 
@@ -56,19 +65,25 @@ def _bytes_moved(levels, target=1024) -> int:
 @pytest.mark.parametrize("backbone", list(CASES))
 def test_patch_embedding(benchmark, backbone, impl):
     g = torch.Generator().manual_seed(0)
-    feats = [torch.randn(BATCH, c, s, s, generator=g) for c, s in CASES[backbone]]
-    pe = PatchEmbedding()
-    fn = pe.forward if impl == "fastad" else pe.reference
+    feats = [torch.randn(BATCH, c, s, s, generator=g).to(DEVICE) for c, s in CASES[backbone]]
+    pe = PatchEmbedding().to(DEVICE)
+    embed = pe.forward if impl == "fastad" else pe.reference
+
+    def fn(f):
+        out = embed(f)
+        _sync()
+        return out
+
     with torch.no_grad():
         fn(feats)
         benchmark.pedantic(lambda: fn(feats), rounds=5, iterations=1, warmup_rounds=1)
     _rows[(backbone, impl)] = benchmark.stats.stats.min
-    benchmark.extra_info.update(backbone=backbone, batch=BATCH, threads=torch.get_num_threads())
+    benchmark.extra_info.update(backbone=backbone, batch=BATCH, device=DEVICE, threads=torch.get_num_threads())
     if impl == "official" and (backbone, "fastad") in _rows:
         fast, slow = _rows[(backbone, "fastad")], _rows[(backbone, "official")]
         bw = _copy_bandwidth()
         floor = _bytes_moved(CASES[backbone]) / bw
-        print(f"\n{backbone}, {BATCH} images at 224 px, {torch.get_num_threads()} threads: fastad {fast * 1e3:.1f} ms, "
+        print(f"\n{backbone}, {BATCH} images at 224 px, {DEVICE}, {torch.get_num_threads()} threads: fastad {fast * 1e3:.1f} ms, "
               f"official pipeline {slow * 1e3:.1f} ms ({slow / fast:.2f}x); copy bandwidth {bw / 1e9:.1f} GB/s, "
               f"bytes floor {floor * 1e3:.1f} ms ({fast / floor:.2f}x of it)")
         benchmark.extra_info.update(speedup=slow / fast, bandwidth_gbs=bw / 1e9, floor_s=floor)

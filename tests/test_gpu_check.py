@@ -14,13 +14,19 @@ def test_dry_run_prints_every_step(tmp_path):
     assert proc.returncode == 0, proc.stderr
     steps = [line for line in proc.stdout.splitlines() if line.startswith("+ ")]
     assert steps == [
-        "+ pip install --no-build-isolation --no-deps -e .",
+        "+ python -m pip install --no-build-isolation --no-deps -e .",
         f"+ python -m pytest tests -q -p no:cacheprovider -rf --junitxml {tmp_path / 'r'}/tests.xml",
         f"+ python -m pytest bench -s -q -p no:cacheprovider --benchmark-columns=min,mean,rounds --benchmark-json "
         f"{tmp_path / 'r'}/bench.json | tee {tmp_path / 'r'}/bench.txt",
         f"+ python bench/gpu_report.py {tmp_path / 'r'}",
     ]
     assert not (tmp_path / "r").exists()  # nothing ran
+    quick = subprocess.run(["bash", str(ROOT / "bench/gpu_check.sh"), "--dry-run", "--quick", str(tmp_path / "r")],
+                           capture_output=True, text=True, timeout=60)
+    steps_quick = [line for line in quick.stdout.splitlines() if line.startswith("+ ")]
+    # --quick: only the tests that touch the GPU; the same build, benchmarks and report
+    assert steps_quick[1] == f"+ python -m pytest tests -q -p no:cacheprovider -rf -k cuda or gpu or extension --junitxml {tmp_path / 'r'}/tests.xml"
+    assert steps_quick[:1] + steps_quick[2:] == steps[:1] + steps[2:]
 
 
 def test_report_lists_failures_and_bandwidth(tmp_path):

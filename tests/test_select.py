@@ -73,6 +73,39 @@ def test_quantile_awkward_data(path, device, name):
         assert torch.equal(select_rank(x, rank), select_rank_reference(x, rank))
 
 
+def _quantile_before_2_14(x, q, **kwargs):
+    """torch.quantile as torch <= 2.13 computes it (ATen's quantile_impl): the rank q * (n - 1) in the
+    input dtype, weight = rank - floor(rank) in that dtype, then lerp; refuses more than 2**24."""
+    s = torch.sort(x.flatten()).values
+    if s.numel() > 2**24:
+        raise RuntimeError("quantile() input tensor is too large")
+    rank = torch.tensor(q, dtype=s.dtype, device=s.device) * (s.numel() - 1)
+    lo, hi = rank.long(), rank.ceil().long()
+    return torch.lerp(s[lo], s[hi], rank - lo)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_quantile_follows_the_installed_torch(path, device, monkeypatch):
+    # torch 2.11 (the GPU image) forms the rank in float32, torch 2.14 in float64: the probe must
+    # notice which one is installed and the Triton path must then equal that torch bit for bit.
+    from fastad.ops import select
+
+    skip_unless_runs(path, device)
+    assert select._torch_ranks_in_float64() == (torch.__version__ >= (2, 14))
+    monkeypatch.setattr(torch, "quantile", _quantile_before_2_14)
+    select._torch_ranks_in_float64.cache_clear()
+    try:
+        assert not select._torch_ranks_in_float64()
+        for n in (7, 2047, 65537):
+            x = torch.randn(n, device=device)
+            for q in QS:
+                assert torch.equal(quantile(x, q), _quantile_before_2_14(x, q)), (n, q)
+        x = torch.rand(2**24 + 3, device=device)  # beyond the old limit: the float64 rank (the sort's)
+        assert torch.equal(quantile(x, 0.9999), select._sorted_quantile(x, 0.9999))
+    finally:
+        select._torch_ranks_in_float64.cache_clear()
+
+
 @pytest.mark.parametrize("n", [20_000_000, 100_000_000])
 def test_beyond_the_old_torch_quantile_limit(path, n):
     # torch.quantile raised above 2**24 elements before torch 2.14; select has no such limit.

@@ -12,8 +12,9 @@ Off the Triton path (CPU without ``TRITON_INTERPRET=1``, float64) :func:`select_
 more than 2**24 elements): neither has a size limit.
 
 :func:`quantile` reproduces ``torch.quantile(x, q)`` (linear interpolation) bit for bit: ``q`` is
-rounded to the input dtype, the rank ``q * (n - 1)`` is taken in float64 and ``torch.lerp``
-interpolates in the input dtype (what torch 2.14 does; older torch raised above 2**24 elements).
+rounded to the input dtype, the rank ``q * (n - 1)`` is taken as the installed torch takes it (float64
+from torch 2.14; the input dtype before, as in torch 2.11, which also refuses more than 2**24
+elements: there fastad keeps float64) and ``torch.lerp`` interpolates in the input dtype.
 16-bit inputs are computed, and returned, in float32.
 
 With ``group`` (a torch.distributed process group of several processes) each rank passes its shard
@@ -22,6 +23,8 @@ pass: two passes for float32, four for float64) whose histograms are all-reduced
 bit-identical to ``torch.quantile`` / ``kthvalue`` of the concatenation. A shard may be empty.
 """
 from __future__ import annotations
+
+import functools
 
 import math
 
@@ -157,10 +160,29 @@ def _check_q(name: str, q: float, *, low: float = 0.0, high: float = 1.0, open_:
 
 
 def _ranks(q: float, n: int, dtype: torch.dtype):
-    """torch.quantile's ranks: q rounded to ``dtype``, rank = q * (n - 1) in float64."""
-    rank = torch.tensor(q, dtype=dtype).double() * (n - 1)
+    """torch.quantile's ranks: q rounded to ``dtype``, rank = q * (n - 1), lo/hi = its floor/ceil and
+    the weight rank - lo in ``dtype``. torch >= 2.14 forms the rank in float64; older torch forms it
+    in ``dtype`` (and refuses n > 2**24, where fastad keeps float64: a float32 rank is then off by
+    whole positions), so the installed torch's arithmetic is detected once and followed."""
+    qt = torch.tensor(q, dtype=dtype)
+    if n - 1 <= 2**24 and not _torch_ranks_in_float64():
+        rank = qt * (n - 1)
+        lo, hi = int(rank.floor()), int(rank.ceil())
+        return lo, hi, rank - lo
+    rank = qt.double() * (n - 1)
     lo, hi = int(rank.floor()), int(rank.ceil())
     return lo, hi, (rank - lo).to(dtype)
+
+
+@functools.cache
+def _torch_ranks_in_float64() -> bool:
+    """Whether the installed torch.quantile forms q * (n - 1) in float64 (torch >= 2.14) or in the
+    input dtype: for [0]*6 + [1] and q = 0.9995 the two weights differ (0.99699986 vs 0.99699974)."""
+    x = torch.zeros(7)
+    x[6] = 1.0
+    q = torch.tensor(0.9995)
+    w64 = (q.double() * 6 - 5).float()
+    return bool(torch.equal(torch.quantile(x, 0.9995), torch.lerp(x[5], x[6], w64)))
 
 
 def _values(flat: torch.Tensor, square: bool) -> torch.Tensor:
