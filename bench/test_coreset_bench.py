@@ -10,17 +10,27 @@ anomalib's style: sparse JL projection, pairwise_distance loop; not the package)
 ``patchcore_inspection_reimpl`` (the authors' ApproximateGreedyCoresetSampler loop written their
 way: 128-d Linear projection, matmul-distance loop, the algorithm fastad reproduces). The ratio
 table is printed at the end (baseline time / fastad time, measured in this run).
+``fastad_fp16`` is ``precision="float16"`` (the selection on the float16-rounded projection).
+
+``test_coreset_real`` runs on PatchCore embeddings of real data (../shared/data: MVTec bottle's 209
+training images, 164k patches; MTD's 761 training tiles, 597k patches; Lite0 levels 2+3 at 224 px,
+1024-d) against the installed anomalib 2.7 in the same run, and reports per selection step: the
+time, the bytes it must read (the points left unread by the triangle tests do not count) and the
+machine's read bandwidth measured in the same run, so the distance to the floor is a ratio.
 """
 import os
+from pathlib import Path
 
 import pytest
 import torch
 from baselines import anomalib_installed_sampler, anomalib_style_sampler, patchcore_inspection_sampler
 
 from fastad.ops import greedy_coreset
+from fastad.ops.coreset import project_features, selection_values, starting_points
 
 SIZES = [int(s) for s in os.environ.get("FASTAD_BENCH_SIZES", "20000,100000").split(",")]
 RATIOS = [0.01, 0.1]
+REAL = {"bottle": (0.01, 0.1), "mtd": (0.01,)}  # real embeddings; MTD at 1% only (597k points)
 DEVICE = os.environ.get("FASTAD_BENCH_DEVICE", "cpu")
 _times: dict = {}
 
@@ -32,18 +42,70 @@ def _features(n):
 
 IMPLS = {
     "fastad": lambda x, r: greedy_coreset(x, ratio=r),
+    "fastad_fp16": lambda x, r: greedy_coreset(x, ratio=r, precision="float16"),
     "anomalib_2.7": anomalib_installed_sampler,
     "patchcore_inspection_reimpl": patchcore_inspection_sampler,
     "anomalib_style_reimpl": anomalib_style_sampler,
 }
 
 
-@pytest.mark.parametrize("impl", list(IMPLS))
+# The installed anomalib runs in a fresh process per case, timed there around its selection alone
+# (the features are made, or loaded, before). Run inside this long process after any other case
+# (even an earlier anomalib case), its per-step N x d temporaries fragmented glibc's heap here once
+# the mmap threshold had been raised: 24 GB at N=20k, 10%, then the OOM killer.
+def _anomalib_fresh_process(benchmark, setup: str, ratio: float, key) -> None:
+    import subprocess
+    import sys
+
+    code = "\n".join([
+        "import sys, time, torch",
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})",
+        "from baselines import anomalib_installed_sampler",
+        setup,  # defines x
+        "t = time.perf_counter()",
+        f"out = anomalib_installed_sampler(x, {ratio})",
+        "dt = time.perf_counter() - t",
+        f"assert out.numel() == int(len(x) * {ratio}) and len(set(out.tolist())) == out.numel()",
+        "print('SELECT_SECONDS', dt)",
+    ])
+
+    def run():
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=3600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return float(proc.stdout.split("SELECT_SECONDS")[-1])
+
+    seconds = benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)  # the child's whole run
+    benchmark.extra_info.update(select_seconds=seconds, threads=torch.get_num_threads())
+    _times[key] = seconds  # the ratios use the selection's own time
+
+
+@pytest.mark.parametrize("ratio", RATIOS)
+@pytest.mark.parametrize("n", SIZES)
+def test_coreset_anomalib(benchmark, n, ratio):
+    pytest.importorskip("anomalib")
+    if DEVICE != "cpu":
+        pytest.skip("anomalib's sampler is timed on the CPU")
+    setup = f"x = torch.randn({n}, 1536, generator=torch.Generator().manual_seed({n}))"  # as _features
+    _anomalib_fresh_process(benchmark, setup, ratio, (n, ratio, "anomalib_2.7"))
+
+
+@pytest.mark.parametrize("name,ratio", [(n, r) for n, rs in REAL.items() for r in rs])
+def test_coreset_real_anomalib(benchmark, name, ratio, tmp_path):
+    pytest.importorskip("anomalib")
+    if DEVICE != "cpu":
+        pytest.skip("anomalib's sampler is timed on the CPU")
+    torch.save(_embeddings(name), tmp_path / "x.pt")
+    _anomalib_fresh_process(benchmark, f"x = torch.load({str(tmp_path / 'x.pt')!r})", ratio, (name, ratio, "anomalib_2.7"))
+
+
+@pytest.mark.parametrize("impl", [i for i in IMPLS if i != "anomalib_2.7"])
 @pytest.mark.parametrize("ratio", RATIOS)
 @pytest.mark.parametrize("n", SIZES)
 def test_coreset(benchmark, impl, n, ratio):
-    if impl == "anomalib_2.7":
-        pytest.importorskip("anomalib")
+    _synthetic(benchmark, impl, n, ratio)
+
+
+def _synthetic(benchmark, impl, n, ratio):
     x = _features(n)
     sync = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)
 
@@ -70,4 +132,86 @@ def teardown_module(module):
                 f"vs {impl}: {t[impl] / t['fastad']:.1f}x ({t[impl]:.2f}s)" for impl in IMPLS if impl != "fastad" and t[impl]
             )
             lines.append(f"N={n:>6} ratio={r:<4} fastad {t['fastad']:.2f}s  {ratios}")
+    lines += _real_lines()
     print("\n".join(lines))
+
+
+# ------------------------------------------------------------------------------------------------
+# real features, per-step bytes and the machine's bandwidth
+
+_real_cache: dict = {}
+_real_info: dict = {}
+
+
+def _embeddings(name):
+    """PatchCore (N, 1024) float32 training embeddings of a real dataset, or skip."""
+    if name not in _real_cache:
+        from fastad.data import mtd, mvtec
+        from fastad.models import create_model
+
+        root = Path(__file__).resolve().parents[2] / "shared" / "data" / ("mvtec" if name == "bottle" else "mtd")
+        if not root.is_dir():
+            pytest.skip(f"real data not present at {root} (see ../shared/data/README.md)")
+        data = mvtec(root, "bottle", "train") if name == "bottle" else mtd(root, "train")
+        model = create_model("patchcore", coreset_ratio=1.0)
+        with torch.no_grad():
+            feats = [model.embed(torch.stack([data[j]["image"] for j in range(i, min(i + 16, len(data)))]))[0].flatten(0, 1)
+                     for i in range(0, len(data), 16)]
+        _real_cache[name] = torch.cat(feats)
+    return _real_cache[name]
+
+
+def _read_bandwidth() -> float:
+    """Bytes per second the machine reads (a 512 MiB float32 sum, best of 5), in this run."""
+    import time
+
+    x = torch.ones(128 << 20)
+    x.sum()
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best
+
+
+@pytest.mark.parametrize("impl", ["fastad", "fastad_fp16"])
+@pytest.mark.parametrize("name,ratio", [(n, r) for n, rs in REAL.items() for r in rs])
+def test_coreset_real(benchmark, name, ratio, impl):
+    _real(benchmark, name, ratio, impl)
+
+
+def _real(benchmark, name, ratio, impl):
+    if DEVICE != "cpu":
+        pytest.skip("the per-step accounting uses the CPU kernel's counters")
+    x = _embeddings(name)
+    out = benchmark.pedantic(lambda: IMPLS[impl](x, ratio), rounds=1, iterations=1, warmup_rounds=0)
+    assert out.numel() == int(len(x) * ratio) and len(set(out.tolist())) == out.numel()
+    _times[(name, ratio, impl)] = benchmark.stats.stats.min
+    benchmark.extra_info.update(n=len(x), ratio=ratio, threads=torch.get_num_threads())
+    if impl == "anomalib_2.7":
+        return
+    import time
+
+    # the selection loop alone (the projection excluded), with its counters, on the same values
+    v = selection_values(project_features(x), "float16" if impl == "fastad_fp16" else "float32")
+    n, d, k = v.shape[0], v.shape[1], int(len(x) * ratio)
+    t = time.perf_counter()
+    idx, skipped = torch.ops.fastad.kcenter_greedy_stats(v, starting_points(n), k)
+    step = (time.perf_counter() - t) / k
+    read = (n - skipped.double().mean().item()) * (d * v.element_size() + 12) + (n + 63) // 64 * d * 8
+    bw = _read_bandwidth()
+    benchmark.extra_info.update(step_s=step, bytes_per_step=read, bandwidth=bw, skipped=float(skipped.double().mean()) / n)
+    _real_info[(name, ratio, impl)] = (n, step, read, bw, skipped.double().mean().item() / n)
+
+
+def _real_lines() -> list:
+    lines = []
+    for (name, ratio, impl), (n, step, read, bw, skip) in _real_info.items():
+        whole, anomalib = _times[(name, ratio, impl)], _times.get((name, ratio, "anomalib_2.7"))
+        lines.append(
+            f"{name} N={n} ratio={ratio} {impl}: whole {whole:.2f}s"
+            + (f" (anomalib 2.7 {anomalib:.2f}s: {anomalib / whole:.1f}x)" if anomalib else "")
+            + f"; per step {step * 1e3:.3f} ms, reads {read / 1e6:.1f} MB ({100 * skip:.0f}% of points skipped), "
+            f"read bandwidth {bw / 1e9:.1f} GB/s -> floor {read / bw * 1e3:.3f} ms, {step / (read / bw):.2f}x of it")
+    return lines

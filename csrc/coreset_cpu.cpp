@@ -5,24 +5,42 @@
 // pick the argmax (lowest index on ties), mark it selected (-1), and lower every
 // point's distance to its distance to the new center.
 //
-// Speed-up that keeps the result exact: every point remembers the center it is
-// closest to (a). By the triangle inequality d(i, c) >= d(a, c) - d(i, a), so a
-// point with d(a, c) >= 2 d(i, a) cannot get closer to the new center c and is
-// skipped without reading its features. On real (low intrinsic dimension)
-// features most points are skipped late in the run; where pruning stops paying
-// (random high-dimensional data) it is switched off and probed again later.
+// Speed-ups that keep the result exact (the same indices as the reference on the
+// same values):
+// - blocks: the one-call loop keeps, per block of kBlock consecutive points, a
+//   centroid m, a radius r = max d(i, m) and the largest remaining distance D.
+//   By the triangle inequality d(i, c) >= d(m, c) - r, so when d(m, c) - r >= D no
+//   point of the block can get closer to the new center c: the block is skipped
+//   without reading its points or their distances, and its argmax is kept.
+// - points: every point remembers the center it is closest to (a). As
+//   d(i, c) >= d(a, c) - d(i, a), a point with d(a, c) >= 2 d(i, a) cannot get
+//   closer to c and is skipped without reading its features. Where this stops
+//   paying (random high-dimensional data) it is switched off and probed again.
+// On real (low intrinsic dimension) features most points are skipped late in the run.
+// Features may be float32 or float16 (the selection's rounded projection: half
+// the bytes per step); distances are accumulated in float64 either way.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 #include "simd_distance.h"
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define FASTAD_F16C 1
+#endif
+
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define FASTAD_CLONES __attribute__((target_clones("arch=haswell", "default")))
+// x86-64-v3 (AVX2, FMA, F16C) is dispatched on the CPU's features; "arch=haswell" would be chosen
+// only on Intel Haswell-family models, so AMD and newer Intel CPUs ran the SSE2 copy.
+#define FASTAD_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define FASTAD_CLONES
 #endif
@@ -49,6 +67,81 @@ struct Best {
 
 constexpr int64_t kGrain = 2048;
 constexpr double kPruneSlack = 1.0 + 1e-9;  // margin for rounding in the triangle test
+constexpr int64_t kBlock = 64;              // points per block of the block test
+constexpr int64_t kBlocksPerTask = kGrain / kBlock;
+
+// A float64 point (a centroid, or the new center widened once per step) to a float32 row, and to
+// another float64 point; lanes as squared_l2 in simd_distance.h.
+FASTAD_INLINE double squared_l2_to(const double* m, const float* b, int64_t d) {
+  double acc[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= d; j += kLanes) {
+#pragma omp simd
+    for (int l = 0; l < kLanes; ++l) {
+      const double t = m[j + l] - static_cast<double>(b[j + l]);
+      acc[l] += t * t;
+    }
+  }
+  double s = 0.0;
+  for (; j < d; ++j) {
+    const double t = m[j] - static_cast<double>(b[j]);
+    s += t * t;
+  }
+  for (int l = 0; l < kLanes; ++l) s += acc[l];
+  return s;
+}
+
+FASTAD_INLINE double squared_l2_dd(const double* m, const double* c, int64_t d) {
+  double acc[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= d; j += kLanes) {
+#pragma omp simd
+    for (int l = 0; l < kLanes; ++l) {
+      const double t = m[j + l] - c[j + l];
+      acc[l] += t * t;
+    }
+  }
+  double s = 0.0;
+  for (; j < d; ++j) {
+    const double t = m[j] - c[j];
+    s += t * t;
+  }
+  for (int l = 0; l < kLanes; ++l) s += acc[l];
+  return s;
+}
+
+// float16 rows are widened to float32 block by block (exact), then share the float32 code.
+void half_to_float_scalar(const uint16_t* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = c10::detail::fp16_ieee_to_fp32_value(src[i]);
+}
+
+#ifdef FASTAD_F16C
+__attribute__((target("avx,f16c"))) void half_to_float_f16c(const uint16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  half_to_float_scalar(src + i, dst + i, n - i);
+}
+#endif
+
+using HalfToFloat = void (*)(const uint16_t*, float*, int64_t);
+
+HalfToFloat half_to_float() {
+#ifdef FASTAD_F16C
+  static const HalfToFloat fn = __builtin_cpu_supports("f16c") ? half_to_float_f16c : half_to_float_scalar;
+  return fn;
+#else
+  return half_to_float_scalar;
+#endif
+}
+
+// Rows [lo, hi) as float32: the rows themselves, or their float16 values widened into buf.
+inline const float* rows_f32(const float* x, int64_t d, int64_t lo, int64_t hi, std::vector<float>&) { return x + lo * d; }
+inline const float* rows_f32(const uint16_t* x, int64_t d, int64_t lo, int64_t hi, std::vector<float>& buf) {
+  buf.resize((hi - lo) * d);
+  half_to_float()(x + lo * d, buf.data(), (hi - lo) * d);
+  return buf.data();
+}
 
 // Mean distance of points [begin, end) to the S start vectors sv (S x d).
 FASTAD_CLONES
@@ -148,40 +241,189 @@ void check_features(const at::Tensor& features, const char* op) {
               "fastad::", op, ": features must be a contiguous float32 (N, d) tensor");
 }
 
-}  // namespace
+// ---------------------------------------------------------------------------------------------
+// The one-call loop (kcenter_greedy), over float32 or float16 rows, with the block and point tests.
 
-// features: (N, d) float32 contiguous; starts: (S,) int64; returns (k,) int64.
-at::Tensor kcenter_greedy_cpu(const at::Tensor& features, const at::Tensor& starts, int64_t k) {
-  check_features(features, "kcenter_greedy");
+struct BlockArgs {
+  int64_t n, d;
+  int32_t t;             // number of the new center
+  const double* xc;      // the new center (its float32 values widened to float64)
+  int64_t center_block;  // block holding the new center: always updated (its point leaves the pool)
+  double* dist;
+  int32_t* assign;
+  const double* center_dist;  // distances of the earlier centers to the new one, or null (no point test)
+  const double* centroid;     // nb x d
+  const double* radius;       // nb
+  double* maxd;               // nb: largest positive distance in the block (0: none)
+  Best* best;                 // nb: the block's argmax
+};
+
+struct BlockCounts {
+  int64_t block_skipped = 0, point_skipped = 0, examined = 0;
+};
+
+// Updates the points of blocks [b0, b1) whose block test fails; rows: pointer to the block's
+// float32 rows (see rows_f32), called only for blocks that are read.
+template <typename RowsOf>
+__attribute__((always_inline)) inline BlockCounts blocks_body(const BlockArgs& a, int64_t b0, int64_t b1,
+                                                              RowsOf&& rows_of) {
+  BlockCounts cnt;
+  const int64_t d = a.d;
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t lo = b * kBlock, hi = std::min(a.n, lo + kBlock);
+    if (b != a.center_block) {
+      if (a.maxd[b] <= 0.0) {  // every point selected or a covered duplicate
+        cnt.block_skipped += hi - lo;
+        continue;
+      }
+      const double dc = std::sqrt(squared_l2_dd(a.centroid + b * d, a.xc, d));
+      const double r = a.radius[b];
+      if (dc - r >= a.maxd[b] * kPruneSlack + 1e-12 * (dc + r)) {  // no point can get closer to c
+        cnt.block_skipped += hi - lo;
+        continue;
+      }
+    }
+    const float* rows = rows_of(lo, hi);
+    Best bb;
+    double mx = 0.0;
+    for (int64_t i = lo; i < hi; ++i) {
+      double md = a.dist[i];
+      if (md > 0.0) {
+        ++cnt.examined;
+        const int32_t c = a.assign[i];
+        if (a.center_dist != nullptr && c >= 0 && a.center_dist[c] >= 2.0 * md * kPruneSlack) {
+          ++cnt.point_skipped;
+        } else {
+          const double v = std::sqrt(squared_l2_to(a.xc, rows + (i - lo) * d, d));
+          if (v < md) {
+            md = v;
+            a.dist[i] = v;
+            a.assign[i] = a.t;
+          }
+        }
+        if (md > mx) mx = md;
+      }
+      bb.take(md, i);
+    }
+    a.maxd[b] = mx;
+    a.best[b] = bb;
+  }
+  return cnt;
+}
+
+FASTAD_CLONES BlockCounts process_blocks(const float* x, const BlockArgs& a, int64_t b0, int64_t b1) {
+  return blocks_body(a, b0, b1, [&](int64_t lo, int64_t) { return x + lo * a.d; });
+}
+
+FASTAD_CLONES BlockCounts process_blocks(const uint16_t* x, const BlockArgs& a, int64_t b0, int64_t b1) {
+  std::vector<float> buf;
+  return blocks_body(a, b0, b1, [&](int64_t lo, int64_t hi) { return rows_f32(x, a.d, lo, hi, buf); });
+}
+
+// skipped (k,) or null: points whose features step t did not read (block and point tests together).
+// T: float (float32 rows) or uint16_t (float16 bits).
+template <typename T>
+void greedy_loop(const T* x, int64_t n, int64_t d, const int64_t* sp, int64_t s, int64_t k, int64_t* op,
+                 int64_t* skipped) {
+  const int64_t nb = (n + kBlock - 1) / kBlock;
+  std::vector<float> sv(s * d), cv(k * d), one;  // start vectors; selected centers, in order (float32)
+  for (int64_t j = 0; j < s; ++j) {
+    const float* r = rows_f32(x, d, sp[j], sp[j] + 1, one);
+    std::copy(r, r + d, sv.begin() + j * d);
+  }
+  std::vector<double> dist(n), centroid(nb * d, 0.0), radius(nb), maxd(nb), center_dist, xcd(d);
+  std::vector<int32_t> assign(n, -1);
+  std::vector<Best> best(nb);
+  at::parallel_for(0, nb, kBlocksPerTask, [&](int64_t b0, int64_t b1) {
+    std::vector<float> buf;
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t lo = b * kBlock, hi = std::min(n, lo + kBlock);
+      const float* rows = rows_f32(x, d, lo, hi, buf);
+      init_range(rows, d, sv.data(), s, dist.data() + lo, 0, hi - lo);
+      double* m = centroid.data() + b * d;
+      for (int64_t i = 0; i < hi - lo; ++i)
+        for (int64_t j = 0; j < d; ++j) m[j] += static_cast<double>(rows[i * d + j]);
+      for (int64_t j = 0; j < d; ++j) m[j] /= static_cast<double>(hi - lo);
+      double r = 0.0, mx = 0.0;
+      Best bb;
+      for (int64_t i = lo; i < hi; ++i) {
+        r = std::max(r, std::sqrt(squared_l2_to(m, rows + (i - lo) * d, d)));
+        if (dist[i] > mx) mx = dist[i];
+        bb.take(dist[i], i);
+      }
+      radius[b] = r;
+      maxd[b] = mx;
+      best[b] = bb;
+    }
+  });
+  Best all;
+  for (int64_t b = 0; b < nb; ++b) all.merge(best[b]);
+  bool prune = false;
+  for (int64_t t = 0; t < k; ++t) {
+    const int64_t c = all.index;
+    op[t] = c;
+    const float* r = rows_f32(x, d, c, c + 1, one);
+    std::copy(r, r + d, cv.begin() + t * d);
+    const float* xc = cv.data() + t * d;
+    for (int64_t j = 0; j < d; ++j) xcd[j] = static_cast<double>(xc[j]);
+    dist[c] = -1.0;
+    assign[c] = static_cast<int32_t>(t);
+    const bool use = prune || (t % kProbe == 0 && t > 0);
+    if (use) {
+      if (static_cast<int64_t>(center_dist.size()) < t) center_dist.resize(std::max<int64_t>(t, 2 * center_dist.size()));
+      at::parallel_for(0, t, kGrain, [&](int64_t b, int64_t e) { center_range(cv.data(), d, xc, center_dist.data(), b, e); });
+    }
+    const BlockArgs args{n, d, static_cast<int32_t>(t), xcd.data(), c / kBlock, dist.data(), assign.data(),
+                         use ? center_dist.data() : nullptr, centroid.data(), radius.data(), maxd.data(), best.data()};
+    std::atomic<int64_t> block_skipped{0}, point_skipped{0}, examined{0};
+    at::parallel_for(0, nb, kBlocksPerTask, [&](int64_t b0, int64_t b1) {
+      const BlockCounts cnt = process_blocks(x, args, b0, b1);
+      block_skipped += cnt.block_skipped;
+      point_skipped += cnt.point_skipped;
+      examined += cnt.examined;
+    });
+    all = Best();
+    for (int64_t b = 0; b < nb; ++b) all.merge(best[b]);
+    if (use) prune = point_skipped.load() * 4 >= examined.load();
+    if (skipped != nullptr) skipped[t] = block_skipped.load() + point_skipped.load();
+  }
+}
+
+at::Tensor greedy_impl(const at::Tensor& features, const at::Tensor& starts, int64_t k, int64_t* skipped) {
+  TORCH_CHECK(features.dim() == 2 && features.is_contiguous() &&
+                  (features.scalar_type() == at::kFloat || features.scalar_type() == at::kHalf),
+              "fastad::kcenter_greedy: features must be a contiguous float32 or float16 (N, d) tensor");
   TORCH_CHECK(starts.dim() == 1 && starts.scalar_type() == at::kLong && starts.numel() > 0,
               "fastad::kcenter_greedy: starts must be a non-empty int64 vector");
   const int64_t n = features.size(0), d = features.size(1), s = starts.numel();
   TORCH_CHECK(k >= 1 && k <= n, "fastad::kcenter_greedy: k=", k, " must be in [1, N=", n, "]");
+  TORCH_CHECK(n < std::numeric_limits<int32_t>::max(), "fastad::kcenter_greedy: N=", n, " must be < 2**31 - 1");
   const at::Tensor st = starts.contiguous();
   const int64_t* sp = st.data_ptr<int64_t>();
   for (int64_t j = 0; j < s; ++j)
     TORCH_CHECK(sp[j] >= 0 && sp[j] < n, "fastad::kcenter_greedy: start index ", sp[j], " out of range");
-
-  const float* x = features.data_ptr<float>();
-  std::vector<float> sv(s * d), cv(k * d);  // start vectors; selected centers, in order
-  for (int64_t j = 0; j < s; ++j) std::copy(x + sp[j] * d, x + (sp[j] + 1) * d, sv.begin() + j * d);
-  std::vector<double> dist(n), center_dist;
-  std::vector<int32_t> assign(n, -1);
   at::Tensor out = at::empty({k}, features.options().dtype(at::kLong));
-  int64_t* op = out.data_ptr<int64_t>();
-
-  Best best = init_distances(x, n, d, sv.data(), s, dist.data());
-  bool prune = false;
-  for (int64_t t = 0; t < k; ++t) {
-    const int64_t c = best.index;
-    op[t] = c;
-    std::copy(x + c * d, x + (c + 1) * d, cv.begin() + t * d);
-    const bool use = prune || (t % kProbe == 0 && t > 0);
-    int64_t pruned = 0;
-    best = select_step(x, n, d, cv.data(), t, c, dist.data(), assign.data(), center_dist, use, &pruned);
-    if (use) prune = pruned * 4 >= n;
-  }
+  if (features.scalar_type() == at::kFloat)
+    greedy_loop(features.data_ptr<float>(), n, d, sp, s, k, out.data_ptr<int64_t>(), skipped);
+  else
+    greedy_loop(reinterpret_cast<const uint16_t*>(features.data_ptr<at::Half>()), n, d, sp, s, k,
+                out.data_ptr<int64_t>(), skipped);
   return out;
+}
+
+}  // namespace
+
+// features: (N, d) float32 or float16 contiguous; starts: (S,) int64; returns (k,) int64.
+at::Tensor kcenter_greedy_cpu(const at::Tensor& features, const at::Tensor& starts, int64_t k) {
+  return greedy_impl(features, starts, k, nullptr);
+}
+
+// The same selection, and per step the number of points whose features it did not read (k,) int64.
+std::tuple<at::Tensor, at::Tensor> kcenter_greedy_stats_cpu(const at::Tensor& features, const at::Tensor& starts,
+                                                            int64_t k) {
+  at::Tensor skipped = at::zeros({std::max<int64_t>(k, 0)}, features.options().dtype(at::kLong));
+  at::Tensor idx = greedy_impl(features, starts, k, skipped.data_ptr<int64_t>());
+  return {idx, skipped};
 }
 
 // Per-step entry points (distributed selection over row shards; see fastad/ops/coreset.py).

@@ -6,6 +6,8 @@
 
 namespace fastad {
 at::Tensor kcenter_greedy_cpu(const at::Tensor& features, const at::Tensor& starts, int64_t k);
+std::tuple<at::Tensor, at::Tensor> kcenter_greedy_stats_cpu(const at::Tensor& features, const at::Tensor& starts,
+                                                            int64_t k);
 at::Tensor kcenter_init_cpu(const at::Tensor& features, const at::Tensor& start_vectors);
 at::Tensor kcenter_step_cpu(const at::Tensor& features, at::Tensor dist, at::Tensor assign, const at::Tensor& centers,
                             int64_t t, int64_t owned, bool prune);
@@ -15,6 +17,8 @@ std::tuple<at::Tensor, at::Tensor> nearest_reference_cpu(const at::Tensor& x, co
 
 TORCH_LIBRARY(fastad, m) {
   m.def("kcenter_greedy(Tensor features, Tensor starts, int k) -> Tensor");
+  // the same selection, and per step the points whose features it did not read (benchmarks; CPU)
+  m.def("kcenter_greedy_stats(Tensor features, Tensor starts, int k) -> (Tensor, Tensor)");
   // per-step entry points of the same selection, for selections over row shards (fastad.distributed)
   m.def("kcenter_init(Tensor features, Tensor start_vectors) -> Tensor");
   m.def("kcenter_step(Tensor features, Tensor(a!) dist, Tensor(b!) assign, Tensor centers, int t, int owned, "
@@ -24,6 +28,7 @@ TORCH_LIBRARY(fastad, m) {
 
 TORCH_LIBRARY_IMPL(fastad, CPU, m) {
   m.impl("kcenter_greedy", &fastad::kcenter_greedy_cpu);
+  m.impl("kcenter_greedy_stats", &fastad::kcenter_greedy_stats_cpu);
   m.impl("kcenter_init", &fastad::kcenter_init_cpu);
   m.impl("kcenter_step", &fastad::kcenter_step_cpu);
   m.impl("nearest_reference", &fastad::nearest_reference_cpu);

@@ -1,37 +1,99 @@
+import math
+
 import pytest
 import torch
 from conftest import DEVICES
 
 from fastad.ops import dispatch
 from fastad.ops import greedy_coreset, greedy_coreset_reference
-from fastad.ops.coreset import project_features, starting_points
+from fastad.ops.coreset import project_features, selection_values, starting_points
+
+PRECISIONS = ["float32", "float16"]
 
 
-def _kernel_and_reference(x, k, device, projection_dim=128, seed=0):
-    p = project_features(x.to(device), projection_dim, seed)
+def _kernel_and_reference(x, k, device, projection_dim=128, seed=0, precision="float32"):
+    v = selection_values(project_features(x.to(device), projection_dim, seed), precision)
     s = starting_points(x.shape[0], 10, seed)
-    return torch.ops.fastad.kcenter_greedy(p, s.to(device), k), greedy_coreset_reference(p, s, k)
+    kernel_input = v.float() if v.is_cuda else v  # the CUDA kernel reads the same values as float32
+    return torch.ops.fastad.kcenter_greedy(kernel_input, s.to(device), k), greedy_coreset_reference(v, s, k)
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize(
     "n,d,k",
-    [(1, 1, 1), (2, 3, 2), (7, 5, 7), (64, 2, 17), (1000, 37, 100), (2049, 130, 257), (4097, 1536, 40)],
+    [(1, 1, 1), (2, 3, 2), (7, 5, 7), (64, 2, 17), (65, 3, 65), (1000, 37, 100), (2049, 130, 257), (4097, 1536, 40)],
 )
-def test_kernel_matches_reference(device, n, d, k):
+def test_kernel_matches_reference(device, precision, n, d, k):
     x = torch.randn(n, d) * torch.rand(1, d) * 3  # anisotropic scales
-    got, want = _kernel_and_reference(x, k, device)
+    got, want = _kernel_and_reference(x, k, device, precision=precision)
     assert torch.equal(got.cpu(), want.cpu())
     assert len(set(got.tolist())) == k
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_clustered_data_exercises_pruning(device):
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_clustered_data_exercises_pruning(device, precision):
     # low intrinsic dimension: the triangle-inequality pruning skips most points late in the run
     centers = torch.randn(40, 64) * 10
     x = centers[torch.randint(0, 40, (6000,))] + 0.3 * torch.randn(6000, 64)
-    got, want = _kernel_and_reference(x, 1500, device)
+    got, want = _kernel_and_reference(x, 1500, device, precision=precision)
     assert torch.equal(got.cpu(), want.cpu())
+
+
+def _clustered_with_duplicates_and_ties():
+    # rows ordered by cluster (as patch embeddings of one image are): tight blocks of 64 points;
+    # exact duplicates; and integer lattice points, whose distances tie exactly in float64
+    g = torch.Generator().manual_seed(7)
+    centers = torch.randn(30, 48, generator=g) * 20
+    labels = torch.sort(torch.randint(0, 30, (5000,), generator=g)).values
+    x = centers[labels] + 0.2 * torch.randn(5000, 48, generator=g)
+    x[1000:1300] = x[999]  # a run of duplicates (spans several blocks)
+    x[3000:3500] = torch.randint(-2, 3, (500, 48), generator=g).float() * 8.0  # ties
+    x[4000:4100] = x[3000:3100]  # duplicates of lattice points, in another block
+    return x
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_block_pruning_skips_and_selects_the_reference_indices(precision):
+    x = _clustered_with_duplicates_and_ties()
+    for projection_dim in (None, 16):  # None: integer lattice values survive exactly (exact ties)
+        v = selection_values(project_features(x, projection_dim), precision)
+        s = starting_points(5000)
+        want = greedy_coreset_reference(v, s, 2500)
+        got, skipped = torch.ops.fastad.kcenter_greedy_stats(v, s, 2500)
+        assert torch.equal(got, want) and torch.equal(torch.ops.fastad.kcenter_greedy(v, s, 2500), want)
+        assert len(set(got.tolist())) == 2500
+        # the tests really skip: most points are left unread in the second half of the run
+        assert skipped.dtype == torch.long and skipped.shape == (2500,)
+        assert skipped[1250:].float().mean() > 0.5 * 5000, skipped[1250:].float().mean()
+        assert skipped.max() <= 5000
+
+
+def test_selection_values():
+    x = torch.randn(300, 16) * 1e-3
+    h = selection_values(x, "float16")
+    assert h.dtype == torch.float16 and 2**14 <= float(h.float().abs().max()) <= 2**15
+    scale = 2.0 ** (14 - math.floor(math.log2(float(x.abs().max()))))
+    assert 2**14 <= float(x.abs().max()) * scale < 2**15
+    assert torch.equal(h, (x * scale).half())  # a power-of-two scale, then float16 rounding
+    assert (h.float() / scale - x).abs().max() <= x.abs().max() * 2**-11  # float16 rounding only
+    assert torch.equal(selection_values(x, "float32"), x)
+    assert torch.equal(selection_values(torch.zeros(4, 3), "float16"), torch.zeros(4, 3, dtype=torch.float16))
+    big = torch.full((2, 2), 1e30)
+    assert torch.isfinite(selection_values(big, "float16").float()).all()  # no overflow to inf
+    with pytest.raises(ValueError, match="precision must be one of"):
+        selection_values(x, "bfloat16")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        greedy_coreset(x, 3, precision="float64")
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_public_op_selects_on_the_rounded_values(precision):
+    x = torch.randn(900, 300)
+    got = greedy_coreset(x, 90, seed=2, precision=precision)
+    want = greedy_coreset_reference(selection_values(project_features(x, 128, 2), precision), starting_points(900, 10, 2), 90)
+    assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -48,7 +110,7 @@ def test_duplicates_give_distinct_indices(device):
 def test_public_op_all_dtypes(dtype):
     x = torch.randn(777, 200).to(dtype)
     got = greedy_coreset(x, ratio=0.1, seed=3)
-    want = greedy_coreset_reference(project_features(x, 128, 3), starting_points(777, 10, 3), 77)
+    want = greedy_coreset_reference(selection_values(project_features(x, 128, 3)), starting_points(777, 10, 3), 77)
     assert got.dtype == torch.long and torch.equal(got, want)
 
 
@@ -66,7 +128,7 @@ def test_selection_is_farthest_point():
     # every pick is the point farthest from the picks before it, where the mean distance to the
     # random starting points is the initial distance
     x = torch.randn(300, 6).double()
-    idx = greedy_coreset(x, 20, projection_dim=None)
+    idx = greedy_coreset(x, 20, projection_dim=None, precision="float32")  # the exact values
     start = torch.cdist(x, x[starting_points(300)]).mean(1)
     for t in range(20):
         d = torch.minimum(start, torch.cdist(x, x[idx[:t]]).min(1).values) if t else start.clone()
@@ -85,6 +147,8 @@ def test_projection_is_seeded_and_like_linear_init():
 def test_fake_kernel_and_schema():
     p = project_features(torch.randn(50, 16))
     torch.library.opcheck(torch.ops.fastad.kcenter_greedy.default, (p, starting_points(50), 5))
+    torch.library.opcheck(torch.ops.fastad.kcenter_greedy.default, (selection_values(p), starting_points(50), 5))
+    torch.library.opcheck(torch.ops.fastad.kcenter_greedy_stats.default, (selection_values(p), starting_points(50), 5))
 
 
 def test_compiles():
@@ -123,7 +187,7 @@ def test_kernel_rejects_bad_arguments():
         torch.ops.fastad.kcenter_greedy(p, torch.tensor([0]), 6)
     with pytest.raises(RuntimeError, match="out of range"):
         torch.ops.fastad.kcenter_greedy(p, torch.tensor([9]), 2)
-    with pytest.raises(RuntimeError, match="float32"):
+    with pytest.raises(RuntimeError, match="float32 or float16"):
         torch.ops.fastad.kcenter_greedy(p.double(), torch.tensor([0]), 2)
 
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..backbones import OFFLINE_DEFAULT, FeatureExtractor
 from ..faults import memory_stage
+from ..ops.coreset import PRECISIONS
 from .base import AnomalyModel, AnomalyOutput, image_batches, register
 from .components.maps import upsample_and_smooth
 from .components.memory_bank import MemoryBank, PatchEmbedding
@@ -39,6 +40,9 @@ class PatchCore(AnomalyModel):
         pretrain_embed_dim, target_embed_dim: pooled per-level and final feature sizes (1024, 1024).
         coreset_ratio: fraction of patches kept (0.1; the IM320/ensemble configs use 0.01); 1.0 keeps all.
         projection_dim: dimension of the coreset's random projection (128).
+        coreset_precision: ``'float32'`` (default, PatchCore's own) or ``'float16'`` (the selection
+            runs on the projection rounded to float16, half the bytes per step); see
+            :func:`fastad.ops.greedy_coreset`.
         num_neighbors: nearest bank entries averaged into a patch score (official: 1).
         reweight, reweight_neighbors: anomalib-style image-score re-weighting (off, 9).
         sigma: Gaussian smoothing of the map (4).
@@ -67,6 +71,7 @@ class PatchCore(AnomalyModel):
         target_embed_dim: int = 1024,
         coreset_ratio: float = 0.1,
         projection_dim: int = 128,
+        coreset_precision: str = "float32",
         num_neighbors: int = 1,
         reweight: bool = False,
         reweight_neighbors: int = 9,
@@ -83,7 +88,10 @@ class PatchCore(AnomalyModel):
             raise ValueError(f"bank must be 'replicated' or 'sharded', got {bank!r}")
         if bank == "sharded" and reweight:
             raise ValueError("reweight=True needs the whole bank on every process: use bank='replicated'")
+        if coreset_precision not in PRECISIONS:
+            raise ValueError(f"coreset_precision must be one of {PRECISIONS}, got {coreset_precision!r}")
         self.bank = MemoryBank(target_embed_dim, bank_backend, bank_memory, sharded=bank == "sharded")
+        self.coreset_precision = coreset_precision
         self.coreset_ratio, self.projection_dim, self.seed = coreset_ratio, projection_dim, seed
         self.num_neighbors, self.reweight, self.reweight_neighbors = num_neighbors, reweight, reweight_neighbors
         self.sigma = sigma
@@ -113,7 +121,8 @@ class PatchCore(AnomalyModel):
         with memory_stage("the embedding", "lower --batch-size (fit(batch_size=N))"):
             feats = [self.embed(self.check_images(x))[0].reshape(-1, self.bank.dim).to(keep) for x in batches]
         feats = torch.cat(feats) if feats else torch.empty(0, self.bank.dim, device=keep)
-        self.bank.fill(feats, self.coreset_ratio, self.projection_dim, self.seed, group=group)
+        self.bank.fill(feats, self.coreset_ratio, self.projection_dim, self.seed, group=group,
+                       precision=self.coreset_precision)
         return self
 
     @property

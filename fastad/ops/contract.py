@@ -14,14 +14,16 @@ collective over row shards with the one-process result.
 """
 from __future__ import annotations
 
-VERSION = "0.1.0"
+VERSION = "0.2.0"
 
 # name -> (signature as inspect.signature prints it, what it takes and gives)
 OPS: dict[str, tuple[str, str]] = {
     "greedy_coreset": (
-        "(features: 'torch.Tensor', k: 'int | None' = None, *, ratio: 'float | None' = None, projection_dim: 'int | None' = 128, seed: 'int' = 0, num_starts: 'int' = 10, group=None) -> 'torch.Tensor'",
-        "features (N, D) float16/bfloat16/float32/float64 -> (k,) int64 distinct indices in selection order. "
-        "Deterministic: a function of (features, k, seed), the same on CPU, CUDA and any number of ranks.",
+        "(features: 'torch.Tensor', k: 'int | None' = None, *, ratio: 'float | None' = None, projection_dim: 'int | None' = 128, seed: 'int' = 0, num_starts: 'int' = 10, precision: 'str' = 'float32', group=None) -> 'torch.Tensor'",
+        "features (N, D) float16/bfloat16/float32/float64 -> (k,) int64 distinct indices in selection order; "
+        "precision 'float32' (default, 0.1.0's selection) or 'float16' (selection on the power-of-two-scaled "
+        "projection rounded to float16). "
+        "Deterministic: a function of (features, k, seed, precision), the same on CPU, CUDA and any number of ranks.",
     ),
     "greedy_coreset_reference": (
         "(projected: 'torch.Tensor', starts: 'torch.Tensor', k: 'int') -> 'torch.Tensor'",
@@ -109,7 +111,13 @@ OPS: dict[str, tuple[str, str]] = {
 SCHEMAS: dict[str, tuple[str, str]] = {
     "kcenter_greedy": (
         "fastad::kcenter_greedy(Tensor features, Tensor starts, int k) -> Tensor",
-        "features (N, d) float32 contiguous, starts (S,) int64 on its device -> (k,) int64. CPU, CUDA. Deterministic.",
+        "features (N, d) float32 contiguous (CPU also float16), starts (S,) int64 on its device -> (k,) int64. "
+        "CPU, CUDA. Deterministic.",
+    ),
+    "kcenter_greedy_stats": (
+        "fastad::kcenter_greedy_stats(Tensor features, Tensor starts, int k) -> (Tensor, Tensor)",
+        "As kcenter_greedy, and (k,) int64: per step the points whose features were not read (block and "
+        "point triangle tests). CPU. Deterministic.",
     ),
     "kcenter_init": (
         "fastad::kcenter_init(Tensor features, Tensor start_vectors) -> Tensor",
@@ -155,6 +163,7 @@ def fingerprint() -> str:
 # fingerprint() of each released version: never edit an entry; a changed API adds a version here
 RELEASED = {
     "0.1.0": "0bd807fd4f8449d4",
+    "0.2.0": "256935837e0f7369",
 }
 
 

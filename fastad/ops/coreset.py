@@ -10,9 +10,20 @@ Selection (amazon-science/patchcore-inspection ``sampler.py``, see spec section 
 Distances are accumulated in float64 in the reference and in the kernels, so both select the same
 indices. A selected point is never selected again, even when the data has duplicates.
 
+``precision="float16"`` selects on the projection scaled by a power of two (exact) and
+rounded to float16 (:func:`selection_values`): the CPU kernel then reads half the bytes per step, and
+the reference, given the same rounded values, selects the same indices. The rounding (relative
+2**-11) only decides between points whose distances differ by less than that; the projection is
+itself random. ``precision="float32"`` (the default) selects on the float32 projection, as PatchCore's
+code does. On the 2-core development CPU float16 is slower (the widening costs more than the bytes
+saved; bench/RESULTS.md), and the CUDA kernel reads the same values as float32.
+The CPU kernel also skips blocks of 64 points that the triangle inequality shows cannot get closer to
+the new center (see csrc/coreset_cpu.cpp); the result is the same either way.
+
 With ``group`` (a torch.distributed process group) every rank passes its contiguous shard of the rows
 and all select the same points as one process on the concatenation: the projection is computed in
-float64 and rounded to float32 (so a row's projection does not depend on the rows beside it), and at
+float64 and rounded to float32 (so a row's projection does not depend on the rows beside it; with
+float16 the power-of-two scale comes from the largest value over all ranks), and at
 every step each rank offers its best point (distance, global index, projected row); all take the
 largest, ties to the lowest global index (one all_gather of W x (d + 2) float64 per step), and
 lower their own distances with the same kernel arithmetic as the one-process loop.
@@ -27,7 +38,10 @@ from .. import distributed
 from ._checks import check_tensor
 from .dispatch import implementation
 
-__all__ = ["greedy_coreset", "greedy_coreset_reference", "project_features", "starting_points", "coreset_size"]
+__all__ = ["greedy_coreset", "greedy_coreset_reference", "project_features", "selection_values", "starting_points",
+           "coreset_size"]
+
+PRECISIONS = ("float16", "float32")
 
 
 def coreset_size(n: int, k: int | None = None, ratio: float | None = None) -> int:
@@ -75,6 +89,29 @@ def project_features(features: torch.Tensor, projection_dim: int | None = 128, s
     return out
 
 
+def selection_values(projected: torch.Tensor, precision: str = "float32", amax: float | None = None) -> torch.Tensor:
+    """The values the selection runs on.
+
+    Args:
+        projected: (N, d) float32, finite (from :func:`project_features`).
+        precision: ``"float16"``: scaled by 2**e so that the largest magnitude lies in [2**14, 2**15)
+            (exact; the selection does not depend on a common scale), then rounded to float16;
+            ``"float32"``: ``projected`` itself.
+        amax: the largest magnitude to scale by (default: that of ``projected``; a distributed
+            selection passes the maximum over all shards).
+    Returns:
+        (N, d) float16 or float32 contiguous tensor on ``projected.device``.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "float32":
+        return projected.contiguous()
+    if amax is None:
+        amax = float(projected.abs().max()) if projected.numel() else 0.0
+    exponent = 15 - math.frexp(amax)[1] if amax > 0 else 0  # frexp: amax = m * 2**e, m in [0.5, 1)
+    return (projected * 2.0**exponent).half().contiguous()
+
+
 def starting_points(n: int, num_starts: int = 10, seed: int = 0) -> torch.Tensor:
     """``min(num_starts, n)`` distinct random indices (int64, CPU), like ``np.random.choice(n, s, replace=False)``."""
     if num_starts < 1:
@@ -111,6 +148,7 @@ def greedy_coreset(
     projection_dim: int | None = 128,
     seed: int = 0,
     num_starts: int = 10,
+    precision: str = "float32",
     group=None,
 ) -> torch.Tensor:
     """Indices of a greedy k-center coreset of ``features``.
@@ -122,6 +160,8 @@ def greedy_coreset(
         projection_dim: dimension of the random projection used for selection (None: no projection).
         seed: seed for the projection and the starting points.
         num_starts: random starting points whose mean distance initialises the search (PatchCore: 10).
+        precision: ``"float32"`` (default) or ``"float16"``: the values the selection runs on
+            (:func:`selection_values`); every device and the reference select the same indices on them.
         group: a torch.distributed process group (None: this process alone).
             In a group of several processes ``features`` is this rank's contiguous shard (n_r, D)
             of the rows (n_r may be 0), ``k``/``ratio`` refer to all N = sum n_r rows, and every
@@ -131,8 +171,10 @@ def greedy_coreset(
     Raises:
         TypeError/ValueError: wrong dtype or rank, empty input, NaN/inf, bad k or ratio.
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if distributed.active(group):
-        return _distributed_coreset(features, k, ratio, projection_dim, seed, num_starts, group)
+        return _distributed_coreset(features, k, ratio, projection_dim, seed, num_starts, precision, group)
     check_tensor("features", features, ndim=2, finite=False)
     n = features.shape[0]
     k = coreset_size(n, k, ratio)
@@ -143,10 +185,13 @@ def greedy_coreset(
             "features contain NaN or inf values (or values so large that the projection overflows float32); "
             "expected finite values"
         )
+    values = selection_values(projected, precision)
     starts = starting_points(n, num_starts, seed)
     if implementation(projected, extension=True) == "extension":
-        return torch.ops.fastad.kcenter_greedy(projected, starts.to(projected.device), k)
-    return greedy_coreset_reference(projected, starts, k)
+        if values.is_cuda:  # the CUDA kernel reads float32: the same (rounded) values
+            values = values.float()
+        return torch.ops.fastad.kcenter_greedy(values, starts.to(values.device), k)
+    return greedy_coreset_reference(values, starts, k)
 
 
 _PROBE = 64  # as csrc/coreset_cpu.cpp: the triangle test is probed every 64 steps, kept while it skips >= 25%
@@ -174,7 +219,7 @@ def _step_reference(x: torch.Tensor, dist: torch.Tensor, center: torch.Tensor, o
     return float(dist[i]), i
 
 
-def _distributed_coreset(features, k, ratio, projection_dim, seed, num_starts, group) -> torch.Tensor:
+def _distributed_coreset(features, k, ratio, projection_dim, seed, num_starts, precision, group) -> torch.Tensor:
     if not isinstance(features, torch.Tensor) or features.dim() != 2 or not features.is_floating_point():
         raise TypeError(f"features must be a floating (n, D) tensor shard, got "
                         f"{tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__}")
@@ -189,6 +234,9 @@ def _distributed_coreset(features, k, ratio, projection_dim, seed, num_starts, g
     if bad.item():
         raise ValueError("features contain NaN or inf values (or values so large that the projection overflows "
                          "float32); expected finite values")
+    amax = torch.tensor([float(x.abs().max()) if x.numel() else 0.0], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(amax, op=torch.distributed.ReduceOp.MAX, group=group)
+    x = selection_values(x, precision, float(amax)).float()  # the per-step kernels read float32
     rows, d = x.shape
     starts = starting_points(n, num_starts, seed).tolist()
     start_vectors = torch.zeros(len(starts), d, device=device)

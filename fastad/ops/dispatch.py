@@ -96,6 +96,10 @@ if HAS_EXTENSION:
     def _kcenter_greedy_fake(features, starts, k):
         return features.new_empty((k,), dtype=torch.long)
 
+    @torch.library.register_fake("fastad::kcenter_greedy_stats")
+    def _kcenter_greedy_stats_fake(features, starts, k):
+        return features.new_empty((k,), dtype=torch.long), features.new_empty((k,), dtype=torch.long)
+
     @torch.library.register_fake("fastad::nearest_reference")
     def _nearest_reference_fake(x, bank, metric, window):
         n = x.numel() // x.shape[-1]

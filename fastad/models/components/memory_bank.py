@@ -151,24 +151,26 @@ class MemoryBank(nn.Module):
 
     @torch.no_grad()
     def fill(self, features: torch.Tensor, coreset_ratio: float = 0.1, projection_dim: int = 128, seed: int = 0,
-             group=None) -> None:
+             group=None, precision: str = "float32") -> None:
         """(N, dim) normal features -> the bank: their greedy coreset of ``coreset_ratio`` (1.0 keeps
-        all) with a ``projection_dim`` random projection and ``seed``. With ``group`` ``features``
+        all) with a ``projection_dim`` random projection, ``seed`` and selection ``precision``. With ``group`` ``features``
         is this rank's contiguous shard; every rank gets the whole bank (the rows in selection order;
         with ``sharded``, only its own rows)."""
         self.group = group if self.sharded and distributed.active(group) else None
         if distributed.active(group):
-            features = self._select_across(features, coreset_ratio, projection_dim, seed, group, self.sharded)
+            features = self._select_across(features, coreset_ratio, projection_dim, seed, group, self.sharded, precision)
         elif len(features) == 0:
             raise ValueError("the memory bank got no training features")
         elif coreset_ratio < 1.0:
             with memory_stage("the coreset selection", "lower coreset_ratio or projection_dim (--set), or fit on the CPU"):
-                features = features[greedy_coreset(features, ratio=coreset_ratio, projection_dim=projection_dim, seed=seed)]
+                features = features[greedy_coreset(features, ratio=coreset_ratio, projection_dim=projection_dim, seed=seed,
+                                                   precision=precision)]
         home = torch.device("cpu") if self._on_host(features) else self._buffers["memory_bank"].device  # the module's device
         self.memory_bank = features.to(home).contiguous()
 
     @staticmethod
-    def _select_across(features, coreset_ratio, projection_dim, seed, group, keep_own: bool) -> torch.Tensor:
+    def _select_across(features, coreset_ratio, projection_dim, seed, group, keep_own: bool,
+                       precision: str = "float32") -> torch.Tensor:
         """The coreset rows of features sharded over ``group``, on every rank, in selection order
         (``keep_own``: only the rows this rank holds, in selection order)."""
         first, total = distributed.offset(len(features), group)
@@ -177,7 +179,7 @@ class MemoryBank(nn.Module):
         if coreset_ratio < 1.0:
             with memory_stage("the coreset selection", "lower coreset_ratio or projection_dim (--set), or fit on the CPU"):
                 chosen = greedy_coreset(features, ratio=coreset_ratio, projection_dim=projection_dim, seed=seed,
-                                        group=group).to(features.device)
+                                        precision=precision, group=group).to(features.device)
         else:
             chosen = torch.arange(total, device=features.device)
         mine = torch.nonzero((chosen >= first) & (chosen < first + len(features))).flatten()
