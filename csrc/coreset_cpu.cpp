@@ -70,46 +70,6 @@ constexpr double kPruneSlack = 1.0 + 1e-9;  // margin for rounding in the triang
 constexpr int64_t kBlock = 64;              // points per block of the block test
 constexpr int64_t kBlocksPerTask = kGrain / kBlock;
 
-// A float64 point (a centroid, or the new center widened once per step) to a float32 row, and to
-// another float64 point; lanes as squared_l2 in simd_distance.h.
-FASTAD_INLINE double squared_l2_to(const double* m, const float* b, int64_t d) {
-  double acc[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= d; j += kLanes) {
-#pragma omp simd
-    for (int l = 0; l < kLanes; ++l) {
-      const double t = m[j + l] - static_cast<double>(b[j + l]);
-      acc[l] += t * t;
-    }
-  }
-  double s = 0.0;
-  for (; j < d; ++j) {
-    const double t = m[j] - static_cast<double>(b[j]);
-    s += t * t;
-  }
-  for (int l = 0; l < kLanes; ++l) s += acc[l];
-  return s;
-}
-
-FASTAD_INLINE double squared_l2_dd(const double* m, const double* c, int64_t d) {
-  double acc[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= d; j += kLanes) {
-#pragma omp simd
-    for (int l = 0; l < kLanes; ++l) {
-      const double t = m[j + l] - c[j + l];
-      acc[l] += t * t;
-    }
-  }
-  double s = 0.0;
-  for (; j < d; ++j) {
-    const double t = m[j] - c[j];
-    s += t * t;
-  }
-  for (int l = 0; l < kLanes; ++l) s += acc[l];
-  return s;
-}
-
 // float16 rows are widened to float32 block by block (exact), then share the float32 code.
 void half_to_float_scalar(const uint16_t* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = c10::detail::fp16_ieee_to_fp32_value(src[i]);
@@ -276,7 +236,7 @@ __attribute__((always_inline)) inline BlockCounts blocks_body(const BlockArgs& a
         cnt.block_skipped += hi - lo;
         continue;
       }
-      const double dc = std::sqrt(squared_l2_dd(a.centroid + b * d, a.xc, d));
+      const double dc = std::sqrt(squared_l2_of(a.centroid + b * d, a.xc, d));
       const double r = a.radius[b];
       if (dc - r >= a.maxd[b] * kPruneSlack + 1e-12 * (dc + r)) {  // no point can get closer to c
         cnt.block_skipped += hi - lo;
@@ -294,7 +254,7 @@ __attribute__((always_inline)) inline BlockCounts blocks_body(const BlockArgs& a
         if (a.center_dist != nullptr && c >= 0 && a.center_dist[c] >= 2.0 * md * kPruneSlack) {
           ++cnt.point_skipped;
         } else {
-          const double v = std::sqrt(squared_l2_to(a.xc, rows + (i - lo) * d, d));
+          const double v = std::sqrt(squared_l2_of(a.xc, rows + (i - lo) * d, d));
           if (v < md) {
             md = v;
             a.dist[i] = v;
@@ -347,7 +307,7 @@ void greedy_loop(const T* x, int64_t n, int64_t d, const int64_t* sp, int64_t s,
       double r = 0.0, mx = 0.0;
       Best bb;
       for (int64_t i = lo; i < hi; ++i) {
-        r = std::max(r, std::sqrt(squared_l2_to(m, rows + (i - lo) * d, d)));
+        r = std::max(r, std::sqrt(squared_l2_of(m, rows + (i - lo) * d, d)));
         if (dist[i] > mx) mx = dist[i];
         bb.take(dist[i], i);
       }

@@ -18,7 +18,9 @@ namespace fastad {
 // multiply-add on the previous one (latency-bound, ~4x slower); the lanes are added in a fixed order.
 constexpr int kLanes = 16;
 
-FASTAD_INLINE double squared_l2(const float* a, const float* b, int64_t d) {
+// Squared distance of two rows of any element types (float32 rows, float64 centroids), in float64.
+template <typename A, typename B>
+FASTAD_INLINE double squared_l2_of(const A* a, const B* b, int64_t d) {
   double acc[kLanes] = {};
   int64_t j = 0;
   for (; j + kLanes <= d; j += kLanes) {
@@ -36,6 +38,8 @@ FASTAD_INLINE double squared_l2(const float* a, const float* b, int64_t d) {
   for (int l = 0; l < kLanes; ++l) s += acc[l];
   return s;
 }
+
+FASTAD_INLINE double squared_l2(const float* a, const float* b, int64_t d) { return squared_l2_of(a, b, d); }
 
 FASTAD_INLINE double dot(const float* a, const float* b, int64_t d) {
   double acc[kLanes] = {};
