@@ -85,7 +85,7 @@ def _datasets(spec: str, classes: list[str] | None, transform, options: dict | N
     if unknown:
         raise UsageError(f"--data-opt {', '.join(unknown)} is not an option of {kind} data; "
                          f"its options: {', '.join(accepted) or 'none'}")
-    t = ImageTransform(transform.crop, transform.crop) if kind == "mtd" else transform
+    t = transform.with_sizes(transform.crop, transform.crop) if kind == "mtd" else transform
     try:
         available = _class_names(kind, root, options)
         names = classes or available
@@ -152,7 +152,13 @@ def results_markdown(rows: list[dict], title: str) -> str:
 
     cols = [*METRICS, "mad"]
     head = ["class", "I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO", "mAD", "fit s", "img/s"]
-    lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [f"# {title}", ""]
+    if rows and "protocol" in rows[0]:  # what the numbers are comparable with
+        lines += [f"- recipe: {_recipe_line(rows[0])}", f"- protocol: {rows[0]['protocol']}"]
+        chosen = [r for r in rows if r.get("selection", "last") != "last"]
+        lines += [f"- checkpoint: **{chosen[0]['selection'].split(':')[0]}** (see the notes below)" if chosen else
+                  "- checkpoint: the last iteration (no test-set selection)", ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["class"], *(_fmt(r[c]) for c in cols), f"{r['fit_s']:.1f}", f"{r['images_per_s']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -161,6 +167,7 @@ def results_markdown(rows: list[dict], title: str) -> str:
         lines.append("| **mean** | " + " | ".join(mean) + " | | |")
     notes = [f"- {r['class']}: {r['pixel_note']}; mAD is the mean of the {r.get('mad_of', 'image metrics')}"
              for r in rows if r.get("pixel_note")]
+    notes += [f"- {r['class']}: {r['selection']}" for r in rows if r.get("selection", "last") != "last"]
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
@@ -220,6 +227,44 @@ def _build(name: str, kwargs: dict):
 def _plain(row: dict) -> dict:
     """A results row as JSON can hold it: NaN (an undefined metric) becomes null."""
     return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
+
+
+def _recipe_line(row: dict) -> str:
+    """What the run applied: the recipe (or the model's defaults) and the user's --set arguments."""
+    args = ", ".join(f"{k}={json.dumps(v)}" for k, v in row.get("recipe_args", {}).items())
+    text = f"{row['recipe']} ({args})" if row.get("recipe") else "none for this model, data and setting: the model's defaults"
+    user = ", ".join(f"{k}={json.dumps(v)}" for k, v in row.get("set_args", {}).items())
+    return text + (f"; --set {user}" + (" (wins over the recipe)" if row.get("recipe") else "") if user else "")
+
+
+def _select_on_test(args, build, train, test_set, protocol, say):
+    """FOD's / RLR's / ADPretrain's checkpoint selection: train in steps of ``--select-on-test`` iterations,
+    score the **test set** after each, keep the metrics of the best image AUROC (the earliest on ties).
+    Returns (model trained to the end, fit seconds, best metrics, their predictions, the selection label)."""
+    import time
+
+    from .engine import score
+    from .models.training import TrainedModel
+
+    model = build().to(args.device)
+    if not isinstance(model, TrainedModel):
+        raise UsageError(f"--select-on-test applies to trained models; {args.model} is fitted in one pass")
+    model.epoch_length = len(train) // max(1, min(model.train_batch_size, len(train)))
+    total = model.training_length(model.epoch_length)
+    best, fit_s, at = None, 0.0, 0
+    while at < total:
+        at = min(total, at + args.select_on_test)
+        t0 = time.perf_counter()
+        model.fit(train, iterations=at, num_workers=args.num_workers, on_nan=args.on_nan)
+        fit_s += time.perf_counter() - t0
+        metrics, predictions = score(model, test_set, batch_size=args.batch_size, num_workers=args.num_workers,
+                                     eval_size=protocol.eval_size)
+        say(f"  iteration {at}/{total}: image AUROC {_fmt(metrics['image_auroc'])} (test set)")
+        if best is None or metrics["image_auroc"] > best[0]["image_auroc"]:
+            best = (metrics, predictions, at)
+    label = (f"TEST-SET SELECTION: the best image AUROC on the test set, at iteration {best[2]} of {total} "
+             f"(evaluated every {args.select_on_test}); optimistic, as the papers that report it")
+    return model, fit_s, best[0], best[1], label
 
 
 def _write_results(out: str, rows: list[dict], title: str) -> None:
@@ -346,15 +391,27 @@ def run(args) -> int:
     if shard and ctx.world > 1:
         raise UsageError("--shard I/N splits the jobs between separate commands (Slurm arrays); under torchrun use "
                          "--parallel jobs instead")
-    kwargs = _model_args(args.set)
+    from .data.protocols import protocol_for
+    from .recipes import recipe_for
+
+    user = _model_args(args.set)
     if args.model == "patchcore" and args.coreset_ratio:
-        kwargs["coreset_ratio"] = args.coreset_ratio
+        user["coreset_ratio"] = args.coreset_ratio
+    recipe = None if args.no_recipe else recipe_for(args.model, args.data.partition(":")[0], args.setting)
+    kwargs = {**(recipe["args"] if recipe else {}), **user}  # the user's --set wins over the recipe
+    protocol = protocol_for(args.model, args.protocol)
+    if args.select_on_test is not None:
+        if args.select_on_test < 1:
+            raise UsageError(f"--select-on-test expects a positive number of iterations, got {args.select_on_test}")
+        if args.setting != "separate" or ctx.world > 1 or args.checkpoint_dir:
+            raise UsageError("--select-on-test evaluates one class's model during its training: it runs with "
+                             "--setting separate, in one process, without --checkpoint-dir")
     for folder, flag in ((args.out, "--out"), (args.checkpoint_dir, "--checkpoint-dir")):
         if folder:  # before hours of work whose results could not be written
             check_writable(folder, flag)
     torch.manual_seed(args.seed)  # torch seeds itself randomly per process: a run is reproducible only seeded
     first = _build(args.model, kwargs)  # its transform sizes the data
-    sets = _datasets(args.data, args.classes, first.transform(), _model_args(args.data_opt, "--data-opt"))
+    sets = _datasets(args.data, args.classes, first.transform(args.protocol), _model_args(args.data_opt, "--data-opt"))
     quiet = ctx.rank != 0
     sets, skipped = _check_data(sets, args.skip_bad_images, quiet=quiet)
     unified = args.setting == "unified"
@@ -380,7 +437,12 @@ def run(args) -> int:
     title = f"fastad {args.model} on {args.data} ({args.setting})"
     # what a finished job file must match to be reused (a run with other settings never mixes in)
     settings = {"model": args.model, "config": first.config, "data": args.data, "data_opt": args.data_opt,
-                "setting": args.setting, "seed": args.seed, "skip_bad_images": args.skip_bad_images}
+                "setting": args.setting, "seed": args.seed, "skip_bad_images": args.skip_bad_images,
+                "protocol": args.protocol, "select_on_test": args.select_on_test}
+    described = {"recipe": recipe["source"] if recipe else None, "recipe_args": recipe["args"] if recipe else {},
+                 "set_args": user, "protocol": protocol.describe()}
+    if not quiet:
+        print(f"recipe: {_recipe_line(described)}", flush=True)
     say = (lambda msg: print(f"[rank {ctx.rank}] {msg}", flush=True)) if mode == "jobs" else \
         (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
     job_group = group if mode == "data" else None
@@ -390,13 +452,18 @@ def run(args) -> int:
         """Fit (or reuse the unified model) and score one class; the row on the rank that writes it."""
         if unified and "unified" not in fitted:
             fitted["unified"] = _fit(args, build, ConcatDataset([tr for _, tr, _ in sets]), checkpoint("unified"), job_group)
-        model, fit_s = fitted["unified"] if unified else _fit(args, build, train, checkpoint(name), job_group)
-        metrics, (scores, maps, labels, *_) = score(model, test_set, group=job_group, **common)
+        selection = "last"
+        if args.select_on_test:
+            model, fit_s, metrics, predictions, selection = _select_on_test(args, build, train, test_set, protocol, say)
+        else:
+            model, fit_s = fitted["unified"] if unified else _fit(args, build, train, checkpoint(name), job_group)
+            metrics, predictions = score(model, test_set, group=job_group, eval_size=protocol.eval_size, **common)
         if metrics is None:  # data parallel: rank 0 holds the metrics
             return None
+        scores, maps, labels, *_ = predictions
         res = {"class": name, "model": args.model, "setting": args.setting, "n_train": len(train), "fit_s": fit_s,
                "image_size": list(model.image_size), "resize_size": list(model.resize_size), **metrics,
-               "skipped_images": skipped.get(name, [])}
+               "skipped_images": skipped.get(name, []), **described, "selection": selection}
         if args.out and args.overlays:
             save_overlays(test_set, scores, maps, labels, os.path.join(args.out, "overlays"), name, args.overlays)
         say(f"{name}: image AUROC {_fmt(res['image_auroc'])}  pixel AUROC {_fmt(res['pixel_auroc'])}  "
@@ -475,7 +542,13 @@ def pretrain(args) -> int:
     from .faults import check_writable
     from .models import load_checkpoint
 
-    kwargs = _model_args(args.set)
+    from .recipes import recipe_for
+
+    user = _model_args(args.set)
+    recipe = None if args.no_recipe else recipe_for("adpretrain", args.data.partition(":")[0], "pretrain")
+    kwargs = {**(recipe["args"] if recipe else {}), **user}
+    print(f"recipe: {_recipe_line({'recipe': recipe and recipe['source'], 'recipe_args': recipe['args'] if recipe else {}, 'set_args': user})}",
+          flush=True)
     check_writable(os.path.dirname(os.path.abspath(args.out)), "--out's folder")
     if os.path.exists(args.out):
         model = load_checkpoint(args.out, device=args.device, **kwargs)
@@ -552,6 +625,15 @@ def main(argv=None) -> int:
     r.add_argument("--coreset-ratio", type=float, default=None, help="PatchCore coreset fraction (default 0.1)")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="model argument, repeatable, e.g. --set iterations=5000 --set weights=/w/dinov2.pth")
+    r.add_argument("--no-recipe", action="store_true",
+                   help="run the model's defaults instead of the authors' recipe for this model, data kind and setting "
+                        "(fastad.recipes; --set arguments win over a recipe either way)")
+    r.add_argument("--protocol", default="fastad", choices=["fastad", "official"],
+                   help="image resizing and pixel ground truth: fastad's one rule for every method (default, methods "
+                        "compare with each other) or the method's official code (numbers compare with its paper)")
+    r.add_argument("--select-on-test", type=int, default=None, metavar="N",
+                   help="score the TEST set every N training iterations and report the best image AUROC's metrics, as "
+                        "FOD/RLR/ADPretrain report (labelled as test-set selection in the results; default: the last)")
     r.add_argument("--out", default=None, help="folder for results.json, results.md and overlays/")
     r.add_argument("--overlays", type=int, default=4, help="anomaly-map overlay PNGs per class (0: none)")
     r.add_argument("--checkpoint-dir", default=None,
@@ -576,6 +658,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="ADPretrain argument, repeatable")
+    p.add_argument("--no-recipe", action="store_true", help="the model's defaults instead of the authors' pretraining "
+                   "recipe for this data kind (fastad.recipes)")
     m = sub.add_parser("merge", help="build results.json / results.md from the finished jobs of --shard or "
                        "--parallel jobs runs", parents=[common])
     m.add_argument("out", help="the --out folder of those runs")

@@ -50,8 +50,9 @@ def _predict(model, ds: Dataset, batch_size: int, num_workers: int, placeholders
     empty tensors for an empty share of ``whole``."""
     scores, maps, labels, masks, has_mask = [], [], [], [], []
     for batch in _loader(ds, batch_size, num_workers, "predict"):
+        extra = {"references": batch["references"]} if "references" in batch else {}
         with memory_stage("inference", "lower --batch-size"):
-            s, m = model(batch["image"])
+            s, m = model(batch["image"], **extra)
         mask = batch["mask"]
         if mask.shape != m.shape:  # the contract: maps at the input size
             raise ValueError(f"{type(model).__name__} returned maps of shape {tuple(m.shape)} for masks of shape "
@@ -89,10 +90,22 @@ def fit_model(model, train: Dataset, *, device: str = "cpu", num_workers: int = 
     return model, time.perf_counter() - t0
 
 
-def score(model, test_set: Dataset, *, batch_size: int = 16, num_workers: int = 0, group=None) -> tuple[dict, tuple]:
+def at_eval_size(maps: torch.Tensor, masks: torch.Tensor, size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, H, W) maps and masks brought to the protocol's ``size`` x ``size`` for the pixel metrics:
+    maps bilinear (align_corners=False), masks nearest (Dinomaly's evaluation); unchanged for None."""
+    if size is None or tuple(maps.shape[-2:]) == (size, size) or maps.numel() == 0:
+        return maps, masks
+    maps = torch.nn.functional.interpolate(maps[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+    masks = torch.nn.functional.interpolate(masks[:, None].float(), size=(size, size), mode="nearest")[:, 0]
+    return maps, masks
+
+
+def score(model, test_set: Dataset, *, batch_size: int = 16, num_workers: int = 0, group=None,
+          eval_size: int | None = None) -> tuple[dict, tuple]:
     """Score ``test_set`` and compute :func:`fastad.metrics.compute_metrics` (NaN where a level has a
     single class, e.g. no anomalous pixel). With ``group`` the images are scored on all ranks
     (:func:`predict`) and the metrics computed on rank 0; the other ranks return ``(None, predictions)``.
+    ``eval_size``: the protocol's size for the pixel metrics (:func:`at_eval_size`; None: the input size).
 
     Returns:
         (results, predictions): the metrics, ``mad``, ``mad_of`` (which metrics ``mad`` averages),
@@ -100,6 +113,7 @@ def score(model, test_set: Dataset, *, batch_size: int = 16, num_workers: int = 
         missing or partial, else None), ``n_test``, ``predict_s``, ``images_per_s`` and ``metrics_s``;
         and :func:`predict`'s (scores, maps, labels, masks, has_mask).
     """
+    test_set = model.prepare_test_set(test_set)
     t0 = time.perf_counter()
     predictions = predict(model, test_set, batch_size, num_workers, group=group)
     t1 = time.perf_counter()
@@ -112,7 +126,7 @@ def score(model, test_set: Dataset, *, batch_size: int = 16, num_workers: int = 
         note = "no anomalous test image has a pixel mask (image-level labels only): pixel metrics n/a"
         metrics = compute_metrics(scores, labels)
     else:
-        metrics = compute_metrics(scores, labels, maps, masks, has_mask=has_mask)
+        metrics = compute_metrics(scores, labels, *at_eval_size(maps, masks, eval_size), has_mask=has_mask)
     t2 = time.perf_counter()
     if unmasked and note is None:
         note = f"pixel metrics over the {int(has_mask.sum())} of {len(has_mask)} test images with pixel ground truth " \

@@ -404,3 +404,66 @@ def listfile(
     if not chosen:
         raise ValueError(f"no {split} images{'' if class_name is None else f' of class {class_name!r}'} in {listing}")
     return AnomalyDataset(chosen, transform)
+
+
+def _tail(path: str, parts: int) -> tuple[str, ...]:
+    return tuple(Path(path.replace("\\", "/")).parts[-parts:])
+
+
+class WithReferences(Dataset):
+    """A test set whose items also carry ``references``: (K, 3, H, W) float32, the K normal images a
+    listing names for each test image (ADPretrain's per-image aligned references of FeatureNorm†),
+    read with the test set's transform.
+
+    ``listing`` maps a test image path to its reference image paths, as the authors' JSON files do
+    with paths of their machine: both are matched by their last ``parts`` components (``class/split/
+    defect/name``), references resolved under the test image's dataset root. Every test image must be
+    listed, with the same K, and every reference must exist (ValueError otherwise)."""
+
+    def __init__(self, dataset: AnomalyDataset, listing: dict[str, list[str]], parts: int = 4, where: str = "listing"):
+        by_tail = {_tail(k, parts): v for k, v in listing.items()}
+        self.dataset, self.references = dataset, []
+        missing = [s.path for s in dataset.samples if _tail(s.path, parts) not in by_tail]
+        if missing:
+            raise ValueError(f"{where} lists no references for {len(missing)} of {len(dataset)} test images, e.g. "
+                             f"{missing[0]} (matched by its last {parts} path parts)")
+        for s in dataset.samples:
+            root = Path(s.path).parents[parts - 1]
+            refs = [root.joinpath(*_tail(r, parts)) for r in by_tail[_tail(s.path, parts)]]
+            absent = [str(r) for r in refs if not r.is_file()]
+            if absent:
+                raise ValueError(f"{where}: reference image {absent[0]} of {s.path} not found")
+            self.references.append([str(r) for r in refs])
+        counts = {len(r) for r in self.references}
+        if len(counts) != 1 or 0 in counts:
+            raise ValueError(f"{where} must list the same number (>= 1) of references for every test image, got {sorted(counts)}")
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.dataset[i]
+        item["references"] = torch.stack([self.dataset.transform.image(_open(p)) for p in self.references[i]])
+        return item
+
+    def __getattr__(self, name):  # labels, samples, counts(), ...: the wrapped test set's
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def read_references(path: str | os.PathLike, class_name: str) -> tuple[dict[str, list[str]], str]:
+    """(listing, its file) of ``path``: a JSON file {test image: [reference images]} or a folder of
+    ``<class>.json`` such files (the authors' ``aligned/references/<dataset>/``)."""
+    p = Path(path)
+    f = p / f"{class_name}.json" if p.is_dir() else p
+    if not f.is_file():
+        raise FileNotFoundError(f"aligned-reference list not found: {f}")
+    try:
+        listing = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{f} is not a JSON file: {exc}") from None
+    if not isinstance(listing, dict) or not all(isinstance(v, list) and all(isinstance(x, str) for x in v)
+                                                for v in listing.values()):
+        raise ValueError(f"{f}: expected a JSON object {{test image path: [reference image paths]}}")
+    return listing, str(f)

@@ -1,5 +1,8 @@
 """Standard AD preprocessing: resize, center crop, ImageNet normalisation; masks follow the same
-geometry (nearest resampling) and are binarised.
+geometry and are binarised. The resampling filters, the aspect rule and the mask rule are options,
+so that each method's official preprocessing (:mod:`fastad.data.protocols`) is one
+:class:`ImageTransform`; the defaults are fastad's (bilinear, squash to the resize size, masks
+nearest and positive from 128).
 
 Image modes are converted explicitly: 16-bit and 32-bit integer images (PIL modes ``I;16*``, ``I``)
 are scaled by 255 / 65535 to 8 bits (the full 16-bit range: rescale 10- or 12-bit data first if it
@@ -51,36 +54,75 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _resize_crop(img: Image.Image, resize: tuple[int, int], crop: tuple[int, int], resample) -> Image.Image:
-    img = img.resize((resize[1], resize[0]), resample)  # PIL sizes are (W, H)
-    top, left = (resize[0] - crop[0]) // 2, (resize[1] - crop[1]) // 2
+RESAMPLING = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS}
+ASPECTS = ("squash", "keep")
+
+
+def resized_size(width: int, height: int, resize: tuple[int, int], aspect: str) -> tuple[int, int]:
+    """(W, H) an image of ``width`` x ``height`` is resized to: ``resize`` (H, W) itself (``'squash'``),
+    or with its aspect ratio kept (``'keep'``) at the smallest size covering ``resize``; for a square
+    ``resize`` that is torchvision's ``Resize(int)``: the short side to the size, the long side
+    ``int(size * long / short)``."""
+    if aspect == "squash":
+        return resize[1], resize[0]
+    scale_h, scale_w = resize[0] / height, resize[1] / width
+    if scale_w >= scale_h:  # the width is the (relatively) short side
+        return resize[1], max(resize[0], int(resize[1] * height / width))
+    return max(resize[1], int(resize[0] * width / height)), resize[0]
+
+
+def _resize_crop(img: Image.Image, resize: tuple[int, int], crop: tuple[int, int], resample: int, aspect: str) -> Image.Image:
+    w, h = resized_size(img.size[0], img.size[1], resize, aspect)
+    img = img.resize((w, h), resample)
+    # torchvision's CenterCrop offsets: int(round(d / 2)) (round half to even)
+    top, left = int(round((h - crop[0]) / 2.0)), int(round((w - crop[1]) / 2.0))
     return img.crop((left, top, left + crop[1], top + crop[0]))
 
 
 class ImageTransform:
     """PIL image -> (3, H, W) float32 normalised tensor; PIL mask -> (H, W) float32 {0, 1}, with
-    (H, W) = ``crop``. Images are resized to ``resize`` (bilinear; masks nearest), ignoring the aspect
-    ratio, then center-cropped.
+    (H, W) = ``crop``. Images are resized (``resample``) to ``resize`` ignoring the aspect ratio
+    (``aspect='squash'``) or keeping it (``'keep'``: :func:`resized_size`), then center-cropped to
+    ``crop``; masks take the same geometry with ``mask_resample`` and are positive where their 8-bit
+    value is >= ``mask_threshold``.
 
     Args:
         resize: resize, an int (square) or (H, W) (256, as PatchCore/PaDiM).
-        crop: center crop, an int or (H, W) (224); equal to ``resize``: no crop.
-        mask_threshold: mask pixels >= this (0-255) are anomalous (128 binarises anti-aliased masks).
+        crop: center crop, an int or (H, W) (224); equal to ``resize`` with ``aspect='squash'``: no crop.
+        mask_threshold: mask pixels >= this (0-255) are anomalous: 128 (default) binarises anti-aliased
+            masks at half height, 1 is "any value > 0", 255 "only pixels that stay fully on".
+        resample: image filter, ``'bilinear'`` (default), ``'bicubic'``, ``'lanczos'`` or ``'nearest'``.
+        aspect: ``'squash'`` (default) or ``'keep'``.
+        mask_resample: mask filter, ``'nearest'`` (default) or ``'bilinear'``.
     """
 
-    def __init__(self, resize: int | tuple[int, int] = 256, crop: int | tuple[int, int] = 224, mask_threshold: int = 128):
+    def __init__(self, resize: int | tuple[int, int] = 256, crop: int | tuple[int, int] = 224, mask_threshold: int = 128,
+                 *, resample: str = "bilinear", aspect: str = "squash", mask_resample: str = "nearest"):
         resize, crop = pair(resize, "resize"), pair(crop, "crop")
         if crop[0] > resize[0] or crop[1] > resize[1]:
             raise ValueError(f"crop {crop} must not exceed resize {resize}")
+        for name, value in (("resample", resample), ("mask_resample", mask_resample)):
+            if value not in RESAMPLING:
+                raise ValueError(f"{name} must be one of {sorted(RESAMPLING)}, got {value!r}")
+        if aspect not in ASPECTS:
+            raise ValueError(f"aspect must be one of {ASPECTS}, got {aspect!r}")
+        if isinstance(mask_threshold, bool) or not isinstance(mask_threshold, int) or not 1 <= mask_threshold <= 255:
+            raise ValueError(f"mask_threshold must be an int in [1, 255], got {mask_threshold!r}")
         self.resize, self.crop, self.mask_threshold = resize, crop, mask_threshold
+        self.resample, self.aspect, self.mask_resample = resample, aspect, mask_resample
         self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
+    def with_sizes(self, resize, crop) -> "ImageTransform":
+        """The same rules at other sizes."""
+        return ImageTransform(resize, crop, self.mask_threshold, resample=self.resample, aspect=self.aspect,
+                              mask_resample=self.mask_resample)
+
     def image(self, img: Image.Image) -> torch.Tensor:
-        img = _resize_crop(to_rgb(img), self.resize, self.crop, Image.BILINEAR)
+        img = _resize_crop(to_rgb(img), self.resize, self.crop, RESAMPLING[self.resample], self.aspect)
         x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
         return (x - self.mean) / self.std
 
     def mask(self, mask: Image.Image) -> torch.Tensor:
-        m = _resize_crop(eight_bit(mask).convert("L"), self.resize, self.crop, Image.NEAREST)
+        m = _resize_crop(eight_bit(mask).convert("L"), self.resize, self.crop, RESAMPLING[self.mask_resample], self.aspect)
         return torch.from_numpy((np.asarray(m) >= self.mask_threshold).astype(np.float32))

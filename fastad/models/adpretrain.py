@@ -25,6 +25,8 @@ the pretraining data, a check of what was learnt, not a per-class detector.
 from __future__ import annotations
 
 import math
+import os
+import re
 import warnings
 
 import torch
@@ -36,6 +38,9 @@ from .base import AnomalyOutput, register
 from .components.residual import ResidualFeatures, feature_norm, feature_norm_map
 from .training import TrainedModel
 
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+REALIAD_VIEW = re.compile(r"_(C\d+)_")  # audiojack_0001_OK_C1_20231021130209.jpg: camera 1
 ABNORMAL_PATCH_FRACTION = 32 / 196  # the code's patchify_mask: > 32 abnormal pixels of a 14 x 14 patch
 
 
@@ -107,10 +112,12 @@ def nearest_labels(masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(masks.unsqueeze(1).float(), size=grid, mode="nearest").squeeze(1) > 0.5
 
 
-def augment_view(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def augment_view(images: torch.Tensor, generator: torch.Generator, normalisation: str = "imagenet") -> torch.Tensor:
     """One MoCo-style view of ImageNet-normalised images (B, 3, H, W), every draw from ``generator``:
     ColorJitter(0.4, 0.4, 0.4, 0.1) with p 0.8 (the four in random order), RandomGrayscale p 0.2,
-    GaussianBlur sigma in [0.1, 2] (kernel 2 ceil(3 sigma) + 1) with p 0.5."""
+    GaussianBlur sigma in [0.1, 2] (kernel 2 ceil(3 sigma) + 1) with p 0.5; returned normalised with
+    the ImageNet or (``normalisation='clip'``, the authors' MoCoTransform for every backbone) the CLIP
+    mean and std."""
     import torchvision.transforms.v2.functional as TF
 
     mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(3, 1, 1)
@@ -134,7 +141,17 @@ def augment_view(images: torch.Tensor, generator: torch.Generator) -> torch.Tens
             k = 2 * math.ceil(3 * sigma) + 1
             img = TF.gaussian_blur(img, [k, k], [sigma, sigma])
         out.append(img)
+    if normalisation == "clip":
+        mean = torch.tensor(CLIP_MEAN, device=images.device).view(3, 1, 1)
+        std = torch.tensor(CLIP_STD, device=images.device).view(3, 1, 1)
     return (torch.stack(out) - mean) / std
+
+
+def reference_key(class_name: str, path: str, same_view: bool) -> str:
+    """The pool a training image's references are drawn from: its class, or with ``same_view`` its class
+    and Real-IAD camera view (``_C<k>_`` in the file name; the class alone when there is none)."""
+    m = REALIAD_VIEW.search(os.path.basename(path)) if same_view else None
+    return f"{class_name}/{m.group(1)}" if m else class_name
 
 
 # -- the pretraining model ------------------------------------------------------------------------------
@@ -153,6 +170,10 @@ class ADPretrain(ResidualFeatures, TrainedModel):
         epochs, iterations, train_batch_size, lr, weight_decay, milestones: the schedule
             (10 epochs of 32, ``iterations`` overrides; Adam 1e-4, 5e-4; LR / 10 after epochs 7, 9).
         shots, sigma: references and map smoothing of the scoring check (8, 4).
+        view_normalisation: ``'imagenet'`` (default: what the backbone was trained on) or ``'clip'`` (the
+            authors' augmentation normalises both views with CLIP statistics for every backbone).
+        same_view_references: draw each image's references from its class and Real-IAD camera view, as
+            the authors' code (False: from its class).
         seed: references, augmentations, batch order (42).
     Forward:
         images (B, 3, H, W) -> AnomalyOutput(scores (B,), maps (B, H, W)) float32, after :meth:`fit`.
@@ -165,8 +186,11 @@ class ADPretrain(ResidualFeatures, TrainedModel):
                  tau: float = 0.15, radius: float = 0.4, margin: float = 0.75, shot_choices=(1, 4, 8),
                  center_shots: int = 4, epochs: int = 10, iterations: int | None = None, train_batch_size: int = 32,
                  lr: float = 1e-4, weight_decay: float = 5e-4, milestones=(7, 9), shots: int = 8, sigma: float = 4.0,
-                 seed: int = 42):
+                 view_normalisation: str = "imagenet", same_view_references: bool = False, seed: int = 42):
         super().__init__()
+        if view_normalisation not in ("imagenet", "clip"):
+            raise ValueError(f"view_normalisation must be 'imagenet' or 'clip', got {view_normalisation!r}")
+        self.view_normalisation, self.same_view_references = view_normalisation, same_view_references
         if shots < 1 or center_shots < 1 or not shot_choices or min(shot_choices) < 1:
             raise ValueError(f"shots, center_shots and shot_choices must be >= 1, got {shots}, {center_shots}, {list(shot_choices)}")
         self.config["layers"] = self.init_residual_features(backbone, layers, weights, heads, num_references, depth)
@@ -195,7 +219,7 @@ class ADPretrain(ResidualFeatures, TrainedModel):
         if len(data) == 0:
             raise ValueError("fit() got an empty dataset; expected labelled images with masks")
         rows = _sample_rows(data)  # read once: other datasets are read item by item
-        self._data, self._pool = data, _normal_pool(rows)
+        self._data, self._pool = data, _normal_pool(rows, self.same_view_references)
         if not any(label for label, _, _ in rows):
             warnings.warn("ADPretrain.fit() got no anomalous images: every batch is skipped and the projectors stay "
                           "untrained (pretrain on labelled data with masks, e.g. train + test splits)", stacklevel=2)
@@ -213,7 +237,8 @@ class ADPretrain(ResidualFeatures, TrainedModel):
         return AnomalyOutput(*feature_norm_map(self.project(self.residuals(images, banks)), tuple(images.shape[-2:]), self.sigma))
 
     def _draw_banks(self, classes: list[str], exclude: set[str], k: int, gen: torch.Generator) -> dict[str, list[torch.Tensor]]:
-        """Per class: k random normal images of that class (not in ``exclude``) -> their token banks."""
+        """Per reference key (:func:`reference_key`: the class, or class and view): k random normal images
+        of that pool (not in ``exclude``) -> their token banks."""
         banks = {}
         for c in sorted(set(classes)):
             pool = [i for i, p in self._pool.get(c, []) if p not in exclude] or [i for i, _ in self._pool.get(c, [])]
@@ -264,8 +289,10 @@ class ADPretrain(ResidualFeatures, TrainedModel):
         masks = batch["mask"].to(self.device)
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + iteration)
         k = self.shot_choices[int(torch.randint(len(self.shot_choices), (), generator=gen))]
-        banks = self._draw_banks(batch["class_name"], set(batch["path"]), k, gen)
-        views = [self.project(self._class_residuals(augment_view(images, gen), batch["class_name"], banks)) for _ in range(2)]
+        keys = [reference_key(c, p, self.same_view_references) for c, p in zip(batch["class_name"], batch["path"])]
+        banks = self._draw_banks(keys, set(batch["path"]), k, gen)
+        views = [self.project(self._class_residuals(augment_view(images, gen, self.view_normalisation), keys, banks))
+                 for _ in range(2)]
         loss = 0
         for lvl, (f1, f2) in enumerate(zip(*views)):
             grid = tuple(f1.shape[-2:])
@@ -292,12 +319,12 @@ def _sample_rows(data) -> list[tuple[int, str, str]]:
     return [(int(x["label"]), x["class_name"], str(x["path"])) for x in (data[i] for i in range(len(data)))]
 
 
-def _normal_pool(rows: list[tuple[int, str, str]]) -> dict[str, list[tuple[int, str]]]:
-    """:func:`_sample_rows` -> class name -> [(index, path)] of its normal items."""
+def _normal_pool(rows: list[tuple[int, str, str]], same_view: bool = False) -> dict[str, list[tuple[int, str]]]:
+    """:func:`_sample_rows` -> :func:`reference_key` -> [(index, path)] of its normal items."""
     pool: dict[str, list[tuple[int, str]]] = {}
     for i, (label, c, path) in enumerate(rows):
         if label == 0:
-            pool.setdefault(c, []).append((i, path))
+            pool.setdefault(reference_key(c, path, same_view), []).append((i, path))
     if not pool:
         raise ValueError("ADPretrain pretraining needs normal images (references and centres), found none")
     return pool

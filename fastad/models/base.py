@@ -39,7 +39,7 @@ FORMAT = "fastad-checkpoint-2"
 READABLE_FORMATS = ("fastad-checkpoint-1", FORMAT)  # version 1: the trained models' files, same layout
 LEGACY_ARGUMENTS = {"input_size": "image_size"}  # RLR / FOD checkpoints of format 1
 # arguments naming weight files, replaced when a checkpoint (which holds the weights) is loaded
-WEIGHT_FILE_ARGUMENTS = {"weights": "random", "pretrained": None}
+WEIGHT_FILE_ARGUMENTS = {"weights": "random", "pretrained": None, "authors_checkpoint": None}
 MODELS: dict[str, type[AnomalyModel]] = {}
 
 
@@ -180,9 +180,12 @@ class AnomalyModel(nn.Module):
         f = self.config.get("crop_fraction", 1.0)
         return tuple(round(s / f) for s in self.image_size)
 
-    def transform(self) -> ImageTransform:
-        """The preprocessing of this model's images (and masks), for fastad's datasets."""
-        return ImageTransform(self.resize_size, self.image_size)
+    def transform(self, protocol: str = "fastad") -> ImageTransform:
+        """The preprocessing of this model's images (and masks), for fastad's datasets, under the
+        evaluation ``protocol`` (:mod:`fastad.data.protocols`: ``'fastad'`` or ``'official'``)."""
+        from ..data.protocols import protocol_for
+
+        return protocol_for(self.registry_name, protocol).transform(self.resize_size, self.image_size)
 
     def _check_image_size(self) -> None:
         h, w = self.image_size
@@ -223,6 +226,11 @@ class AnomalyModel(nn.Module):
     # -- the contract ---------------------------------------------------------------------------------------
     def fit(self, data, *, num_workers: int = 0, progress: bool | None = None) -> AnomalyModel:
         raise NotImplementedError
+
+    def prepare_test_set(self, dataset):
+        """The test set as this model reads it (default: ``dataset`` itself; FeatureNorm† adds each
+        image's aligned references, which :func:`fastad.engine.predict` passes as ``references=``)."""
+        return dataset
 
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
         raise NotImplementedError

@@ -8,7 +8,7 @@
 - Loose constraint: decoder outputs reversed, encoder and decoder layers fused by mean in 2 groups
   of 4, CLS/register tokens dropped, (B, D, 28, 28) maps.
 - Loss: ``fastad.ops.hard_mining_cosine_loss`` with p = min(0.9 * it / 1000, 0.9), factor 0.1.
-- StableAdamW (AMSGrad) lr 2e-3, weight decay 1e-4, eps 1e-10; warm-up 100 iterations then cosine
+- StableAdamW (AMSGrad) lr 2e-3, weight decay 1e-4, eps 1e-10 (``optimizer_eps``); warm-up 100 iterations then cosine
   to 2e-4 at 10k iterations (the class-separated scripts run 5k: ``iterations=5000``); gradient
   norm clipped at 0.1; batch 16; 448 resize, 392 crop (``image_size=392, crop_fraction=0.875``; with
   the 16-px offline stand-in encoder 384).
@@ -26,6 +26,7 @@ from torch import nn
 from ..ops import gaussian_blur_small, hard_mining_cosine_loss, linear_attention
 from ..optim import StableAdamW, warm_cosine
 from .base import AnomalyOutput, register
+from .components.authors import load_authors_state, read_torch_state
 from .components.maps import cosine_distance_map, top_ratio_mean, upsample_and_smooth
 from .components.vit_encoder import ViTEncoder
 from .training import TrainedModel
@@ -110,6 +111,11 @@ class Dinomaly(TrainedModel):
             easy-point gradient factor (0.9, 1000, 0.1).
         map_size, smoothing_kernel, sigma, max_ratio: inference (256; None: the input size; 5, 4, 0.01).
         attention_eps: added to the linear attention's denominator (0; README suggests 1e-6 on NaN).
+        authors_checkpoint: a ``model.pth`` the authors' scripts write (``torch.save(model.state_dict())``
+            of their ViTill): its bottleneck and decoder are loaded (:meth:`load_authors_checkpoint`) and
+            ``fit`` does not train; the encoder comes from ``weights``.
+        optimizer_eps: StableAdamW's eps (1e-10, the multi-class scripts'; the class-separated MVTec/VisA/MPDD
+            scripts use 1e-8: :mod:`fastad.recipes`).
         seed: batch order (1).
     Forward:
         images (B, 3, H, W), H and W multiples of the patch ->
@@ -123,7 +129,7 @@ class Dinomaly(TrainedModel):
                  final_lr: float = 2e-4, warmup_iters: int = 100, weight_decay: float = 1e-4, grad_clip: float | None = 0.1,
                  p_final: float = 0.9, p_ramp: int = 1000, factor: float = 0.1, map_size: int = 256,
                  smoothing_kernel: int = 5, sigma: float = 4.0, max_ratio: float = 0.01, attention_eps: float = 0.0,
-                 seed: int = 1):
+                 optimizer_eps: float = 1e-10, authors_checkpoint: str | None = None, seed: int = 1):
         super().__init__()
         groups = tuple(tuple(int(i) for i in g) for g in groups)
         self.encoder = ViTEncoder(encoder, encoder_layers, weights, **(encoder_kwargs or {}))
@@ -140,6 +146,7 @@ class Dinomaly(TrainedModel):
         self.groups = groups
         self.iterations, self.train_batch_size, self.seed = iterations, train_batch_size, seed
         self.lr, self.final_lr, self.warmup_iters, self.weight_decay, self.grad_clip = lr, final_lr, warmup_iters, weight_decay, grad_clip
+        self.optimizer_eps = optimizer_eps
         self.p_final, self.p_ramp, self.factor = p_final, p_ramp, factor
         self.map_size, self.smoothing_kernel, self.sigma, self.max_ratio = map_size, smoothing_kernel, sigma, max_ratio
         for m in [*self.bottleneck.modules(), *self.decoder.modules()]:
@@ -149,13 +156,29 @@ class Dinomaly(TrainedModel):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        if authors_checkpoint is not None:
+            self.load_authors_checkpoint(authors_checkpoint)
+
+    def load_authors_checkpoint(self, path) -> "Dinomaly":
+        """Load the trained bottleneck and decoder from a state dict of the authors' ViTill (keys
+        ``bottleneck.0.fc1.*``, ``decoder.<i>.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}.*``;
+        its ``encoder.*`` keys are skipped: the frozen encoder is ``weights``). Raises ValueError naming
+        keys that do not fit."""
+        state = read_torch_state(path, "Dinomaly model.pth")
+        state = state.get("model", state) if isinstance(state.get("model"), dict) else state
+        mapping = [m for i in range(len(self.decoder)) for m in
+                   ((f"decoder.{i}.mlp.fc1", f"decoder.{i}.mlp.0"), (f"decoder.{i}.mlp.fc2", f"decoder.{i}.mlp.2"))]
+        mapping += [("bottleneck.0", "bottleneck"), ("decoder", "decoder")]
+        trained = nn.ModuleDict({"bottleneck": self.bottleneck, "decoder": self.decoder})
+        load_authors_state(trained, state, mapping, path, ignore=("encoder.",))
+        return self
 
     def trainable_parameters(self):
         yield from self.bottleneck.parameters()
         yield from self.decoder.parameters()
 
     def make_optimizer(self):
-        opt = StableAdamW(list(self.trainable_parameters()), lr=self.lr, betas=(0.9, 0.999), eps=1e-10,
+        opt = StableAdamW(list(self.trainable_parameters()), lr=self.lr, betas=(0.9, 0.999), eps=self.optimizer_eps,
                           weight_decay=self.weight_decay, amsgrad=True)
         factor = warm_cosine(self.lr, self.final_lr, self.iterations, self.warmup_iters)
         return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)

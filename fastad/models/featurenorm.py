@@ -12,8 +12,8 @@ bank (every token of them), then fits the scorer on all the images:
   align_corners=True, averaged, sigma 4).
 
 The projectors come from an ``adpretrain`` checkpoint (``pretrained=PATH``, same backbone and
-layers); ``project=False`` scores the raw residuals. Input: 224 x 224, no crop (the authors resize
-bicubic to 224 for FeatureNorm; bilinear here).
+layers), or the authors' released ``.pth``; ``project=False`` scores the raw residuals. Input: 224 x 224,
+no crop (bilinear; the authors' bicubic short-side resize and crop under ``--protocol official``).
 """
 from __future__ import annotations
 
@@ -49,16 +49,23 @@ class FeatureNorm(ResidualFeatures, AnomalyModel):
         heads, num_references, depth: projector shape (16, 2048, 1), as in the checkpoint.
         coreset_ratio: PatchCore†'s coreset (0.1).
         sigma: map smoothing (4).
+        aligned_references: FeatureNorm†: a JSON file {test image: [normal reference images]} or a folder
+            of ``<class>.json`` (the authors' ``aligned/references/<dataset>/``, 10 per image); each test
+            image is then scored against its own listed references (all of them, as the authors' code)
+            instead of the ``shots`` images of :meth:`fit` (:meth:`prepare_test_set`).
         seed: PatchCore†'s coreset projection.
     Forward:
-        images (B, 3, H, W) -> AnomalyOutput(scores (B,), maps (B, H, W)) float32, after :meth:`fit`.
+        images (B, 3, H, W), optional references (B, K, 3, H, W) (each image's own reference images) ->
+        AnomalyOutput(scores (B,), maps (B, H, W)) float32, after :meth:`fit` (or with references).
     """
 
     def __init__(self, backbone: str = OFFLINE_DEFAULT, layers=None, weights: str | None = None, image_size=224,
                  crop_fraction: float = 1.0, scorer: str = "featurenorm", shots: int = 8, project: bool = True,
                  pretrained: str | None = None, heads: int = 16, num_references: int = 2048, depth: int = 1,
-                 coreset_ratio: float = 0.1, sigma: float = 4.0, seed: int = 42):
+                 coreset_ratio: float = 0.1, sigma: float = 4.0, aligned_references: str | None = None, seed: int = 42):
         super().__init__()
+        if aligned_references is not None and scorer != "featurenorm":
+            raise ValueError(f"aligned_references is FeatureNorm†'s evaluation (scorer='featurenorm'), not {scorer!r}")
         if scorer not in SCORERS:
             raise ValueError(f"scorer must be one of {SCORERS}, got {scorer!r}")
         if shots < 1:
@@ -114,10 +121,39 @@ class FeatureNorm(ResidualFeatures, AnomalyModel):
                 g.finish(PADIM_EPS)
         return self
 
+    def prepare_test_set(self, dataset):
+        """With ``aligned_references``: the test set with each image's listed references
+        (:class:`fastad.data.WithReferences`, the listing of the set's class); else unchanged."""
+        path = self.config.get("aligned_references")
+        if path is None:
+            return dataset
+        from ..data import WithReferences, read_references
+
+        classes = sorted({s.class_name for s in dataset.samples})
+        if len(classes) != 1:
+            raise ValueError(f"aligned references are read per class; this test set mixes {classes}")
+        listing, where = read_references(path, classes[0])
+        return WithReferences(dataset, listing, where=where)
+
+    def aligned_features(self, images: torch.Tensor, references: torch.Tensor) -> list[torch.Tensor]:
+        """:meth:`features` of each image against a bank of its own (K, 3, H, W) references."""
+        if references.dim() != 5 or references.shape[0] != images.shape[0] or references.shape[2:] != images.shape[1:]:
+            raise ValueError(f"references must be (B, K, 3, H, W) for images {tuple(images.shape)}, "
+                             f"got {tuple(references.shape)}")
+        out = []
+        for x, refs in zip(images, self.check_images(references.flatten(0, 1)).unflatten(0, references.shape[:2])):
+            res = self.residuals(x[None], self.reference_banks(refs))
+            out.append(self.project(res) if self.project_features else res)
+        return [torch.cat(level) for level in zip(*out)]
+
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> AnomalyOutput:
+    def forward(self, images: torch.Tensor, references: torch.Tensor | None = None) -> AnomalyOutput:
         images = self.check_images(images)
         size = tuple(images.shape[-2:])
+        if references is not None:
+            if self.scorer != "featurenorm":
+                raise ValueError(f"per-image references are FeatureNorm†'s evaluation, not the {self.scorer} scorer's")
+            return AnomalyOutput(*feature_norm_map(self.aligned_features(images, references), size, self.sigma))
         feats = self.features(images)
         if self.scorer == "patchcore":
             emb, (h, w) = self.patch_embedding(feats)

@@ -13,7 +13,9 @@ heads, tokens and layers; SG = stop-gradient):
 
 - ``L1 = L_rec + l1 Div(T_g, SG S_g) - l1 Div(T_e, SG S_e)``: the priors adapt;
 - ``L2 = L_rec - l1 Div(SG T_g, S_g) - l2 Ent(S_g) + l1 Div(SG T_e, S_e) + l2 Ent(S_e)``;
-- ``L1.backward(retain_graph=True)``, ``L2.backward()`` (gradients accumulate), one Adam step.
+- ``L1.backward(retain_graph=True)``, ``L2.backward()`` (gradients accumulate), one Adam step
+  (``adam_semantics='torch1.13'``: one step per level with zero-filled gradients, as the authors'
+  code ran under its pinned torch 1.13).
 
 Reference tokens (``reference=``): ``'mean'`` (default; per-position mean of the training features),
 ``'nearest'`` (per input token, the nearest training feature within a p x p window of its position,
@@ -26,7 +28,8 @@ Scoring: per token ``rec = mean_C (x - out)^2 + 1 - cos`` times ``max(a) - a`` w
 (align_corners=True) to the input, mean over levels; map unsmoothed, image score = max of the
 sigma=4 smoothed map. Recipe: Adam lr 1e-4, batch 1, 100 epochs, per class; WideResNet-50 layer2/3
 in the code (``backbone='wide_resnet50_2'``), the offline EfficientNet-Lite0 at the same strides
-(8, 16) by default here. Input: 256 x 256, no crop (Lanczos in the code; bilinear here); the
+(8, 16) by default here. Input: 256 x 256, no crop (bilinear; Lanczos, the code's, under
+``--protocol official``); the
 model takes ``image_size`` only (its position-aligned references and priors are sized for it).
 """
 from __future__ import annotations
@@ -53,6 +56,7 @@ from .components.tokens import (
 )
 from .training import TrainedModel
 
+ADAM_SEMANTICS = ("torch2", "torch1.13")
 REFERENCES = ("mean", "nearest", "coreset", "prototype")
 BRANCHES = ("both", "intra", "inter")
 LOG_EPS = 1e-4  # the authors' KL / entropy offset
@@ -191,6 +195,10 @@ class FOD(TrainedModel):
         lambda1, lambda2: loss weights (0.5, 0.5).
         aggregate: 3x3 average pooling of the features (True).
         epochs, iterations, train_batch_size, lr: Adam schedule (100 epochs of batch 1, lr 1e-4).
+        adam_semantics: ``'torch2'`` (default: each level's parameters move by their own gradient only,
+            what the authors' code does under any torch >= 2) or ``'torch1.13'`` (their pinned torch: the
+            per-level steps also give the other level momentum-only steps; the released numbers come
+            from it; :meth:`training_step`).
         sigma: smoothing of the map for the image score (4).
         seed: batch order, coreset and prototype initialisation (3407).
     Forward:
@@ -206,8 +214,11 @@ class FOD(TrainedModel):
                  depth: int = 3, heads: int = 8, branches: str = "both", reference: str = "mean", nearest_window: int = 3,
                  coreset_ratio: float = 0.01, prototypes: int = 10, lambda1: float = 0.5, lambda2: float = 0.5,
                  aggregate: bool = True, epochs: int = 100, iterations: int | None = None, train_batch_size: int = 1,
-                 lr: float = 1e-4, sigma: float = 4.0, seed: int = 3407):
+                 lr: float = 1e-4, adam_semantics: str = "torch2", sigma: float = 4.0, seed: int = 3407):
         super().__init__()
+        if adam_semantics not in ADAM_SEMANTICS:
+            raise ValueError(f"adam_semantics must be one of {ADAM_SEMANTICS}, got {adam_semantics!r}")
+        self.adam_semantics = adam_semantics
         if reference not in REFERENCES:
             raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
         if branches not in BRANCHES:
@@ -228,7 +239,8 @@ class FOD(TrainedModel):
         return self.levels.parameters()
 
     def make_optimizer(self):
-        # one Adam = the authors' per-level steps (no shared parameter, per-parameter updates)
+        # one Adam over every level, as the authors'; under torch >= 2 semantics one joint step equals
+        # their per-level steps (no shared parameter, per-parameter updates)
         opt = torch.optim.Adam(list(self.trainable_parameters()), lr=self.lr)
         return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 1.0)
 
@@ -298,22 +310,38 @@ class FOD(TrainedModel):
         return super().fit(data, iterations, **kwargs)
 
     # -- training and scoring ------------------------------------------------------------------------
+    def level_losses(self, i: int, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Level ``i``'s (L1, L2, L_rec) for its (B, L, C) tokens."""
+        out, maps = self.levels[i](tokens, self.reference_tokens(i, tokens))
+        r = reconstruction_loss(out, tokens)
+        return (*fod_phase_losses(r, maps, self.lambda1, self.lambda2), r)
+
     def phase_losses(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(L1, L2, L_rec), each summed over the levels."""
         l1 = l2 = rec = 0
-        for i, (level, t) in enumerate(zip(self.levels, self.tokens(images))):
-            out, maps = level(t, self.reference_tokens(i, t))
-            r = reconstruction_loss(out, t)
-            a, b = fod_phase_losses(r, maps, self.lambda1, self.lambda2)
+        for i, t in enumerate(self.tokens(images)):
+            a, b, r = self.level_losses(i, t)
             l1, l2, rec = l1 + a, l2 + b, rec + r
         return l1, l2, rec
 
     def training_step(self, batch, iteration: int) -> torch.Tensor:
-        """The two-phase update: ``L1.backward(retain_graph=True)``, ``L2.backward()``, one step.
-        Records L_rec."""
-        l1, l2, rec = self.phase_losses(self.batch_images(batch))
-        self.update(l1, l2)
-        return rec.detach()
+        """The two-phase update: ``L1.backward(retain_graph=True)``, ``L2.backward()``, then one step
+        (``adam_semantics='torch2'``), or, as the authors' code ran under torch 1.13 (``'torch1.13'``),
+        per level in turn: its losses, ``zero_grad`` keeping zero gradient tensors, backward, a step of
+        the one Adam (which also moves every earlier-touched parameter of the other levels by its
+        momentum alone). Records L_rec."""
+        images = self.batch_images(batch)
+        if self.adam_semantics == "torch2":
+            l1, l2, rec = self.phase_losses(images)
+            self.update(l1, l2)
+            return rec.detach()
+        rec = 0
+        for i, t in enumerate(self.tokens(images)):
+            a, b, r = self.level_losses(i, t)
+            if not self.update(a, b, set_to_none=False):
+                break
+            rec = rec + r.detach()
+        return rec
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> AnomalyOutput:

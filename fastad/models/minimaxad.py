@@ -23,8 +23,10 @@ from torch import nn
 from ..backbones import OFFLINE_DEFAULT, FeatureExtractor
 from ..ops import adc_loss, gaussian_blur_small, hard_mining_cosine_loss
 from .base import AnomalyOutput, register
+from .components.authors import load_authors_state, read_torch_state
 from .components.maps import cosine_distance_map, top_ratio_mean
-from .components.unireplknet import LayerNorm2d, UniRepLKNetBlock, UniRepLKNetEncoder, trunc_normal_init
+from .components.unireplknet import (LayerNorm2d, UniRepLKNetBlock, UniRepLKNetEncoder, kaiming_fan_out_init,
+                                     trunc_normal_init)
 from .training import TrainedModel
 
 DECODER_DEPTHS = (2, 2, 8)  # finest -> coarsest, mirrored from the encoder
@@ -100,6 +102,11 @@ class MiniMaxAD(TrainedModel):
         epochs: training length in epochs (160); ``iterations`` overrides it when given.
         train_batch_size, lr, weight_decay, gamma: AdamW and the per-epoch ExponentialLR (16, 5e-3, 1e-5, 0.995).
         sigma, smoothing_kernel, max_ratio: inference smoothing and image score (4, 5, 0.01).
+        init: ``'official'`` (the authors' code: every Conv2d of the bottleneck and decoder Kaiming-normal
+            fan-out, Linear and transposed conv at PyTorch defaults) or ``'trunc_normal'`` (UniRepLKNet's
+            std 0.02, fastad's earlier default).
+        authors_checkpoint: a ``.pth`` the authors' training scripts save (``{'bn': ..., 'decoder': ...}``):
+            loaded by :meth:`load_authors_checkpoint`; ``fit`` then does not train.
         seed: batch order (111).
     Forward:
         images (B, 3, H, W) -> AnomalyOutput(scores (B,), maps (B, H, W)) float32.
@@ -112,10 +119,13 @@ class MiniMaxAD(TrainedModel):
                  crop_fraction: float = 1.0, loss: str = "fr",
                  p_hard: float = 0.9999, p_lim: float = 0.9995, epochs: int = 160, iterations: int | None = None,
                  train_batch_size: int = 16, lr: float = 5e-3, weight_decay: float = 1e-5, gamma: float = 0.995,
-                 sigma: float = 4.0, smoothing_kernel: int = 5, max_ratio: float = 0.01, seed: int = 111):
+                 sigma: float = 4.0, smoothing_kernel: int = 5, max_ratio: float = 0.01, init: str = "official",
+                 authors_checkpoint: str | None = None, seed: int = 111):
         super().__init__()
         if loss not in ("fr", "fp"):
             raise ValueError(f"loss must be 'fr' (ADCLoss) or 'fp' (global cosine), got {loss!r}")
+        if init not in ("official", "trunc_normal"):
+            raise ValueError(f"init must be 'official' (Kaiming fan-out convs) or 'trunc_normal', got {init!r}")
         if encoder == "unireplknet_n":
             self.encoder = UniRepLKNetEncoder(weights)
         elif encoder == OFFLINE_DEFAULT:
@@ -125,11 +135,34 @@ class MiniMaxAD(TrainedModel):
         dims = tuple(self.encoder.channels)
         self.bottleneck = Bottleneck(dims)
         self.decoder = Decoder(dims)
+        if init == "official":
+            kaiming_fan_out_init(self.bottleneck)
+            kaiming_fan_out_init(self.decoder)
+        if authors_checkpoint is not None:
+            self.load_authors_checkpoint(authors_checkpoint)
         self.loss, self.p_hard, self.p_lim = loss, p_hard, p_lim
         self.epochs, self.iterations_override, self.train_batch_size = epochs, iterations, train_batch_size
         self.lr, self.weight_decay, self.gamma = lr, weight_decay, gamma
         self.sigma, self.smoothing_kernel, self.max_ratio, self.seed = sigma, smoothing_kernel, max_ratio, seed
         self.grad_clip = None
+
+    def load_authors_checkpoint(self, path) -> "MiniMaxAD":
+        """Load the trained bottleneck and decoder from the authors' ``torch.save({'bn': bn.state_dict(),
+        'decoder': decoder.state_dict()})``: their ``BN_layer`` (conv1/bn1, conv2/bn2 -> the finest level's
+        two conv-BN pairs, conv3/bn3, conv4 -> the fusing conv, stages.3 -> the two blocks) and decoder
+        (upsample_layers -> ups, their stages 2, 1, 0 -> fastad's stages 0, 1, 2: fastad orders them in
+        the order they run). Raises ValueError naming keys that do not fit."""
+        state = {f"{part}.{k}": v for part in ("bn", "decoder")
+                 for k, v in read_torch_state(path, "MiniMaxAD checkpoint", part).items()}
+        mapping = [("bn.conv1", "bottleneck.level0.0"), ("bn.bn1", "bottleneck.level0.1"),
+                   ("bn.conv2", "bottleneck.level0.3"), ("bn.bn2", "bottleneck.level0.4"),
+                   ("bn.conv3", "bottleneck.level1.0"), ("bn.bn3", "bottleneck.level1.1"),
+                   ("bn.conv4", "bottleneck.fuse"), ("bn.stages.3", "bottleneck.blocks"),
+                   ("decoder.upsample_layers", "decoder.ups"), ("decoder.stages.2", "decoder.stages.0"),
+                   ("decoder.stages.1", "decoder.stages.1"), ("decoder.stages.0", "decoder.stages.2")]
+        trained = nn.ModuleDict({"bottleneck": self.bottleneck, "decoder": self.decoder})
+        load_authors_state(trained, state, mapping, path)
+        return self
 
     def trainable_parameters(self):
         yield from self.bottleneck.parameters()

@@ -115,7 +115,8 @@ class TrainedModel(AnomalyModel):
 
     def fit(self, data, iterations: int | None = None, *, checkpoint: str | None = None, checkpoint_every: int = 0,
             num_workers: int = 0, progress: bool | None = None, on_nan: str = "stop", group=None) -> "TrainedModel":
-        """Train until ``iterations`` (default: the recipe's length) have run in total.
+        """Train until ``iterations`` (default: the recipe's length) have run in total (nothing for a
+        model built with ``authors_checkpoint``: the authors' trained weights are used as they are).
 
         Args:
             data: a Dataset of dicts with 'image' (exact resume), or an iterable of (B, 3, H, W)
@@ -133,6 +134,9 @@ class TrainedModel(AnomalyModel):
         """
         if on_nan not in ("stop", "skip"):
             raise ValueError(f"on_nan must be 'stop' or 'skip', got {on_nan!r}")
+        if self.config.get("authors_checkpoint") is not None:  # trained by the authors: used as it is
+            self.eval()
+            return self
         self.on_nan = on_nan
         part = self._join(group, data)
         try:
@@ -244,11 +248,12 @@ class TrainedModel(AnomalyModel):
         self.skipped_iterations.append(self.iteration)
         self.optimizer.zero_grad(set_to_none=True)
 
-    def update(self, *losses: torch.Tensor) -> bool:
+    def update(self, *losses: torch.Tensor, set_to_none: bool = True) -> bool:
         """One optimizer update from ``losses`` (their gradients accumulate, FOD's two phases):
-        zero_grad, backward of each, gradient clipping (``grad_clip``), step. A NaN/inf loss or
-        gradient norm stops the run or skips the step (``fit``'s ``on_nan``). Returns whether the
-        step was taken."""
+        zero_grad (``set_to_none=False``: torch 1.x semantics, gradients zero-filled, so the optimizer
+        also steps parameters these losses do not reach), backward of each, gradient clipping
+        (``grad_clip``), step. A NaN/inf loss or gradient norm stops the run or skips the step
+        (``fit``'s ``on_nan``). Returns whether the step was taken."""
         bad = [float(loss.detach()) for loss in losses if not torch.isfinite(loss)]
         if distributed.active(self.group):  # every rank takes the same decision
             flag = torch.tensor([float(len(bad))], device=distributed.collective_device(self.group))
@@ -258,7 +263,7 @@ class TrainedModel(AnomalyModel):
         if bad:
             self._stop_or_skip(f"the loss became {bad[0]}")
             return False
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=set_to_none)
         for i, loss in enumerate(losses):
             loss.backward(retain_graph=i < len(losses) - 1)
         if distributed.active(self.group):

@@ -6,5 +6,6 @@
 - :mod:`.tokens`: the token-reconstruction blocks of FOD and RLR;
 - :mod:`.residual`: ADPretrain's residual features and Feature Projectors;
 - :mod:`.batch_norm`: BatchNorm statistics over the global batch of a data-parallel fit;
-- :mod:`.vit_encoder`, :mod:`.unireplknet`: the frozen encoders of Dinomaly and MiniMaxAD.
+- :mod:`.vit_encoder`, :mod:`.unireplknet`: the frozen encoders of Dinomaly and MiniMaxAD;
+- :mod:`.authors`: reading the weight files the methods' authors release, renamed to fastad's modules.
 """

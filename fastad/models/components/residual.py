@@ -21,6 +21,7 @@ from torch import nn
 
 from ...backbones import OFFLINE_DEFAULT, FeatureExtractor
 from ...ops import nearest_reference
+from .authors import load_authors_state, read_torch_state
 from .maps import level_maps, score_and_map
 from .vit_encoder import ViTMaps
 
@@ -159,10 +160,14 @@ class ResidualFeatures:
 
     def load_projectors(self, path) -> None:
         """Load the projectors and centres of an ``adpretrain`` checkpoint made with the same backbone
-        and layers (raises ValueError naming the mismatch)."""
+        and layers, or the projectors of a file the authors release (``.pth``/``.pt``:
+        :meth:`load_authors_projectors`). Raises ValueError naming the mismatch."""
         from safetensors import safe_open
 
         from ..base import checkpoint_config
+
+        if str(path).lower().endswith((".pth", ".pt")):
+            return self.load_authors_projectors(path)
 
         name, config = checkpoint_config(path)
         mine = (self.config["backbone"], list(self.config["layers"] or []))
@@ -175,3 +180,21 @@ class ResidualFeatures:
         missing = [k for k in self.load_state_dict(state, strict=False).missing_keys if k.startswith("projectors.")]
         if missing:
             raise ValueError(f"{path} lacks projector weights {sorted(missing)[:3]}")
+
+    def load_authors_projectors(self, path) -> None:
+        """Load the Feature Projectors of the authors' released checkpoint (``torch.save({'projectors':
+        MultiScaleAttentionProjector.state_dict(), ...})``, e.g. ``checkpoints_pro_norm.pth``): per
+        level ``l<i+1>_proj.{x_ref, ref_proj.project, layers.<j>.cross_attn, layers.<j>.mlp.{fc1, fc2,
+        se.fc1, se.fc2}}`` -> ``projectors.<i>.{reference, embed_reference, layers.<j>.{attention, fc1,
+        fc2, se.fc1, se.fc2}}``. The centres are not in that file (FeatureNorm does not use them).
+        The backbone must be the checkpoint's (DINOv2-L: 4 levels of 1024 channels)."""
+        state = read_torch_state(path, "ADPretrain projector checkpoint", "projectors")
+        mapping = []
+        for i, p in enumerate(self.projectors):
+            mapping += [(f"l{i + 1}_proj.x_ref", f"projectors.{i}.reference"),
+                        (f"l{i + 1}_proj.ref_proj.project", f"projectors.{i}.embed_reference")]
+            for j in range(len(p.layers)):
+                theirs, ours = f"l{i + 1}_proj.layers.{j}", f"projectors.{i}.layers.{j}"
+                mapping += [(f"{theirs}.cross_attn", f"{ours}.attention"), (f"{theirs}.mlp.se", f"{ours}.se"),
+                            (f"{theirs}.mlp.fc1", f"{ours}.fc1"), (f"{theirs}.mlp.fc2", f"{ours}.fc2")]
+        load_authors_state(nn.ModuleDict({"projectors": self.projectors}), state, mapping, path)

@@ -122,6 +122,18 @@ def trunc_normal_init(module: nn.Module) -> None:
                 nn.init.zeros_(m.bias)
 
 
+def kaiming_fan_out_init(module: nn.Module) -> None:
+    """MiniMaxAD's init of its trainable bottleneck and decoder: PyTorch's default init of every
+    layer (Linear, transposed conv, norms), then every ``nn.Conv2d`` weight (depthwise, SE and dilated
+    branches included) Kaiming-normal with fan-out and the ReLU gain; BatchNorm weight 1, bias 0;
+    layer scale and GRN parameters stay as built."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.LayerNorm, nn.BatchNorm2d)):
+            m.reset_parameters()
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+
 class UniRepLKNetEncoder(nn.Module):
     """Frozen stages 0..2 of UniRepLKNet-N, each output through its own LayerNorm (norm0..norm2).
 
