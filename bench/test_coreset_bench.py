@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from baselines import anomalib_installed_sampler, anomalib_style_sampler, patchcore_inspection_sampler
+from baselines import anomalib_installed_sampler, anomalib_style_sampler, memory_bandwidth, patchcore_inspection_sampler
 
 from fastad.ops import greedy_coreset
 from fastad.ops.coreset import project_features, selection_values, starting_points
@@ -161,20 +161,6 @@ def _embeddings(name):
     return _real_cache[name]
 
 
-def _read_bandwidth() -> float:
-    """Bytes per second the machine reads (a 512 MiB float32 sum, best of 5), in this run."""
-    import time
-
-    x = torch.ones(128 << 20)
-    x.sum()
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t)
-    return x.numel() * 4 / best
-
-
 @pytest.mark.parametrize("impl", ["fastad", "fastad_fp16"])
 @pytest.mark.parametrize("name,ratio", [(n, r) for n, rs in REAL.items() for r in rs])
 def test_coreset_real(benchmark, name, ratio, impl):
@@ -200,7 +186,7 @@ def _real(benchmark, name, ratio, impl):
     idx, skipped = torch.ops.fastad.kcenter_greedy_stats(v, starting_points(n), k)
     step = (time.perf_counter() - t) / k
     read = (n - skipped.double().mean().item()) * (d * v.element_size() + 12) + (n + 63) // 64 * d * 8
-    bw = _read_bandwidth()
+    bw = memory_bandwidth("read")
     benchmark.extra_info.update(step_s=step, bytes_per_step=read, bandwidth=bw, skipped=float(skipped.double().mean()) / n)
     _real_info[(name, ratio, impl)] = (n, step, read, bw, skipped.double().mean().item() / n)
 

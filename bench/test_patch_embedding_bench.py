@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+from baselines import memory_bandwidth
 from fastad.models.components.memory_bank import PatchEmbedding
 
 CASES = {  # backbone levels at 224 px: channels and grids of the stride-8 and stride-16 stages
@@ -39,13 +40,6 @@ def _best(fn, reps=5):
         _sync()
         best = min(best, time.perf_counter() - t)
     return best
-
-
-def _copy_bandwidth() -> float:
-    """Bytes per second of a 256 MiB tensor copy (read + write), best of 5."""
-    src = torch.ones(64 << 20, device=DEVICE)
-    dst = torch.empty_like(src)
-    return 2 * src.numel() * 4 / _best(lambda: dst.copy_(src))
 
 
 def _bytes_moved(levels, target=1024) -> int:
@@ -81,7 +75,7 @@ def test_patch_embedding(benchmark, backbone, impl):
     benchmark.extra_info.update(backbone=backbone, batch=BATCH, device=DEVICE, threads=torch.get_num_threads())
     if impl == "official" and (backbone, "fastad") in _rows:
         fast, slow = _rows[(backbone, "fastad")], _rows[(backbone, "official")]
-        bw = _copy_bandwidth()
+        bw = memory_bandwidth("copy", DEVICE, mib=512)
         floor = _bytes_moved(CASES[backbone]) / bw
         print(f"\n{backbone}, {BATCH} images at 224 px, {DEVICE}, {torch.get_num_threads()} threads: fastad {fast * 1e3:.1f} ms, "
               f"official pipeline {slow * 1e3:.1f} ms ({slow / fast:.2f}x); copy bandwidth {bw / 1e9:.1f} GB/s, "

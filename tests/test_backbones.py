@@ -49,3 +49,23 @@ def test_missing_weights_never_download(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path))  # empty cache
     with pytest.raises(FileNotFoundError, match="never downloads"):
         FeatureExtractor("resnet18", (1, 2))
+
+
+def test_channels_last_cpu_path_matches_float64():
+    """The CPU forward runs channels-last (oneDNN's faster layout): its error against the float64
+    network may be at most twice that of the plain NCHW float32 forward, plus a few roundings."""
+    import copy
+
+    from conftest import assert_close_to_oracle
+
+    torch.manual_seed(0)
+    fe = FeatureExtractor(layers=(1, 2, 3))
+    x = torch.randn(2, 3, 96, 80)
+    with torch.no_grad():
+        plain = [f.float() for f in copy.deepcopy(fe.model)(x)]  # NCHW float32
+        oracle = copy.deepcopy(fe.model).double()(x.double())
+        got = fe(x)
+    assert all(f.is_contiguous() for f in got)
+    for g, p, o in zip(got, plain, oracle):
+        assert_close_to_oracle(g, o, p, what="channels-last features")
+    assert next(p for p in fe.model.parameters() if p.dim() == 4).is_contiguous(memory_format=torch.channels_last)

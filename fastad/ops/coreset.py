@@ -89,6 +89,11 @@ def project_features(features: torch.Tensor, projection_dim: int | None = 128, s
     return out
 
 
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
 def selection_values(projected: torch.Tensor, precision: str = "float32", amax: float | None = None) -> torch.Tensor:
     """The values the selection runs on.
 
@@ -102,8 +107,7 @@ def selection_values(projected: torch.Tensor, precision: str = "float32", amax: 
     Returns:
         (N, d) float16 or float32 contiguous tensor on ``projected.device``.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    _check_precision(precision)
     if precision == "float32":
         return projected.contiguous()
     if amax is None:
@@ -171,8 +175,7 @@ def greedy_coreset(
     Raises:
         TypeError/ValueError: wrong dtype or rank, empty input, NaN/inf, bad k or ratio.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    _check_precision(precision)
     if distributed.active(group):
         return _distributed_coreset(features, k, ratio, projection_dim, seed, num_starts, precision, group)
     check_tensor("features", features, ndim=2, finite=False)
