@@ -78,29 +78,34 @@ def anomalib_installed_sampler(features: torch.Tensor, ratio: float, seed: int =
     return torch.tensor(KCenterGreedy(features, sampling_ratio=ratio).select_coreset_idxs())
 
 
+def best_seconds(fn, device: str = "cpu", reps: int = 5) -> float:
+    """The shortest of ``reps`` timed calls of ``fn`` after one warm-up call, each to completion on
+    ``device`` (CUDA kernels run asynchronously: synchronised)."""
+    import time
+
+    def sync():
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+
+    fn()
+    sync()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
 def memory_bandwidth(mode: str = "read", device: str = "cpu", mib: int = 512, reps: int = 5) -> float:
     """Bytes per second this machine moves in this run, best of ``reps``: ``'read'`` sums a ``mib`` MiB
     float32 tensor (the traffic of a loop that only reads, the coreset's), ``'copy'`` copies one of half
     that size (read + write, both counted). The floor of a memory-bound kernel is its bytes over this."""
-    import time
-
     if mode not in ("read", "copy"):
         raise ValueError(f"mode must be 'read' or 'copy', got {mode!r}")
     n = (mib << 20) // 4 // (1 if mode == "read" else 2)
     src = torch.ones(n, device=device)
     dst = torch.empty_like(src) if mode == "copy" else None
     run = (lambda: src.sum()) if mode == "read" else (lambda: dst.copy_(src))
-
-    def sync():
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
-
-    run()
-    sync()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        run()
-        sync()
-        best = min(best, time.perf_counter() - t)
-    return n * 4 * (1 if mode == "read" else 2) / best
+    return n * 4 * (1 if mode == "read" else 2) / best_seconds(run, device, reps)

@@ -8,7 +8,6 @@ copy bandwidth and the bytes the blocked form moves (its floor).
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 import torch
@@ -28,18 +27,6 @@ _rows = {}
 def _sync():
     if DEVICE == "cuda":  # kernels run asynchronously: time them to completion
         torch.cuda.synchronize()
-
-
-def _best(fn, reps=5):
-    fn()
-    _sync()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        _sync()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def _bytes_moved(levels, target=1024) -> int:

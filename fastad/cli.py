@@ -62,7 +62,7 @@ def _datasets(spec: str, classes: list[str] | None, transform, options: dict | N
     ``options`` are the loader's keyword arguments (``--data-opt``). Every error is one line."""
     import inspect
 
-    from .data import ImageTransform, SyntheticDataset
+    from .data import SyntheticDataset
 
     options = options or {}
     kind, _, path = spec.partition(":")
@@ -237,6 +237,17 @@ def _recipe_line(row: dict) -> str:
     return text + (f"; --set {user}" + (" (wins over the recipe)" if row.get("recipe") else "") if user else "")
 
 
+def _with_recipe(model: str, data: str, setting: str, user: dict, no_recipe: bool) -> tuple[dict, dict]:
+    """(model arguments, what was applied for :func:`_recipe_line`): the recipe of (model, the data
+    kind of ``data``, setting) unless ``no_recipe``, updated by the user's ``--set`` arguments."""
+    from .recipes import recipe_for
+
+    recipe = None if no_recipe else recipe_for(model, data.partition(":")[0], setting)
+    applied = {"recipe": recipe["source"] if recipe else None, "recipe_args": recipe["args"] if recipe else {},
+               "set_args": user}
+    return {**applied["recipe_args"], **user}, applied
+
+
 def _select_on_test(args, build, train, test_set, protocol, say):
     """FOD's / RLR's / ADPretrain's checkpoint selection: train in steps of ``--select-on-test`` iterations,
     score the **test set** after each, keep the metrics of the best image AUROC (the earliest on ties).
@@ -249,8 +260,7 @@ def _select_on_test(args, build, train, test_set, protocol, say):
     model = build().to(args.device)
     if not isinstance(model, TrainedModel):
         raise UsageError(f"--select-on-test applies to trained models; {args.model} is fitted in one pass")
-    model.epoch_length = len(train) // max(1, min(model.train_batch_size, len(train)))
-    total = model.training_length(model.epoch_length)
+    total = model.recipe_length(train)
     best, fit_s, at = None, 0.0, 0
     while at < total:
         at = min(total, at + args.select_on_test)
@@ -392,14 +402,13 @@ def run(args) -> int:
         raise UsageError("--shard I/N splits the jobs between separate commands (Slurm arrays); under torchrun use "
                          "--parallel jobs instead")
     from .data.protocols import protocol_for
-    from .recipes import recipe_for
 
     user = _model_args(args.set)
     if args.model == "patchcore" and args.coreset_ratio:
         user["coreset_ratio"] = args.coreset_ratio
-    recipe = None if args.no_recipe else recipe_for(args.model, args.data.partition(":")[0], args.setting)
-    kwargs = {**(recipe["args"] if recipe else {}), **user}  # the user's --set wins over the recipe
+    kwargs, described = _with_recipe(args.model, args.data, args.setting, user, args.no_recipe)
     protocol = protocol_for(args.model, args.protocol)
+    described["protocol"] = protocol.describe()
     if args.select_on_test is not None:
         if args.select_on_test < 1:
             raise UsageError(f"--select-on-test expects a positive number of iterations, got {args.select_on_test}")
@@ -439,8 +448,6 @@ def run(args) -> int:
     settings = {"model": args.model, "config": first.config, "data": args.data, "data_opt": args.data_opt,
                 "setting": args.setting, "seed": args.seed, "skip_bad_images": args.skip_bad_images,
                 "protocol": args.protocol, "select_on_test": args.select_on_test}
-    described = {"recipe": recipe["source"] if recipe else None, "recipe_args": recipe["args"] if recipe else {},
-                 "set_args": user, "protocol": protocol.describe()}
     if not quiet:
         print(f"recipe: {_recipe_line(described)}", flush=True)
     say = (lambda msg: print(f"[rank {ctx.rank}] {msg}", flush=True)) if mode == "jobs" else \
@@ -542,13 +549,8 @@ def pretrain(args) -> int:
     from .faults import check_writable
     from .models import load_checkpoint
 
-    from .recipes import recipe_for
-
-    user = _model_args(args.set)
-    recipe = None if args.no_recipe else recipe_for("adpretrain", args.data.partition(":")[0], "pretrain")
-    kwargs = {**(recipe["args"] if recipe else {}), **user}
-    print(f"recipe: {_recipe_line({'recipe': recipe and recipe['source'], 'recipe_args': recipe['args'] if recipe else {}, 'set_args': user})}",
-          flush=True)
+    kwargs, applied = _with_recipe("adpretrain", args.data, "pretrain", _model_args(args.set), args.no_recipe)
+    print(f"recipe: {_recipe_line(applied)}", flush=True)
     check_writable(os.path.dirname(os.path.abspath(args.out)), "--out's folder")
     if os.path.exists(args.out):
         model = load_checkpoint(args.out, device=args.device, **kwargs)

@@ -182,10 +182,6 @@ def _theirs_from(model_state: dict, pairs: list[tuple[str, str]]) -> dict:
     return {theirs: torch.randn(model_state[ours].shape, generator=g).to(model_state[ours].dtype) for theirs, ours in pairs}
 
 
-def _pairs_by_module_names(ours: dict, rename) -> list[tuple[str, str]]:
-    return [(rename(k), k) for k in ours]
-
-
 def test_minimaxad_authors_checkpoint(tmp_path):
     """{'bn': BN_layer.state_dict(), 'decoder': de_unireplknet.state_dict()}, their module names."""
     torch.manual_seed(0)

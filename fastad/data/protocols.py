@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from .transforms import ImageTransform
 
-__all__ = ["PROTOCOLS", "Protocol", "protocol_for"]
+__all__ = ["OFFICIAL", "Protocol", "protocol_for"]
 
 
 @dataclass(frozen=True)
@@ -63,26 +63,26 @@ class Protocol:
 FASTAD = Protocol("fastad", "bilinear", "squash", "nearest", 128, None, "fastad's one rule for every method")
 
 # (fastad's registry name) -> the official rules, from the authors' data and evaluation code
-PROTOCOLS: dict[str, dict[str, Protocol]] = {
-    "patchcore": {"official": Protocol(
+OFFICIAL: dict[str, Protocol] = {
+    "patchcore": Protocol(
         "official", "bilinear", "keep", "bilinear", 255, None,
         "amazon-science/patchcore-inspection datasets/mvtec.py: Resize(256) + CenterCrop(224) on images and masks; "
-        "metrics cast the [0, 1] mask to int, so only pixels that stay 1.0 are positive")},
-    "dinomaly": {"official": Protocol(
+        "metrics cast the [0, 1] mask to int, so only pixels that stay 1.0 are positive"),
+    "dinomaly": Protocol(
         "official", "bilinear", "squash", "bilinear", 1, 256,
         "guojiajeremy/Dinomaly dataset.py get_data_transforms + utils.py evaluation_batch(resize_mask=256): masks "
-        "Resize((448, 448)) + CenterCrop(392), then nearest to 256 and gt.bool(); maps bilinear to 256")},
-    "minimaxad": {"official": Protocol(
+        "Resize((448, 448)) + CenterCrop(392), then nearest to 256 and gt.bool(); maps bilinear to 256"),
+    "minimaxad": Protocol(
         "official", "bilinear", "squash", "bilinear", 128, None,
-        "WangFengJiee/MiniMaxAD dataset.py: Resize((256, 256)) on images and masks, gt > 0.5")},
-    "fod": {"official": Protocol(
+        "WangFengJiee/MiniMaxAD dataset.py: Resize((256, 256)) on images and masks, gt > 0.5"),
+    "fod": Protocol(
         "official", "lanczos", "squash", "nearest", 1, None,
-        "xcyao00/FOD datasets/mvtec.py: Resize((256, 256), ANTIALIAS) images, Resize(NEAREST) masks, np.bool")},
-    "featurenorm": {"official": Protocol(
+        "xcyao00/FOD datasets/mvtec.py: Resize((256, 256), ANTIALIAS) images, Resize(NEAREST) masks, np.bool"),
+    "featurenorm": Protocol(
         "official", "bicubic", "keep", "nearest", 1, None,
-        "xcyao00/ADPretrain datasets/mvtec.py: Resize(224, BICUBIC) + CenterCrop(224), masks Resize(NEAREST), astype(bool)")},
+        "xcyao00/ADPretrain datasets/mvtec.py: Resize(224, BICUBIC) + CenterCrop(224), masks Resize(NEAREST), astype(bool)"),
 }
-PROTOCOLS["adpretrain"] = PROTOCOLS["featurenorm"]
+OFFICIAL["adpretrain"] = OFFICIAL["featurenorm"]
 # RLR's code (no license) was not read here: spec 2.1 records its image resize (ANTIALIAS, as FOD's);
 # its mask rule is unverified, so RLR has no official protocol until someone checks it.
 
@@ -95,8 +95,8 @@ def protocol_for(model: str, name: str = "fastad") -> Protocol:
     if name != "official":
         raise ValueError(f"protocol must be 'fastad' or 'official', got {name!r}")
     try:
-        return PROTOCOLS[model]["official"]
+        return OFFICIAL[model]
     except KeyError:
-        have = ", ".join(sorted(PROTOCOLS))
+        have = ", ".join(sorted(OFFICIAL))
         raise ValueError(f"{model} has no official protocol in fastad (models with one: {have}); "
                          "use --protocol fastad") from None

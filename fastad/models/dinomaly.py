@@ -165,7 +165,6 @@ class Dinomaly(TrainedModel):
         its ``encoder.*`` keys are skipped: the frozen encoder is ``weights``). Raises ValueError naming
         keys that do not fit."""
         state = read_torch_state(path, "Dinomaly model.pth")
-        state = state.get("model", state) if isinstance(state.get("model"), dict) else state
         mapping = [m for i in range(len(self.decoder)) for m in
                    ((f"decoder.{i}.mlp.fc1", f"decoder.{i}.mlp.0"), (f"decoder.{i}.mlp.fc2", f"decoder.{i}.mlp.2"))]
         mapping += [("bottleneck.0", "bottleneck"), ("decoder", "decoder")]

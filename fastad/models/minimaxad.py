@@ -152,8 +152,7 @@ class MiniMaxAD(TrainedModel):
         two conv-BN pairs, conv3/bn3, conv4 -> the fusing conv, stages.3 -> the two blocks) and decoder
         (upsample_layers -> ups, their stages 2, 1, 0 -> fastad's stages 0, 1, 2: fastad orders them in
         the order they run). Raises ValueError naming keys that do not fit."""
-        state = {f"{part}.{k}": v for part in ("bn", "decoder")
-                 for k, v in read_torch_state(path, "MiniMaxAD checkpoint", part).items()}
+        state = read_torch_state(path, "MiniMaxAD checkpoint", ("bn", "decoder"))
         mapping = [("bn.conv1", "bottleneck.level0.0"), ("bn.bn1", "bottleneck.level0.1"),
                    ("bn.conv2", "bottleneck.level0.3"), ("bn.bn2", "bottleneck.level0.4"),
                    ("bn.conv3", "bottleneck.level1.0"), ("bn.bn3", "bottleneck.level1.1"),

@@ -109,6 +109,20 @@ class TrainedModel(AnomalyModel):
             raise ValueError(f"{type(self).__name__} trains for `epochs`; with data of unknown length pass iterations=N")
         return self.epochs * epoch_length
 
+    def _note_epoch_length(self, data) -> None:
+        """Fix the epoch length (batches per epoch) the first time the model sees data: a Dataset's
+        whole batches, or the length of an iterable of batches (unknown: stays None)."""
+        if self.epoch_length is None:
+            if isinstance(data, Dataset):
+                self.epoch_length = len(data) // max(1, min(self.train_batch_size, len(data)))
+            elif hasattr(data, "__len__"):
+                self.epoch_length = len(data)
+
+    def recipe_length(self, data) -> int:
+        """The total iterations ``fit(data)`` runs by default (:meth:`training_length` on ``data``)."""
+        self._note_epoch_length(data)
+        return self.training_length(self.epoch_length)
+
     def _ensure_optimizer(self) -> None:
         if self.optimizer is None:
             self.optimizer, self.scheduler = self.make_optimizer()
@@ -176,11 +190,7 @@ class TrainedModel(AnomalyModel):
     def _fit(self, data, iterations, checkpoint, checkpoint_every, num_workers, progress, part) -> "TrainedModel":
         from tqdm.auto import tqdm
 
-        if self.epoch_length is None:
-            if isinstance(data, Dataset):
-                self.epoch_length = len(data) // max(1, min(self.train_batch_size, len(data)))
-            elif hasattr(data, "__len__"):
-                self.epoch_length = len(data)
+        self._note_epoch_length(data)
         total = self.training_length(self.epoch_length) if iterations is None else int(iterations)
         if total < 0:
             raise ValueError(f"iterations must be >= 0, got {total}")

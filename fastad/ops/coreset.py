@@ -237,9 +237,10 @@ def _distributed_coreset(features, k, ratio, projection_dim, seed, num_starts, p
     if bad.item():
         raise ValueError("features contain NaN or inf values (or values so large that the projection overflows "
                          "float32); expected finite values")
-    amax = torch.tensor([float(x.abs().max()) if x.numel() else 0.0], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(amax, op=torch.distributed.ReduceOp.MAX, group=group)
-    x = selection_values(x, precision, float(amax)).float()  # the per-step kernels read float32
+    if precision == "float16":  # one power-of-two scale for every rank: the largest value over all of them
+        amax = torch.tensor([float(x.abs().max()) if x.numel() else 0.0], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(amax, op=torch.distributed.ReduceOp.MAX, group=group)
+        x = selection_values(x, precision, float(amax)).float()  # the per-step kernels read float32
     rows, d = x.shape
     starts = starting_points(n, num_starts, seed).tolist()
     start_vectors = torch.zeros(len(starts), d, device=device)

@@ -12,8 +12,9 @@ from torch import nn
 __all__ = ["load_authors_state", "read_torch_state"]
 
 
-def read_torch_state(path, what: str, key: str | None = None) -> dict[str, torch.Tensor]:
-    """The tensors of a ``torch.save`` file (``weights_only``: no code runs), or of its entry ``key``.
+def read_torch_state(path, what: str, keys: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """The tensors of a ``torch.save`` file (``weights_only``: no code runs), read once: the file's
+    state dict, or with ``keys`` those entries' state dicts, their keys prefixed ``<entry>.``.
     Raises FileNotFoundError / ValueError naming the file and what was expected (``what``)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} file not found: {path}")
@@ -21,11 +22,15 @@ def read_torch_state(path, what: str, key: str | None = None) -> dict[str, torch
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated, not a torch file, or pickled code weights_only refuses
         raise ValueError(f"{path} is not a readable torch checkpoint ({what}): {' '.join(str(exc).split())[:200]}") from None
-    if key is not None:
+    for key in keys:
         if not isinstance(state, dict) or key not in state:
-            keys = sorted(state)[:8] if isinstance(state, dict) else type(state).__name__
-            raise ValueError(f"{path} has no {key!r} entry ({what}); found {keys}")
-        state = state[key]
+            found = sorted(state)[:8] if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"{path} has no {key!r} entry ({what}); found {found}")
+    if keys:
+        entries = [state[key] for key in keys]
+        if not all(isinstance(e, dict) for e in entries):
+            raise ValueError(f"{path} does not hold a state dict of tensors ({what})")
+        state = {f"{key}.{name}": v for key, e in zip(keys, entries) for name, v in e.items()}
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} does not hold a state dict of tensors ({what})")
     return state

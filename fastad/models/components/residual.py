@@ -188,13 +188,13 @@ class ResidualFeatures:
         se.fc1, se.fc2}}`` -> ``projectors.<i>.{reference, embed_reference, layers.<j>.{attention, fc1,
         fc2, se.fc1, se.fc2}}``. The centres are not in that file (FeatureNorm does not use them).
         The backbone must be the checkpoint's (DINOv2-L: 4 levels of 1024 channels)."""
-        state = read_torch_state(path, "ADPretrain projector checkpoint", "projectors")
+        state = read_torch_state(path, "ADPretrain projector checkpoint", ("projectors",))
         mapping = []
         for i, p in enumerate(self.projectors):
-            mapping += [(f"l{i + 1}_proj.x_ref", f"projectors.{i}.reference"),
-                        (f"l{i + 1}_proj.ref_proj.project", f"projectors.{i}.embed_reference")]
+            mapping += [(f"projectors.l{i + 1}_proj.x_ref", f"projectors.{i}.reference"),
+                        (f"projectors.l{i + 1}_proj.ref_proj.project", f"projectors.{i}.embed_reference")]
             for j in range(len(p.layers)):
-                theirs, ours = f"l{i + 1}_proj.layers.{j}", f"projectors.{i}.layers.{j}"
+                theirs, ours = f"projectors.l{i + 1}_proj.layers.{j}", f"projectors.{i}.layers.{j}"
                 mapping += [(f"{theirs}.cross_attn", f"{ours}.attention"), (f"{theirs}.mlp.se", f"{ours}.se"),
                             (f"{theirs}.mlp.fc1", f"{ours}.fc1"), (f"{theirs}.mlp.fc2", f"{ours}.fc2")]
         load_authors_state(nn.ModuleDict({"projectors": self.projectors}), state, mapping, path)
