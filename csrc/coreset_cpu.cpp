@@ -14,9 +14,14 @@
 //   without reading its points or their distances, and its argmax is kept.
 // - points: every point remembers the center it is closest to (a). As
 //   d(i, c) >= d(a, c) - d(i, a), a point with d(a, c) >= 2 d(i, a) cannot get
-//   closer to c and is skipped without reading its features. Where this stops
-//   paying (random high-dimensional data) it is switched off and probed again.
+//   closer to c and is skipped without reading its features.
+// Either test is switched off where it stops paying (random high-dimensional data;
+// blocks of real patch embeddings, whose 64 consecutive patches are too diverse)
+// and probed again every kProbe steps.
 // On real (low intrinsic dimension) features most points are skipped late in the run.
+// The points a step must compute are then scattered: they are collected first and
+// their rows prefetched ahead (a row read on demand costs a memory latency, not its
+// bytes), and only the blocks where a distance fell recompute their maximum.
 // Features may be float32 or float16 (the selection's rounded projection: half
 // the bytes per step); distances are accumulated in float64 either way.
 #include <torch/extension.h>
@@ -25,9 +30,11 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "simd_distance.h"
@@ -119,34 +126,83 @@ void center_range(const float* cv, int64_t d, const float* c, double* out, int64
   for (int64_t a = begin; a < end; ++a) out[a] = std::sqrt(squared_l2(cv + a * d, c, d));
 }
 
-// Updates points [begin, end) against center c (the t-th); returns their argmax.
-FASTAD_CLONES
-Best update_range(const float* x, int64_t d, const float* xc, int32_t t, double* dist, int32_t* assign,
-                  const double* center_dist, int64_t begin, int64_t end, int64_t* pruned) {
-  Best best;
-  int64_t skipped = 0;
-  for (int64_t i = begin; i < end; ++i) {
-    double md = dist[i];
-    if (md > 0.0) {  // selected points hold -1, covered duplicates 0: neither can decrease
-      const int32_t a = assign[i];
-      if (center_dist != nullptr && a >= 0 && center_dist[a] >= 2.0 * md * kPruneSlack) {
-        ++skipped;
-      } else {
-        const double v = std::sqrt(squared_l2(x + i * d, xc, d));
-        if (v < md) {
-          md = v;
-          dist[i] = v;
-          assign[i] = t;
-        }
-      }
+// Rows of one point as float32: the row itself, or its float16 values widened into buf (d floats).
+FASTAD_INLINE const float* row_f32(const float* x, int64_t d, int64_t i, float*) { return x + i * d; }
+FASTAD_INLINE const float* row_f32(const uint16_t* x, int64_t d, int64_t i, float* buf) {
+  half_to_float()(x + i * d, buf, d);
+  return buf;
+}
+
+// Rows this many candidates ahead are prefetched: the candidates are scattered (the tests skip
+// the rest), so without it every row costs a memory latency instead of its bytes.
+constexpr int64_t kPrefetchRows = 8;
+
+template <typename T>
+FASTAD_INLINE void prefetch_row(const T* x, int64_t d, int64_t i) {
+  const char* p = reinterpret_cast<const char*>(x + i * d);
+  const int64_t bytes = d * static_cast<int64_t>(sizeof(T));
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 3);
+}
+
+// The point test over points [lo, hi): appends to cand the points whose distance to the new center
+// must be computed (branch-free: the outcome is data-dependent). center_dist null: no point test.
+FASTAD_INLINE void collect_candidates(int64_t lo, int64_t hi, const double* dist, const int32_t* assign,
+                                      const double* center_dist, int32_t* cand, int64_t& ncand, int64_t& examined,
+                                      int64_t& point_skipped) {
+  if (center_dist == nullptr) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const bool live = dist[i] > 0.0;  // selected points hold -1, covered duplicates 0
+      cand[ncand] = static_cast<int32_t>(i);
+      ncand += live;
+      examined += live;
     }
-    best.take(md, i);
+    return;
   }
+  for (int64_t i = lo; i < hi; ++i) {
+    const double md = dist[i];
+    const int32_t c = assign[i];
+    const bool live = md > 0.0;
+    const bool skip = (c >= 0) & (center_dist[c < 0 ? 0 : c] >= 2.0 * md * kPruneSlack);
+    cand[ncand] = static_cast<int32_t>(i);
+    ncand += live & !skip;
+    examined += live;
+    point_skipped += live & skip;
+  }
+}
+
+// Lowers the distance of the points cand[0, ncand) to their distance to the new center xc (the
+// float64 values of its row), rows prefetched ahead; calls fell(i) for each point whose distance fell.
+template <typename T, typename Fell>
+FASTAD_INLINE void update_candidates(const T* x, int64_t d, const double* xc, int32_t t, const int32_t* cand,
+                                     int64_t ncand, double* dist, int32_t* assign, float* buf, Fell&& fell) {
+  for (int64_t j = 0; j < std::min(ncand, kPrefetchRows); ++j) prefetch_row(x, d, cand[j]);
+  for (int64_t j = 0; j < ncand; ++j) {
+    if (j + kPrefetchRows < ncand) prefetch_row(x, d, cand[j + kPrefetchRows]);
+    const int64_t i = cand[j];
+    const double v = std::sqrt(squared_l2_of(xc, row_f32(x, d, i, buf), d));
+    if (v < dist[i]) {
+      dist[i] = v;
+      assign[i] = t;
+      fell(i);
+    }
+  }
+}
+
+// Updates points [begin, end) (at most kGrain) against center xc (the t-th); returns their argmax.
+FASTAD_CLONES
+Best update_range(const float* x, int64_t d, const double* xc, int32_t t, double* dist, int32_t* assign,
+                  const double* center_dist, int64_t begin, int64_t end, int64_t* pruned) {
+  int32_t cand[kGrain];
+  int64_t ncand = 0, examined = 0, skipped = 0;
+  collect_candidates(begin, end, dist, assign, center_dist, cand, ncand, examined, skipped);
+  update_candidates(x, d, xc, t, cand, ncand, dist, assign, nullptr, [](int64_t) {});
+  Best best;
+  for (int64_t i = begin; i < end; ++i) best.take(dist[i], i);
   *pruned += skipped;
   return best;
 }
 
-Best parallel_argmax_update(const float* x, int64_t n, int64_t d, const float* xc, int32_t t, double* dist,
+Best parallel_argmax_update(const float* x, int64_t n, int64_t d, const double* xc, int32_t t, double* dist,
                             int32_t* assign, const double* center_dist, int64_t* pruned) {
   const int64_t chunks = (n + kGrain - 1) / kGrain;
   std::vector<Best> partial(chunks);
@@ -181,7 +237,8 @@ Best select_step(const float* x, int64_t n, int64_t d, const float* cv, int64_t 
     if (static_cast<int64_t>(center_dist.size()) < t) center_dist.resize(t);
     at::parallel_for(0, t, kGrain, [&](int64_t b, int64_t e) { center_range(cv, d, xc, center_dist.data(), b, e); });
   }
-  return parallel_argmax_update(x, n, d, xc, static_cast<int32_t>(t), dist, assign,
+  std::vector<double> xcd(xc, xc + d);
+  return parallel_argmax_update(x, n, d, xcd.data(), static_cast<int32_t>(t), dist, assign,
                                 use_prune ? center_dist.data() : nullptr, pruned);
 }
 
@@ -192,9 +249,12 @@ Best init_distances(const float* x, int64_t n, int64_t d, const float* sv, int64
   return best;
 }
 
-// Pruning is probed every kProbe steps and kept while it skips >= 25% of the points (the
-// distributed loop in fastad/ops/coreset.py applies the same rule per shard).
+// The point test is probed every kProbe steps and kept while it skips >= 25% of the points it
+// examines (the distributed loop in fastad/ops/coreset.py applies the same rule per shard); the
+// block test is kept while it skips >= 5% of the points (a failed test costs one centroid distance
+// per 64 points).
 constexpr int64_t kProbe = 64;
+constexpr int64_t kCenterGrain = 256;  // earlier centers per task (thousands of them late in a run)
 
 void check_features(const at::Tensor& features, const char* op) {
   TORCH_CHECK(features.dim() == 2 && features.scalar_type() == at::kFloat && features.is_contiguous(),
@@ -212,23 +272,28 @@ struct BlockArgs {
   double* dist;
   int32_t* assign;
   const double* center_dist;  // distances of the earlier centers to the new one, or null (no point test)
-  const double* centroid;     // nb x d
+  bool block_test;            // test blocks against their centroid (off while it does not pay)
+  const float* centroid;      // nb x d: block means rounded to float32 (any pivot bounds exactly)
   const double* radius;       // nb
   double* maxd;               // nb: largest positive distance in the block (0: none)
   Best* best;                 // nb: the block's argmax
 };
 
 struct BlockCounts {
-  int64_t block_skipped = 0, point_skipped = 0, examined = 0;
+  int64_t block_skipped = 0, point_skipped = 0, examined = 0, blocks_tested = 0;
 };
 
-// Updates the points of blocks [b0, b1) whose block test fails; rows: pointer to the block's
-// float32 rows (see rows_f32), called only for blocks that are read.
-template <typename RowsOf>
-__attribute__((always_inline)) inline BlockCounts blocks_body(const BlockArgs& a, int64_t b0, int64_t b1,
-                                                              RowsOf&& rows_of) {
-  BlockCounts cnt;
+// Updates the points of blocks [b0, b1) (at most kBlocksPerTask) in three passes: (1) the block
+// test, and over the blocks that fail it the point test (branch-free: the outcome is data-dependent),
+// collect the points whose distance must be computed; (2) those distances, rows prefetched ahead;
+// (3) the largest distance and argmax of the blocks where a distance changed. buf: d floats (float16
+// rows are widened into it).
+template <typename T>
+FASTAD_INLINE void blocks_body(const T* x, const BlockArgs& a, int64_t b0, int64_t b1, float* buf, BlockCounts& cnt) {
   const int64_t d = a.d;
+  int32_t cand[kBlocksPerTask * kBlock];
+  bool changed[kBlocksPerTask] = {};
+  int64_t ncand = 0, examined = 0, point_skipped = 0;
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t lo = b * kBlock, hi = std::min(a.n, lo + kBlock);
     if (b != a.center_block) {
@@ -236,74 +301,86 @@ __attribute__((always_inline)) inline BlockCounts blocks_body(const BlockArgs& a
         cnt.block_skipped += hi - lo;
         continue;
       }
-      const double dc = std::sqrt(squared_l2_of(a.centroid + b * d, a.xc, d));
-      const double r = a.radius[b];
-      if (dc - r >= a.maxd[b] * kPruneSlack + 1e-12 * (dc + r)) {  // no point can get closer to c
-        cnt.block_skipped += hi - lo;
-        continue;
+      if (a.block_test) {
+        ++cnt.blocks_tested;
+        const double dc = std::sqrt(squared_l2_of(a.centroid + b * d, a.xc, d));
+        const double r = a.radius[b];
+        if (dc - r >= a.maxd[b] * kPruneSlack + 1e-12 * (dc + r)) {  // no point can get closer to c
+          cnt.block_skipped += hi - lo;
+          continue;
+        }
       }
+    } else {
+      changed[b - b0] = true;  // its new center's point left the pool
     }
-    const float* rows = rows_of(lo, hi);
+    collect_candidates(lo, hi, a.dist, a.assign, a.center_dist, cand, ncand, examined, point_skipped);
+  }
+  cnt.examined += examined;
+  cnt.point_skipped += point_skipped;
+  update_candidates(x, d, a.xc, a.t, cand, ncand, a.dist, a.assign, buf,
+                    [&](int64_t i) { changed[i / kBlock - b0] = true; });
+  for (int64_t b = b0; b < b1; ++b) {
+    if (!changed[b - b0]) continue;  // no distance of the block changed: its maximum and argmax hold
+    const int64_t lo = b * kBlock, hi = std::min(a.n, lo + kBlock);
     Best bb;
     double mx = 0.0;
     for (int64_t i = lo; i < hi; ++i) {
-      double md = a.dist[i];
-      if (md > 0.0) {
-        ++cnt.examined;
-        const int32_t c = a.assign[i];
-        if (a.center_dist != nullptr && c >= 0 && a.center_dist[c] >= 2.0 * md * kPruneSlack) {
-          ++cnt.point_skipped;
-        } else {
-          const double v = std::sqrt(squared_l2_of(a.xc, rows + (i - lo) * d, d));
-          if (v < md) {
-            md = v;
-            a.dist[i] = v;
-            a.assign[i] = a.t;
-          }
-        }
-        if (md > mx) mx = md;
-      }
+      const double md = a.dist[i];
+      if (md > mx) mx = md;
       bb.take(md, i);
     }
     a.maxd[b] = mx;
     a.best[b] = bb;
   }
+}
+
+template <typename T>
+FASTAD_INLINE BlockCounts blocks_in_tasks(const T* x, const BlockArgs& a, int64_t b0, int64_t b1) {
+  BlockCounts cnt;
+  std::vector<float> buf(std::is_same_v<T, uint16_t> ? a.d : 0);
+  for (int64_t b = b0; b < b1; b += kBlocksPerTask) blocks_body(x, a, b, std::min(b1, b + kBlocksPerTask), buf.data(), cnt);
   return cnt;
 }
 
 FASTAD_CLONES BlockCounts process_blocks(const float* x, const BlockArgs& a, int64_t b0, int64_t b1) {
-  return blocks_body(a, b0, b1, [&](int64_t lo, int64_t) { return x + lo * a.d; });
+  return blocks_in_tasks(x, a, b0, b1);
 }
 
 FASTAD_CLONES BlockCounts process_blocks(const uint16_t* x, const BlockArgs& a, int64_t b0, int64_t b1) {
-  std::vector<float> buf;
-  return blocks_body(a, b0, b1, [&](int64_t lo, int64_t hi) { return rows_f32(x, a.d, lo, hi, buf); });
+  return blocks_in_tasks(x, a, b0, b1);
 }
 
-// skipped (k,) or null: points whose features step t did not read (block and point tests together).
+// stats (k, kStats) or null: per step, the points of the blocks the block test skipped and the points
+// of the read blocks the point test skipped (neither had its features read), the blocks whose
+// centroid was read, the earlier centers whose distance to the new one was computed (for the point
+// test), and the step's wall time in nanoseconds (the only column that is not deterministic).
+constexpr int64_t kStats = 5;
 // T: float (float32 rows) or uint16_t (float16 bits).
 template <typename T>
 void greedy_loop(const T* x, int64_t n, int64_t d, const int64_t* sp, int64_t s, int64_t k, int64_t* op,
-                 int64_t* skipped) {
+                 int64_t* stats) {
   const int64_t nb = (n + kBlock - 1) / kBlock;
   std::vector<float> sv(s * d), cv(k * d), one;  // start vectors; selected centers, in order (float32)
   for (int64_t j = 0; j < s; ++j) {
     const float* r = rows_f32(x, d, sp[j], sp[j] + 1, one);
     std::copy(r, r + d, sv.begin() + j * d);
   }
-  std::vector<double> dist(n), centroid(nb * d, 0.0), radius(nb), maxd(nb), center_dist, xcd(d);
+  std::vector<double> dist(n), radius(nb), maxd(nb), center_dist, xcd(d);
+  std::vector<float> centroid(nb * d);
   std::vector<int32_t> assign(n, -1);
   std::vector<Best> best(nb);
   at::parallel_for(0, nb, kBlocksPerTask, [&](int64_t b0, int64_t b1) {
     std::vector<float> buf;
+    std::vector<double> sum(d);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t lo = b * kBlock, hi = std::min(n, lo + kBlock);
       const float* rows = rows_f32(x, d, lo, hi, buf);
       init_range(rows, d, sv.data(), s, dist.data() + lo, 0, hi - lo);
-      double* m = centroid.data() + b * d;
+      std::fill(sum.begin(), sum.end(), 0.0);
       for (int64_t i = 0; i < hi - lo; ++i)
-        for (int64_t j = 0; j < d; ++j) m[j] += static_cast<double>(rows[i * d + j]);
-      for (int64_t j = 0; j < d; ++j) m[j] /= static_cast<double>(hi - lo);
+        for (int64_t j = 0; j < d; ++j) sum[j] += static_cast<double>(rows[i * d + j]);
+      float* m = centroid.data() + b * d;
+      for (int64_t j = 0; j < d; ++j) m[j] = static_cast<float>(sum[j] / static_cast<double>(hi - lo));
       double r = 0.0, mx = 0.0;
       Best bb;
       for (int64_t i = lo; i < hi; ++i) {
@@ -318,8 +395,9 @@ void greedy_loop(const T* x, int64_t n, int64_t d, const int64_t* sp, int64_t s,
   });
   Best all;
   for (int64_t b = 0; b < nb; ++b) all.merge(best[b]);
-  bool prune = false;
+  bool prune = false, blocks_pay = true;
   for (int64_t t = 0; t < k; ++t) {
+    const auto started = std::chrono::steady_clock::now();
     const int64_t c = all.index;
     op[t] = c;
     const float* r = rows_f32(x, d, c, c + 1, one);
@@ -328,24 +406,34 @@ void greedy_loop(const T* x, int64_t n, int64_t d, const int64_t* sp, int64_t s,
     for (int64_t j = 0; j < d; ++j) xcd[j] = static_cast<double>(xc[j]);
     dist[c] = -1.0;
     assign[c] = static_cast<int32_t>(t);
-    const bool use = prune || (t % kProbe == 0 && t > 0);
+    const bool use = prune || (t % kProbe == 0 && t > 0), use_blocks = blocks_pay || t % kProbe == 0;
     if (use) {
       if (static_cast<int64_t>(center_dist.size()) < t) center_dist.resize(std::max<int64_t>(t, 2 * center_dist.size()));
-      at::parallel_for(0, t, kGrain, [&](int64_t b, int64_t e) { center_range(cv.data(), d, xc, center_dist.data(), b, e); });
+      at::parallel_for(0, t, kCenterGrain, [&](int64_t b, int64_t e) { center_range(cv.data(), d, xc, center_dist.data(), b, e); });
     }
     const BlockArgs args{n, d, static_cast<int32_t>(t), xcd.data(), c / kBlock, dist.data(), assign.data(),
-                         use ? center_dist.data() : nullptr, centroid.data(), radius.data(), maxd.data(), best.data()};
-    std::atomic<int64_t> block_skipped{0}, point_skipped{0}, examined{0};
+                         use ? center_dist.data() : nullptr, use_blocks, centroid.data(), radius.data(), maxd.data(),
+                         best.data()};
+    std::atomic<int64_t> block_skipped{0}, point_skipped{0}, examined{0}, blocks_tested{0};
     at::parallel_for(0, nb, kBlocksPerTask, [&](int64_t b0, int64_t b1) {
       const BlockCounts cnt = process_blocks(x, args, b0, b1);
       block_skipped += cnt.block_skipped;
       point_skipped += cnt.point_skipped;
       examined += cnt.examined;
+      blocks_tested += cnt.blocks_tested;
     });
     all = Best();
     for (int64_t b = 0; b < nb; ++b) all.merge(best[b]);
     if (use) prune = point_skipped.load() * 4 >= examined.load();
-    if (skipped != nullptr) skipped[t] = block_skipped.load() + point_skipped.load();
+    if (use_blocks) blocks_pay = block_skipped.load() * 20 >= n;
+    if (stats != nullptr) {
+      int64_t* st = stats + kStats * t;
+      st[0] = block_skipped.load();
+      st[1] = point_skipped.load();
+      st[2] = blocks_tested.load();
+      st[3] = use ? t : 0;
+      st[4] = std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - started).count();
+    }
   }
 }
 
@@ -378,10 +466,11 @@ at::Tensor kcenter_greedy_cpu(const at::Tensor& features, const at::Tensor& star
   return greedy_impl(features, starts, k, nullptr);
 }
 
-// The same selection, and per step the number of points whose features it did not read (k,) int64.
+// The same selection, and per step its counters, (k, 5) int64 (see greedy_loop): points skipped by the
+// block test, points skipped by the point test, blocks tested, earlier centers compared, nanoseconds.
 std::tuple<at::Tensor, at::Tensor> kcenter_greedy_stats_cpu(const at::Tensor& features, const at::Tensor& starts,
                                                             int64_t k) {
-  at::Tensor skipped = at::zeros({std::max<int64_t>(k, 0)}, features.options().dtype(at::kLong));
+  at::Tensor skipped = at::zeros({std::max<int64_t>(k, 0), kStats}, features.options().dtype(at::kLong));
   at::Tensor idx = greedy_impl(features, starts, k, skipped.data_ptr<int64_t>());
   return {idx, skipped};
 }

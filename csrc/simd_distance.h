@@ -14,43 +14,69 @@ namespace fastad {
 #define FASTAD_INLINE inline
 #endif
 
-// kLanes independent float64 partial sums: a single accumulator would chain every fused
-// multiply-add on the previous one (latency-bound, ~4x slower); the lanes are added in a fixed order.
+// kLanes = 16 independent float64 partial sums, as four 4-wide vectors (lane l of vector q sums the
+// elements j + 4q + l): a single accumulator would chain every fused multiply-add on the previous one
+// (latency-bound, ~4x slower), and vector types keep the sums in registers (an array of 16 was spilled
+// to the stack). The lanes are added pairwise in a fixed order (q0+q2, q1+q3, then the halves), so
+// every caller and every build gets the same float64 value.
 constexpr int kLanes = 16;
+#if defined(__GNUC__) && !defined(__clang__)
+// 32-byte vectors in the baseline (SSE2) build: always inlined, so no call ABI is involved.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+typedef double Vec4d __attribute__((vector_size(32)));
+typedef float Vec4f __attribute__((vector_size(16)));
+
+FASTAD_INLINE Vec4d load4(const double* p) {
+  Vec4d v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+FASTAD_INLINE Vec4d load4(const float* p) {
+  Vec4f v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return __builtin_convertvector(v, Vec4d);
+}
+
+FASTAD_INLINE double sum_lanes(Vec4d q0, Vec4d q1, Vec4d q2, Vec4d q3) {
+  const Vec4d h = (q0 + q2) + (q1 + q3);
+  return (h[0] + h[2]) + (h[1] + h[3]);
+}
 
 // Squared distance of two rows of any element types (float32 rows, float64 centroids), in float64.
 template <typename A, typename B>
 FASTAD_INLINE double squared_l2_of(const A* a, const B* b, int64_t d) {
-  double acc[kLanes] = {};
+  Vec4d q0 = {}, q1 = {}, q2 = {}, q3 = {};
   int64_t j = 0;
   for (; j + kLanes <= d; j += kLanes) {
-#pragma omp simd
-    for (int l = 0; l < kLanes; ++l) {
-      const double t = static_cast<double>(a[j + l]) - static_cast<double>(b[j + l]);
-      acc[l] += t * t;
-    }
+    const Vec4d t0 = load4(a + j) - load4(b + j), t1 = load4(a + j + 4) - load4(b + j + 4);
+    const Vec4d t2 = load4(a + j + 8) - load4(b + j + 8), t3 = load4(a + j + 12) - load4(b + j + 12);
+    q0 += t0 * t0;
+    q1 += t1 * t1;
+    q2 += t2 * t2;
+    q3 += t3 * t3;
   }
-  double s = 0.0;
+  double s = sum_lanes(q0, q1, q2, q3);
   for (; j < d; ++j) {
     const double t = static_cast<double>(a[j]) - static_cast<double>(b[j]);
     s += t * t;
   }
-  for (int l = 0; l < kLanes; ++l) s += acc[l];
   return s;
 }
 
 FASTAD_INLINE double squared_l2(const float* a, const float* b, int64_t d) { return squared_l2_of(a, b, d); }
 
 FASTAD_INLINE double dot(const float* a, const float* b, int64_t d) {
-  double acc[kLanes] = {};
+  Vec4d q0 = {}, q1 = {}, q2 = {}, q3 = {};
   int64_t j = 0;
   for (; j + kLanes <= d; j += kLanes) {
-#pragma omp simd
-    for (int l = 0; l < kLanes; ++l) acc[l] += static_cast<double>(a[j + l]) * static_cast<double>(b[j + l]);
+    q0 += load4(a + j) * load4(b + j);
+    q1 += load4(a + j + 4) * load4(b + j + 4);
+    q2 += load4(a + j + 8) * load4(b + j + 8);
+    q3 += load4(a + j + 12) * load4(b + j + 12);
   }
-  double s = 0.0;
+  double s = sum_lanes(q0, q1, q2, q3);
   for (; j < d; ++j) s += static_cast<double>(a[j]) * static_cast<double>(b[j]);
-  for (int l = 0; l < kLanes; ++l) s += acc[l];
   return s;
 }
 

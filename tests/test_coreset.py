@@ -65,9 +65,44 @@ def test_block_pruning_skips_and_selects_the_reference_indices(precision):
         assert torch.equal(got, want) and torch.equal(torch.ops.fastad.kcenter_greedy(v, s, 2500), want)
         assert len(set(got.tolist())) == 2500
         # the tests really skip: most points are left unread in the second half of the run
-        assert skipped.dtype == torch.long and skipped.shape == (2500,)
-        assert skipped[1250:].float().mean() > 0.5 * 5000, skipped[1250:].float().mean()
-        assert skipped.max() <= 5000
+        assert skipped.dtype == torch.long and skipped.shape == (2500, 5)
+        total = skipped[:, :2].sum(1)
+        assert total[1250:].float().mean() > 0.5 * 5000, total[1250:].float().mean()
+        assert total.max() <= 5000 and skipped.min() >= 0
+        # rows sorted by cluster: whole blocks are skipped, so the block test stays on at every step
+        assert skipped[1250:, 0].float().mean() > 0.5 * 5000 and (skipped[:, 2] > 0).all()
+
+
+def test_per_step_op_with_the_point_test_selects_the_reference_indices():
+    # the distributed loop's kernel (kcenter_init / kcenter_step) with the point test on at every step:
+    # it skips points and still selects the reference's indices
+    v = selection_values(project_features(_clustered_with_duplicates_and_ties(), 16))
+    s = starting_points(5000)
+    want = greedy_coreset_reference(v, s, 600)
+    dist = torch.ops.fastad.kcenter_init(v, v[s])
+    assign = torch.full((5000,), -1, dtype=torch.int32)
+    centers = torch.empty(600, v.shape[1])
+    best, pruned = int(torch.argmax(dist)), []
+    for t in range(600):
+        centers[t] = v[best]
+        assert best == want[t], t
+        value, best, skipped = torch.ops.fastad.kcenter_step(v, dist, assign, centers, t, best, t > 0).tolist()
+        best = int(best)
+        pruned.append(skipped)
+    assert sum(pruned[300:]) / 300 > 0.5 * 5000
+
+
+def test_block_test_is_switched_off_where_it_does_not_pay():
+    # random rows: no block can be skipped, so its centroid is read only on the probe steps (every 64th),
+    # and the selection is still the reference's
+    g = torch.Generator().manual_seed(0)
+    v = selection_values(project_features(torch.randn(6000, 64, generator=g)))
+    s = starting_points(6000)
+    got, stats = torch.ops.fastad.kcenter_greedy_stats(v, s, 300)
+    assert torch.equal(got, greedy_coreset_reference(v, s, 300))
+    tested = (stats[:, 2] > 0).nonzero().flatten().tolist()
+    assert tested == [0, 64, 128, 192, 256] and stats[:, 0].sum() == 0
+    assert (stats[tested, 2] == (6000 + 63) // 64 - 1).all()  # every block but the new center's
 
 
 def test_selection_values():
@@ -148,7 +183,14 @@ def test_fake_kernel_and_schema():
     p = project_features(torch.randn(50, 16))
     torch.library.opcheck(torch.ops.fastad.kcenter_greedy.default, (p, starting_points(50), 5))
     torch.library.opcheck(torch.ops.fastad.kcenter_greedy.default, (selection_values(p), starting_points(50), 5))
-    torch.library.opcheck(torch.ops.fastad.kcenter_greedy_stats.default, (selection_values(p), starting_points(50), 5))
+    # the stats op's last column is wall time, so opcheck's eager-vs-AOT output comparison is replaced by
+    # the same comparison on the deterministic outputs
+    stats = torch.ops.fastad.kcenter_greedy_stats.default
+    args = (selection_values(p), starting_points(50), 5)
+    torch.library.opcheck(stats, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    f = torch.compile(lambda *a: stats(*a), backend="aot_eager", fullgraph=True)
+    (i0, s0), (i1, s1) = stats(*args), f(*args)
+    assert torch.equal(i0, i1) and torch.equal(s0[:, :4], s1[:, :4]) and s1.shape == (5, 5) and (s1[:, 4] > 0).all()
 
 
 def test_compiles():

@@ -116,8 +116,9 @@ SCHEMAS: dict[str, tuple[str, str]] = {
     ),
     "kcenter_greedy_stats": (
         "fastad::kcenter_greedy_stats(Tensor features, Tensor starts, int k) -> (Tensor, Tensor)",
-        "As kcenter_greedy, and (k,) int64: per step the points whose features were not read (block and "
-        "point triangle tests). CPU. Deterministic.",
+        "As kcenter_greedy, and (k, 5) int64 per-step counters: points skipped by the block triangle test, "
+        "points skipped by the point test (neither read), blocks tested, earlier centres compared, and the "
+        "step's wall time in ns. CPU. Deterministic but for the time column.",
     ),
     "kcenter_init": (
         "fastad::kcenter_init(Tensor features, Tensor start_vectors) -> Tensor",

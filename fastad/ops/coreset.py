@@ -15,10 +15,12 @@ rounded to float16 (:func:`selection_values`): the CPU kernel then reads half th
 the reference, given the same rounded values, selects the same indices. The rounding (relative
 2**-11) only decides between points whose distances differ by less than that; the projection is
 itself random. ``precision="float32"`` (the default) selects on the float32 projection, as PatchCore's
-code does. On the 2-core development CPU float16 is slower (the widening costs more than the bytes
-saved; bench/RESULTS.md), and the CUDA kernel reads the same values as float32.
+code does. On the 2-core development CPU float16 selects 1.1-1.4x faster (it reads half the row bytes
+but widens every row it reads, so where nothing is pruned it is bound by that arithmetic, not by
+memory; bench/RESULTS.md); the CUDA kernel reads the same values as float32.
 The CPU kernel also skips blocks of 64 points that the triangle inequality shows cannot get closer to
-the new center (see csrc/coreset_cpu.cpp); the result is the same either way.
+the new center, and single points by their nearest center (see csrc/coreset_cpu.cpp); the result is
+the same either way.
 
 With ``group`` (a torch.distributed process group) every rank passes its contiguous shard of the rows
 and all select the same points as one process on the concatenation: the projection is computed in

@@ -98,7 +98,7 @@ if HAS_EXTENSION:
 
     @torch.library.register_fake("fastad::kcenter_greedy_stats")
     def _kcenter_greedy_stats_fake(features, starts, k):
-        return features.new_empty((k,), dtype=torch.long), features.new_empty((k,), dtype=torch.long)
+        return features.new_empty((k,), dtype=torch.long), features.new_empty((k, 5), dtype=torch.long)
 
     @torch.library.register_fake("fastad::nearest_reference")
     def _nearest_reference_fake(x, bank, metric, window):
