@@ -14,6 +14,12 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT / "bench"))  # bench/baselines.py: the authors'-style loops
 
 
+# the small ViT and Dinomaly architecture the model tests build (random weights); tests add their training settings
+TINY_VIT = {"depth": 4, "embed_dim": 48, "num_heads": 3}
+TINY_DINOMALY = dict(encoder="dinov2reg_vit_small_14", weights="random", encoder_layers=[0, 1, 2, 3],
+                     groups=[[0, 1], [2, 3]], decoder_depth=4, encoder_kwargs=TINY_VIT, image_size=56)
+
+
 def shared(*parts: str) -> Path:
     """Path under ../shared/data, or skip the test with the reason."""
     p = SHARED_DATA.joinpath(*parts)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import conftest
 from conftest import assert_close_to_oracle, cli_error
 from fastad import create_model, load_checkpoint
 from fastad.cli import main
@@ -63,9 +64,7 @@ if kill:
 from fastad.cli import main
 sys.exit(main(sys.argv[1:]))
 '''
-TINY_DINOMALY = {"encoder": "dinov2reg_vit_small_14", "weights": "random", "encoder_layers": [0, 1, 2, 3],
-                 "groups": [[0, 1], [2, 3]], "decoder_depth": 4, "encoder_kwargs": {"depth": 4, "embed_dim": 48, "num_heads": 3},
-                 "image_size": 56, "train_batch_size": 4, "iterations": 10, "warmup_iters": 1, "map_size": 28, "p_ramp": 2}
+TINY_DINOMALY = dict(conftest.TINY_DINOMALY, train_batch_size=4, iterations=10, warmup_iters=1, map_size=28, p_ramp=2)
 
 
 @pytest.fixture(autouse=True)

@@ -12,21 +12,18 @@ import sys
 import pytest
 import torch
 
-from conftest import cli_error
+from conftest import TINY_DINOMALY, cli_error
 from fastad import AnomalyModel, AnomalyOutput, create_model, load_checkpoint
 from fastad.cli import main
 from fastad.data import SyntheticDataset
 from fastad.models import MODELS
 from fastad.ops import dispatch
 
-TINY_VIT = {"depth": 4, "embed_dim": 48, "num_heads": 3}
 # small, fast settings; each keeps the model's own image geometry rules
 TINY = {
     "patchcore": dict(image_size=64, crop_fraction=1.0),
     "padim": dict(image_size=64, crop_fraction=1.0),
-    "dinomaly": dict(encoder="dinov2reg_vit_small_14", weights="random", encoder_layers=[0, 1, 2, 3], groups=[[0, 1], [2, 3]],
-                     decoder_depth=4, encoder_kwargs=TINY_VIT, image_size=56, train_batch_size=4, iterations=2,
-                     warmup_iters=1, map_size=28, p_ramp=2),
+    "dinomaly": dict(TINY_DINOMALY, train_batch_size=4, iterations=2, warmup_iters=1, map_size=28, p_ramp=2),
     "minimaxad": dict(encoder="efficientnet_lite0", weights="random", image_size=64, train_batch_size=4, iterations=2),
     "rlr": dict(weights="random", image_size=64, depth=1, iterations=2, train_batch_size=2),
     "fod": dict(weights="random", image_size=64, depth=1, iterations=2, train_batch_size=2),

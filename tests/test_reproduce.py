@@ -9,16 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import write_defect_images
+from conftest import TINY_DINOMALY, write_defect_images
 from fastad import cli
 from fastad.data import ImageTransform, WithReferences, mvtec
 from fastad.models import MODELS, create_model
 from fastad.ops import dispatch
 from fastad.recipes import RECIPES, recipe_for
 
-TINY_VIT = {"depth": 4, "embed_dim": 48, "num_heads": 3}
-TINY_DINOMALY = dict(encoder="dinov2reg_vit_small_14", weights="random", encoder_layers=[0, 1, 2, 3],
-                     groups=[[0, 1], [2, 3]], decoder_depth=4, encoder_kwargs=TINY_VIT, image_size=56)
 
 
 @pytest.fixture(autouse=True)
