@@ -182,10 +182,10 @@ def _real(benchmark, name, ratio, impl):
     v = selection_values(project_features(x), "float16" if impl == "fastad_fp16" else "float32")
     n, d, k = v.shape[0], v.shape[1], int(len(x) * ratio)
     bw = memory_bandwidth("read")
-    idx, skipped = torch.ops.fastad.kcenter_greedy_stats(v, starting_points(n), k)
-    step = skipped[:, 4].double().mean().item() / 1e9
-    read = step_bytes(n, d, v.element_size(), skipped)
-    skip = skipped[:, :2].sum(1).double().mean().item() / n
+    idx, stats = torch.ops.fastad.kcenter_greedy_stats(v, starting_points(n), k)
+    step = stats[:, 4].double().mean().item() / 1e9
+    read = step_bytes(n, d, v.element_size(), stats)
+    skip = stats[:, :2].sum(1).double().mean().item() / n
     benchmark.extra_info.update(step_s=step, bytes_per_step=read, bandwidth=bw, skipped=skip)
     _real_info[(name, ratio, impl)] = (n, step, read, bw, skip)
 

@@ -126,6 +126,14 @@ void center_range(const float* cv, int64_t d, const float* c, double* out, int64
   for (int64_t a = begin; a < end; ++a) out[a] = std::sqrt(squared_l2(cv + a * d, c, d));
 }
 
+constexpr int64_t kCenterGrain = 256;  // earlier centers per task (thousands of them late in a run)
+
+// center_dist[0, t): the distances of the first t centers (rows of cv) to the new one, c (the point test).
+void center_distances(const float* cv, int64_t d, int64_t t, const float* c, std::vector<double>& center_dist) {
+  if (static_cast<int64_t>(center_dist.size()) < t) center_dist.resize(std::max<int64_t>(t, 2 * center_dist.size()));
+  at::parallel_for(0, t, kCenterGrain, [&](int64_t b, int64_t e) { center_range(cv, d, c, center_dist.data(), b, e); });
+}
+
 // Rows of one point as float32: the row itself, or its float16 values widened into buf (d floats).
 FASTAD_INLINE const float* row_f32(const float* x, int64_t d, int64_t i, float*) { return x + i * d; }
 FASTAD_INLINE const float* row_f32(const uint16_t* x, int64_t d, int64_t i, float* buf) {
@@ -224,8 +232,8 @@ Best parallel_argmax_update(const float* x, int64_t n, int64_t d, const double* 
 
 // One selection step over the points of x: center number t (the row t of cv, t x d rows before it)
 // is marked selected if it is point `owned` (-1: another shard's), the distances are lowered, and
-// the new argmax is returned. `use_prune` enables the triangle test. Shared by the one-call loop
-// below and the per-step op of distributed selections.
+// the new argmax is returned. `use_prune` enables the point test. The per-step op of distributed
+// selections; the one-call loop below runs the same update per block (blocks_body).
 Best select_step(const float* x, int64_t n, int64_t d, const float* cv, int64_t t, int64_t owned, double* dist,
                  int32_t* assign, std::vector<double>& center_dist, bool use_prune, int64_t* pruned) {
   const float* xc = cv + t * d;
@@ -233,10 +241,7 @@ Best select_step(const float* x, int64_t n, int64_t d, const float* cv, int64_t 
     dist[owned] = -1.0;
     assign[owned] = static_cast<int32_t>(t);
   }
-  if (use_prune) {
-    if (static_cast<int64_t>(center_dist.size()) < t) center_dist.resize(t);
-    at::parallel_for(0, t, kGrain, [&](int64_t b, int64_t e) { center_range(cv, d, xc, center_dist.data(), b, e); });
-  }
+  if (use_prune) center_distances(cv, d, t, xc, center_dist);
   std::vector<double> xcd(xc, xc + d);
   return parallel_argmax_update(x, n, d, xcd.data(), static_cast<int32_t>(t), dist, assign,
                                 use_prune ? center_dist.data() : nullptr, pruned);
@@ -254,7 +259,6 @@ Best init_distances(const float* x, int64_t n, int64_t d, const float* sv, int64
 // block test is kept while it skips >= 5% of the points (a failed test costs one centroid distance
 // per 64 points).
 constexpr int64_t kProbe = 64;
-constexpr int64_t kCenterGrain = 256;  // earlier centers per task (thousands of them late in a run)
 
 void check_features(const at::Tensor& features, const char* op) {
   TORCH_CHECK(features.dim() == 2 && features.scalar_type() == at::kFloat && features.is_contiguous(),
@@ -407,10 +411,7 @@ void greedy_loop(const T* x, int64_t n, int64_t d, const int64_t* sp, int64_t s,
     dist[c] = -1.0;
     assign[c] = static_cast<int32_t>(t);
     const bool use = prune || (t % kProbe == 0 && t > 0), use_blocks = blocks_pay || t % kProbe == 0;
-    if (use) {
-      if (static_cast<int64_t>(center_dist.size()) < t) center_dist.resize(std::max<int64_t>(t, 2 * center_dist.size()));
-      at::parallel_for(0, t, kCenterGrain, [&](int64_t b, int64_t e) { center_range(cv.data(), d, xc, center_dist.data(), b, e); });
-    }
+    if (use) center_distances(cv.data(), d, t, xc, center_dist);
     const BlockArgs args{n, d, static_cast<int32_t>(t), xcd.data(), c / kBlock, dist.data(), assign.data(),
                          use ? center_dist.data() : nullptr, use_blocks, centroid.data(), radius.data(), maxd.data(),
                          best.data()};
@@ -437,7 +438,7 @@ void greedy_loop(const T* x, int64_t n, int64_t d, const int64_t* sp, int64_t s,
   }
 }
 
-at::Tensor greedy_impl(const at::Tensor& features, const at::Tensor& starts, int64_t k, int64_t* skipped) {
+at::Tensor greedy_impl(const at::Tensor& features, const at::Tensor& starts, int64_t k, int64_t* stats) {
   TORCH_CHECK(features.dim() == 2 && features.is_contiguous() &&
                   (features.scalar_type() == at::kFloat || features.scalar_type() == at::kHalf),
               "fastad::kcenter_greedy: features must be a contiguous float32 or float16 (N, d) tensor");
@@ -452,10 +453,10 @@ at::Tensor greedy_impl(const at::Tensor& features, const at::Tensor& starts, int
     TORCH_CHECK(sp[j] >= 0 && sp[j] < n, "fastad::kcenter_greedy: start index ", sp[j], " out of range");
   at::Tensor out = at::empty({k}, features.options().dtype(at::kLong));
   if (features.scalar_type() == at::kFloat)
-    greedy_loop(features.data_ptr<float>(), n, d, sp, s, k, out.data_ptr<int64_t>(), skipped);
+    greedy_loop(features.data_ptr<float>(), n, d, sp, s, k, out.data_ptr<int64_t>(), stats);
   else
     greedy_loop(reinterpret_cast<const uint16_t*>(features.data_ptr<at::Half>()), n, d, sp, s, k,
-                out.data_ptr<int64_t>(), skipped);
+                out.data_ptr<int64_t>(), stats);
   return out;
 }
 
@@ -470,9 +471,9 @@ at::Tensor kcenter_greedy_cpu(const at::Tensor& features, const at::Tensor& star
 // block test, points skipped by the point test, blocks tested, earlier centers compared, nanoseconds.
 std::tuple<at::Tensor, at::Tensor> kcenter_greedy_stats_cpu(const at::Tensor& features, const at::Tensor& starts,
                                                             int64_t k) {
-  at::Tensor skipped = at::zeros({std::max<int64_t>(k, 0), kStats}, features.options().dtype(at::kLong));
-  at::Tensor idx = greedy_impl(features, starts, k, skipped.data_ptr<int64_t>());
-  return {idx, skipped};
+  at::Tensor stats = at::zeros({std::max<int64_t>(k, 0), kStats}, features.options().dtype(at::kLong));
+  at::Tensor idx = greedy_impl(features, starts, k, stats.data_ptr<int64_t>());
+  return {idx, stats};
 }
 
 // Per-step entry points (distributed selection over row shards; see fastad/ops/coreset.py).
@@ -492,7 +493,7 @@ at::Tensor kcenter_init_cpu(const at::Tensor& features, const at::Tensor& start_
 // One step: centers (>= t+1, d) float32 holds the selected centers in order, row t the new one;
 // owned: its row in this shard or -1. Updates dist (n,) float64 and assign (n,) int32 (the
 // center each point is closest to, -1 at first) in place and returns float64 (3,):
-// (best distance, its row or -1 for an empty shard, points skipped by the triangle test).
+// (best distance, its row or -1 for an empty shard, points skipped by the point test).
 at::Tensor kcenter_step_cpu(const at::Tensor& features, at::Tensor dist, at::Tensor assign, const at::Tensor& centers,
                             int64_t t, int64_t owned, bool prune) {
   check_features(features, "kcenter_step");
