@@ -44,14 +44,6 @@
 #define FASTAD_F16C 1
 #endif
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-// x86-64-v3 (AVX2, FMA, F16C) is dispatched on the CPU's features; "arch=haswell" would be chosen
-// only on Intel Haswell-family models, so AMD and newer Intel CPUs ran the SSE2 copy.
-#define FASTAD_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define FASTAD_CLONES
-#endif
-
 namespace fastad {
 namespace {
 

@@ -12,7 +12,9 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -190,6 +192,112 @@ std::tuple<at::Tensor, at::Tensor> nearest_reference_cpu(const at::Tensor& x, co
   TORCH_CHECK(x.dim() == 2 && bank.dim() == 2 && x.size(1) == bank.size(1),
               "fastad::nearest_reference: global search needs x (N,C) and bank (M,C)");
   return global_search(x, bank, metric);
+}
+
+namespace {
+
+// Exact value of a score element: bfloat16 widened by its bits (inlined; c10's conversion is a call).
+template <typename S>
+struct Score {
+  using V = S;
+  static FASTAD_INLINE V at(const S* p, int64_t j) { return p[j]; }
+};
+template <>
+struct Score<c10::BFloat16> {
+  using V = float;
+  static FASTAD_INLINE float at(const c10::BFloat16* p, int64_t j) {
+    uint16_t h;
+    std::memcpy(&h, p + j, 2);
+    const uint32_t u = static_cast<uint32_t>(h) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+};
+
+// One query row of knn_rescore: the candidates are the columns whose approximate score is at least the
+// k-th largest minus the slack; each is re-scored exactly, and the k smallest (distance, column) kept.
+template <typename S>
+FASTAD_CLONES void rescore_row(const S* score, double slack, const float* xq, const float* y, int64_t m, int64_t c,
+                               int64_t k, double* out_d, int64_t* out_i, std::vector<double>& top,
+                               std::vector<std::pair<double, int64_t>>& cand) {
+  using V = typename Score<S>::V;
+  constexpr V kLow = -std::numeric_limits<V>::infinity();
+  double kth;
+  if (k == 1) {  // the row maximum, in 8 independent lanes (vectorised: a > b ? a : b is maxps)
+    V lane[8] = {kLow, kLow, kLow, kLow, kLow, kLow, kLow, kLow};
+    int64_t j = 0;
+    for (; j + 8 <= m; j += 8) {
+      for (int l = 0; l < 8; ++l) {
+        const V v = Score<S>::at(score, j + l);
+        lane[l] = v > lane[l] ? v : lane[l];
+      }
+    }
+    for (; j < m; ++j) lane[0] = std::max(lane[0], Score<S>::at(score, j));
+    kth = *std::max_element(lane, lane + 8);
+  } else {
+    top.assign(k, -std::numeric_limits<double>::infinity());  // the k largest scores, ascending
+    for (int64_t j = 0; j < m; ++j) {
+      const double v = Score<S>::at(score, j);
+      if (v > top[0]) {
+        int64_t t = 1;
+        for (; t < k && top[t] < v; ++t) top[t - 1] = top[t];
+        top[t - 1] = v;
+      }
+    }
+    kth = top[0];
+  }
+  const double threshold = kth - slack;
+  V coarse = static_cast<V>(threshold);  // rounded down: a V >= coarse test passes every candidate
+  if (static_cast<double>(coarse) > threshold) coarse = std::nextafter(coarse, kLow);
+  cand.clear();
+  for (int64_t j = 0; j < m; ++j) {
+    const V v = Score<S>::at(score, j);
+    if (v >= coarse && static_cast<double>(v) >= threshold) cand.emplace_back(squared_l2(xq, y + j * c, c), j);
+  }
+  std::partial_sort(cand.begin(), cand.begin() + k, cand.end());  // (distance, column): lower column on ties
+  for (int64_t t = 0; t < k; ++t) {
+    out_d[t] = cand[t].first;
+    out_i[t] = cand[t].second;
+  }
+}
+
+}  // namespace
+
+// score (Q, M) float32/bfloat16/float64 (larger = nearer), slack (Q,) float64, x (Q, C) and y (M, C) float32,
+// all contiguous -> (Q, k) float64 exact squared distances and (Q, k) int64 columns, ascending.
+std::tuple<at::Tensor, at::Tensor> knn_rescore_cpu(const at::Tensor& score, const at::Tensor& slack, const at::Tensor& x,
+                                                   const at::Tensor& y, int64_t k) {
+  TORCH_CHECK(score.dim() == 2 && score.is_contiguous() &&
+                  (score.scalar_type() == at::kFloat || score.scalar_type() == at::kBFloat16 ||
+                   score.scalar_type() == at::kDouble),
+              "fastad::knn_rescore: score must be a contiguous (Q, M) float32, bfloat16 or float64 tensor");
+  const int64_t q = score.size(0), m = score.size(1);
+  TORCH_CHECK(x.scalar_type() == at::kFloat && y.scalar_type() == at::kFloat && x.is_contiguous() && y.is_contiguous() &&
+                  x.dim() == 2 && y.dim() == 2 && x.size(0) == q && y.size(0) == m && x.size(1) == y.size(1),
+              "fastad::knn_rescore: x (Q, C) and y (M, C) must be contiguous float32 matching score (Q, M)");
+  TORCH_CHECK(slack.scalar_type() == at::kDouble && slack.dim() == 1 && slack.size(0) == q && slack.is_contiguous(),
+              "fastad::knn_rescore: slack must be a contiguous (Q,) float64 tensor");
+  TORCH_CHECK(k >= 1 && k <= m, "fastad::knn_rescore: k must be in [1, M]");
+  const int64_t c = x.size(1);
+  at::Tensor dist = at::empty({q, k}, x.options().dtype(at::kDouble));
+  at::Tensor index = at::empty({q, k}, x.options().dtype(at::kLong));
+  const float* xp = x.data_ptr<float>();
+  const float* yp = y.data_ptr<float>();
+  const double* sp = slack.data_ptr<double>();
+  double* dp = dist.data_ptr<double>();
+  int64_t* ip = index.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, score.scalar_type(), "knn_rescore", [&] {
+    const scalar_t* scp = score.data_ptr<scalar_t>();
+    at::parallel_for(0, q, 16, [&](int64_t r0, int64_t r1) {
+      std::vector<double> top;
+      std::vector<std::pair<double, int64_t>> cand;
+      for (int64_t r = r0; r < r1; ++r) {
+        rescore_row(scp + r * m, sp[r], xp + r * c, yp, m, c, k, dp + r * k, ip + r * k, top, cand);
+      }
+    });
+  });
+  return {dist, index};
 }
 
 }  // namespace fastad

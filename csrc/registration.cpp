@@ -13,6 +13,8 @@ at::Tensor kcenter_step_cpu(const at::Tensor& features, at::Tensor dist, at::Ten
                             int64_t t, int64_t owned, bool prune);
 std::tuple<at::Tensor, at::Tensor> nearest_reference_cpu(const at::Tensor& x, const at::Tensor& bank,
                                                          int64_t metric, int64_t window);
+std::tuple<at::Tensor, at::Tensor> knn_rescore_cpu(const at::Tensor& score, const at::Tensor& slack, const at::Tensor& x,
+                                                   const at::Tensor& y, int64_t k);
 }  // namespace fastad
 
 TORCH_LIBRARY(fastad, m) {
@@ -24,6 +26,8 @@ TORCH_LIBRARY(fastad, m) {
   m.def("kcenter_step(Tensor features, Tensor(a!) dist, Tensor(b!) assign, Tensor centers, int t, int owned, "
         "bool prune) -> Tensor");
   m.def("nearest_reference(Tensor x, Tensor bank, int metric, int window) -> (Tensor, Tensor)");
+  // FeatureBank's exact k nearest among the candidates of an approximate score (CPU)
+  m.def("knn_rescore(Tensor score, Tensor slack, Tensor x, Tensor y, int k) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastad, CPU, m) {
@@ -32,6 +36,7 @@ TORCH_LIBRARY_IMPL(fastad, CPU, m) {
   m.impl("kcenter_init", &fastad::kcenter_init_cpu);
   m.impl("kcenter_step", &fastad::kcenter_step_cpu);
   m.impl("nearest_reference", &fastad::nearest_reference_cpu);
+  m.impl("knn_rescore", &fastad::knn_rescore_cpu);
 }
 
 // Importing fastad._C runs the registrations above; the module itself is empty.

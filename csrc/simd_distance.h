@@ -14,6 +14,15 @@ namespace fastad {
 #define FASTAD_INLINE inline
 #endif
 
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+// The loops that call them: x86-64-v3 (AVX2, FMA, F16C) is dispatched on the CPU's features;
+// "arch=haswell" would be chosen only on Intel Haswell-family models, so AMD and newer Intel CPUs
+// ran the SSE2 copy.
+#define FASTAD_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define FASTAD_CLONES
+#endif
+
 // kLanes = 16 independent float64 partial sums, as four 4-wide vectors (lane l of vector q sums the
 // elements j + 4q + l): a single accumulator would chain every fused multiply-add on the previous one
 // (latency-bound, ~4x slower), and vector types keep the sums in registers (an array of 16 was spilled

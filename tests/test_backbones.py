@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -52,10 +54,8 @@ def test_missing_weights_never_download(tmp_path, monkeypatch):
 
 
 def test_channels_last_cpu_path_matches_float64():
-    """The CPU forward runs channels-last (oneDNN's faster layout): its error against the float64
+    """The CPU forward runs channels-last (oneDNN's faster layout) with the norms folded: its error against the float64
     network may be at most twice that of the plain NCHW float32 forward, plus a few roundings."""
-    import copy
-
     from conftest import assert_close_to_oracle
 
     torch.manual_seed(0)
@@ -69,3 +69,50 @@ def test_channels_last_cpu_path_matches_float64():
     for g, p, o in zip(got, plain, oracle):
         assert_close_to_oracle(g, o, p, what="channels-last features")
     assert all(t.is_contiguous() for t in fe.state_dict().values())  # savable with safetensors as it is
+
+
+def test_folded_cpu_forward_keeps_timm_layout_and_follows_new_weights():
+    """The CPU forward runs a copy with the batch norms folded in; the module's own weights and
+    state_dict stay timm's, and a load_state_dict rebuilds the copy."""
+    from conftest import assert_close_to_oracle
+
+    torch.manual_seed(0)
+    fe = FeatureExtractor(layers=(2, 3))
+    before = {k: v.clone() for k, v in fe.state_dict().items()}
+    x = torch.randn(2, 3, 64, 64)
+    fe(x)
+    after = fe.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fe.__dict__["_folded_cache"][1].modules())
+    state = {k: (v + 0.5 if k.endswith("running_mean") else v) for k, v in before.items()}  # new norm statistics
+    fe.load_state_dict(state)
+    with torch.no_grad():
+        oracle = copy.deepcopy(fe.model).double()(x.double())
+        plain = [f.float() for f in fe.model(x)]
+    for g, p, o in zip(fe(x), plain, oracle):
+        assert_close_to_oracle(g, o, p, what="features after load_state_dict")
+
+
+def test_fold_batch_norms_checks_that_the_norm_follows_the_convolution():
+    from fastad.backbones import fold_batch_norms
+
+    class Block(torch.nn.Module):
+        def __init__(self, norm_first):
+            super().__init__()
+            self.conv, self.bn, self.norm_first = torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.BatchNorm2d(4), norm_first
+            torch.nn.init.uniform_(self.bn.running_mean, -1, 1)
+            torch.nn.init.uniform_(self.bn.running_var, 0.5, 2)
+            torch.nn.init.uniform_(self.bn.weight, 0.5, 2)
+
+        def forward(self, x):
+            return self.conv(self.bn(x)) if self.norm_first else self.bn(self.conv(x))
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8, 8)
+    right = Block(False).eval()
+    fused = fold_batch_norms(right, x)
+    assert fused is not None and not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), right(x))  # float32 rounding of the same affine maps
+    assert fold_batch_norms(Block(True).eval(), x) is None  # registered after the conv, applied before it
+    assert fold_batch_norms(torch.nn.Conv2d(4, 4, 1), x) is None  # nothing to fold

@@ -19,7 +19,7 @@ from fastad import create_model, load_checkpoint
 from fastad.cli import main
 from fastad.data import SyntheticDataset
 from fastad.faults import atomic_write, memory_stage
-from fastad.ops import FeatureBank, dispatch
+from fastad.ops import FeatureBank, dispatch, feature_bank
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -280,14 +280,14 @@ def test_wrong_setting_types_are_one_line(capsys):
 
 @pytest.mark.parametrize("n,dim,k", [(1000, 24, 1), (777, 5, 3), (64, 16, 9)])
 def test_knn_under_a_memory_cap_equals_the_uncapped_search(n, dim, k, monkeypatch):
-    blocks = []  # bank rows of each distance block
-    addmm = torch.addmm
+    blocks = []  # bank rows of each score block
+    rescore = feature_bank._knn_rescore
 
-    def spy(bias, q, b_t, **kw):
-        blocks.append(b_t.shape[1])
-        return addmm(bias, q, b_t, **kw)
+    def spy(score, *args):
+        blocks.append(score.shape[1])
+        return rescore(score, *args)
 
-    monkeypatch.setattr(torch, "addmm", spy)
+    monkeypatch.setattr(feature_bank, "_knn_rescore", spy)
     g = torch.Generator().manual_seed(n)
     bank, queries = torch.randn(n, dim, generator=g), torch.randn(301, dim, generator=g)
     free = FeatureBank(dim)
@@ -302,9 +302,9 @@ def test_knn_under_a_memory_cap_equals_the_uncapped_search(n, dim, k, monkeypatc
     assert max(blocks) <= n // 8 and sum(blocks) % n == 0  # half the cap per bank block: the bank in >= 8 blocks
     exact = torch.cdist(queries.double(), bank.double()).pow(2)
     oracle, order = exact.topk(k, largest=False)
-    # the same neighbours (the oracle's distances here have no near-ties) and distances equal up to
-    # the float32 error of the uncapped search
-    assert torch.equal(i1, i0) and torch.equal(i0, order)
+    # the same neighbours (the oracle's distances here have no near-ties) and distances: both searches
+    # re-score their candidates exactly
+    assert torch.equal(i1, i0) and torch.equal(i0, order) and torch.equal(d1, d0)
     assert_close_to_oracle(d1, oracle, d0)
 
 

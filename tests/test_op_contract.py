@@ -52,7 +52,7 @@ def test_every_public_op_is_listed_with_its_signature():
 
 def test_every_registered_schema_is_listed():
     code = _schemas()
-    extension = {"kcenter_greedy", "kcenter_init", "kcenter_step", "nearest_reference"}
+    extension = {"kcenter_greedy", "kcenter_greedy_stats", "kcenter_init", "kcenter_step", "knn_rescore", "nearest_reference"}
     listed = {n: sig for n, (sig, _) in contract.SCHEMAS.items()}
     if not dispatch.HAS_EXTENSION:  # a build without fastad._C registers only the Python-defined ops
         listed = {n: s for n, s in listed.items() if n not in extension}
@@ -81,6 +81,8 @@ def _cases():
         "gaussian_blur": (lambda m: ops.gaussian_blur(m * 1.0, 1.5), (r(2, 9, 9),)),
         "gaussian_blur_small": (lambda m: ops.gaussian_blur_small(m * 1.0), (r(2, 9, 9),)),
         "FeatureBank.search": (lambda x, b: _bank_search(x, b), (feats, bank)),
+        "knn_rescore": (lambda s, x, b: ops.knn_rescore(s * 1.0, torch.full((30,), 0.5, dtype=torch.float64), x, b, 2)[0],
+                        (r(30, 9), feats, bank)),
     }
 
 

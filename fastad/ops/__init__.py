@@ -10,7 +10,7 @@ from .grid_attention import (
 )
 from .linear_attention import linear_attention, linear_attention_reference
 from .coreset import greedy_coreset, greedy_coreset_reference
-from .feature_bank import FeatureBank
+from .feature_bank import FeatureBank, knn_rescore, knn_rescore_reference
 from .hard_mining import adc_loss, adc_loss_reference, hard_mining_cosine_loss, hard_mining_cosine_loss_reference
 from .nearest import nearest_reference, nearest_reference_reference
 from .select import quantile, quantile_reference, select_rank, select_rank_reference
@@ -35,6 +35,8 @@ __all__ = [
     "neighbour_masked_attention",
     "neighbour_masked_attention_reference",
     "nearest_reference_reference",
+    "knn_rescore",
+    "knn_rescore_reference",
     "quantile",
     "quantile_reference",
     "select_rank",

@@ -14,7 +14,7 @@ collective over row shards with the one-process result.
 """
 from __future__ import annotations
 
-VERSION = "0.2.0"
+VERSION = "0.3.0"
 
 # name -> (signature as inspect.signature prints it, what it takes and gives)
 OPS: dict[str, tuple[str, str]] = {
@@ -30,9 +30,20 @@ OPS: dict[str, tuple[str, str]] = {
         "Oracle: projected (N, d) floating, starts (S,) int64 -> (k,) int64. Deterministic.",
     ),
     "FeatureBank": (
-        "(dim: 'int', backend: 'str' = 'torch', device=None, ivf_nlist: 'int | None' = None, nprobe: 'int' = 8, max_bytes: 'int | None' = None, group=None)",
+        "(dim: 'int', backend: 'str' = 'torch', device=None, ivf_nlist: 'int | None' = None, nprobe: 'int' = 8, max_bytes: 'int | None' = None, gemm: 'str' = 'auto', group=None)",
         "add((n, dim) floating); search((Q, dim) floating, k) -> (Q, k) float32 squared L2 ascending, (Q, k) int64, "
-        "ties to the lower index (torch backend; faiss: its own order). Deterministic for the torch backend.",
+        "ties to the lower index (torch backend: the float64 distances of the float32 rows rounded to float32, "
+        "the same for every gemm; faiss: its own order). Deterministic for the torch backend.",
+    ),
+    "knn_rescore": (
+        "(score: 'torch.Tensor', slack: 'torch.Tensor', x: 'torch.Tensor', y: 'torch.Tensor', k: 'int') -> 'tuple[torch.Tensor, torch.Tensor]'",
+        "score (Q, M) float32/bfloat16/float64 (larger = nearer), slack (Q,) float64 >= 0, x (Q, C), y (M, C) -> "
+        "(Q, k) float64 exact squared distances ascending, (Q, k) int64 columns (lower on ties), among the columns "
+        "scoring >= k-th best - slack. Deterministic.",
+    ),
+    "knn_rescore_reference": (
+        "(score: 'torch.Tensor', slack: 'torch.Tensor', x: 'torch.Tensor', y: 'torch.Tensor', k: 'int') -> 'tuple[torch.Tensor, torch.Tensor]'",
+        "Oracle of knn_rescore, same shapes.",
     ),
     "FeatureBank.add": ("(self, features: 'torch.Tensor') -> 'None'", "Appends (n, dim) floating, finite features."),
     "FeatureBank.search": (
@@ -134,6 +145,11 @@ SCHEMAS: dict[str, tuple[str, str]] = {
         "x, bank as nearest_reference (metric 0 = l2, 1 = cosine; window 0 = global) -> (n,) float64 values, "
         "(n,) int64 indices. CPU, CUDA.",
     ),
+    "knn_rescore": (
+        "fastad::knn_rescore(Tensor score, Tensor slack, Tensor x, Tensor y, int k) -> (Tensor, Tensor)",
+        "score (Q, M) float32/bfloat16/float64, slack (Q,) float64, x (Q, C), y (M, C) float32, all contiguous -> "
+        "(Q, k) float64, (Q, k) int64, as knn_rescore. CPU.",
+    ),
     "grid_attention": (
         "fastad::grid_attention(Tensor q, Tensor k, Tensor v, SymInt h, SymInt w, SymInt radius, bool only, float scale) -> (Tensor, Tensor)",
         "Triton (CUDA, or the CPU interpreter): -> output (B, heads, N, d), float32 log-sum-exp (B, heads, N).",
@@ -165,6 +181,7 @@ def fingerprint() -> str:
 RELEASED = {
     "0.1.0": "0bd807fd4f8449d4",
     "0.2.0": "256935837e0f7369",
+    "0.3.0": "53b9ddb7bc97ed99",
 }
 
 

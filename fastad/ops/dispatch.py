@@ -1,7 +1,7 @@
 """The one rule that picks every op's implementation, and the switch that tests and users flip.
 
 Each op has up to three implementations: a compiled kernel of the extension ``fastad._C`` (C++ on the
-CPU, CUDA on the GPU: ``greedy_coreset``, ``nearest_reference``), Triton kernels (attention, quantile,
+CPU, CUDA on the GPU: ``greedy_coreset``, ``nearest_reference``; ``knn_rescore`` CPU only), Triton kernels (attention, quantile,
 hard-mining losses) and its pure-PyTorch reference. :func:`implementation` chooses, in this order:
 
 1. ``'extension'`` when the op has one, it is enabled and ``fastad._C`` was built for the tensor's device
@@ -104,6 +104,10 @@ if HAS_EXTENSION:
     def _nearest_reference_fake(x, bank, metric, window):
         n = x.numel() // x.shape[-1]
         return x.new_empty((n,), dtype=torch.float64), x.new_empty((n,), dtype=torch.long)
+
+    @torch.library.register_fake("fastad::knn_rescore")
+    def _knn_rescore_fake(score, slack, x, y, k):
+        return x.new_empty((score.shape[0], k), dtype=torch.float64), x.new_empty((score.shape[0], k), dtype=torch.long)
 
     @torch.library.register_fake("fastad::kcenter_init")
     def _kcenter_init_fake(features, start_vectors):

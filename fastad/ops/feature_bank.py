@@ -1,11 +1,20 @@
 """A bank of feature vectors with exact (or IVF) k-nearest-neighbour search.
 
 Backends:
-- ``torch``: exact, chunked ``|q|^2 + |b|^2 - 2 q.b`` plus ``topk``; CPU or CUDA, never an
-  (all queries x all bank) matrix. With ``max_bytes`` (or a bank kept in host memory and queried
-  with CUDA tensors) the bank is also walked in blocks of at most ``max_bytes / 2`` bytes, copied to
-  the queries' device one at a time and merged on (distance, index): banks larger than the device
-  memory are searched.
+- ``torch``: exact. A GEMM in low precision finds candidates, and only they are re-scored exactly.
+  With ``y = b - mean(bank)``, ``score = q.y - (y.mean + |y|^2 / 2) = (|q - mean|^2 - |q - b|^2) / 2``,
+  so per query the rows with the largest score are the nearest. It is one GEMM of ``[q, 1, 1]``
+  and ``[y, -hi, -lo]`` (the per-row constant split into a high and a low part) in bfloat16 (CPUs
+  with AVX512-BF16/AMX: ~3x a float32 GEMM) or float32, with a rigorous bound ``e`` on its error
+  (bfloat16 rounding of both operands and of the output, float32 accumulation; it holds for any
+  GEMM at least that precise: float32, TF32). A row scoring more than ``2 e`` below the k-th best
+  cannot be among the k nearest; the rest (3.3 rows per query on PatchCore's MVTec bottle bank)
+  get their squared distance in float64 from the float32 rows (:func:`knn_rescore`), and the k
+  smallest win, the lower index on float64 ties. The result is the float64 answer rounded to
+  float32, whatever GEMM found the candidates. CPU or CUDA, in chunks of at most 4096 queries. With
+  ``max_bytes`` (or a bank kept in host memory and queried with CUDA tensors) the bank is also
+  walked in blocks of at most ``max_bytes / 2`` bytes, copied to the queries' device one at a
+  time: banks larger than the device memory are searched.
 - ``faiss``: ``IndexFlatL2`` (exact) or, with ``ivf_nlist``, ``IndexIVFFlat`` (approximate) on the
   CPU; moved to the GPU when the queries are CUDA tensors and faiss was built with GPU support
   (the ``gpu`` extra).
@@ -14,20 +23,100 @@ Both return **squared** L2 distances, as FAISS does and as PatchCore's official 
 With ``group`` the bank is sharded across processes: each rank ``add``s its rows, every rank
 searches the same queries in its shard, and the per-shard top-k (with global ids: the shards'
 concatenation in rank order) are all-gathered and merged on (distance, id). Torch backend: the
-neighbours and distances of one process searching the whole bank (distances within float32 GEMM
-rounding, which may depend on the block shape); FAISS: the same within FAISS's own variation with
-the batch size (its BLAS blocking).
+neighbours and distances of one process searching the whole bank (merged on the float64
+distances); FAISS: the same within FAISS's own variation with the batch size (its BLAS blocking).
 """
 from __future__ import annotations
 
 import torch
 
 from .. import distributed
-from ._checks import check_tensor
+from ._checks import check_same_device, check_tensor
+from .dispatch import implementation
 
-__all__ = ["FeatureBank"]
+__all__ = ["FeatureBank", "knn_rescore", "knn_rescore_reference"]
 
 _CHUNK_ELEMENTS = 1 << 24  # queries x bank block size of the torch backend
+_QUERY_ROWS = 4096  # queries per GEMM at most: 4096 beat 1024 and 10k+ rows (2-core CPU, 1,638 x 1,024 bank)
+_GEMMS = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+_U = 2.0 ** -8  # unit roundoff of bfloat16, the coarsest GEMM the candidate bound allows for
+_PAIR_ELEMENTS = 1 << 22  # pairs x dim per chunk of the PyTorch re-scoring
+
+
+def _cpu_has_bf16_dot() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+# True where the CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX, from /proc/cpuinfo): there
+# oneDNN's bfloat16 GEMM is ~3x its float32 GEMM; elsewhere it is emulated and slower
+CPU_HAS_BF16_DOT = _cpu_has_bf16_dot()
+
+
+def knn_rescore_reference(score: torch.Tensor, slack: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                          k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Oracle of :func:`knn_rescore` in PyTorch (candidates in float64, their distances in pair chunks)."""
+    s = score.double()
+    threshold = s.topk(k, 1).values[:, -1] - slack
+    qi, bi = (s >= threshold.unsqueeze(1)).nonzero(as_tuple=True)
+    d = torch.empty(qi.shape[0], dtype=torch.float64, device=x.device)
+    step = max(1, _PAIR_ELEMENTS // max(1, x.shape[1]))
+    for p in range(0, qi.shape[0], step):
+        d[p : p + step] = (x[qi[p : p + step]].double() - y[bi[p : p + step]].double()).pow(2).sum(1)
+    for key in ("column", "distance", "query"):  # stable sorts: by query, then distance, then column
+        order = torch.sort({"column": bi, "distance": d, "query": qi}[key], stable=True).indices
+        qi, bi, d = qi[order], bi[order], d[order]
+    counts = torch.bincount(qi, minlength=score.shape[0])  # >= k each: the k best scores pass
+    pos = (torch.cumsum(counts, 0) - counts).unsqueeze(1) + torch.arange(k, device=qi.device)
+    return d[pos], bi[pos]
+
+
+def knn_rescore(score: torch.Tensor, slack: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact k nearest rows of ``y`` for each row of ``x``, among the candidates an approximate score names.
+
+    The candidates of query r are the columns j with ``score[r, j] >= (k-th largest of score[r]) -
+    slack[r]``; each gets its squared L2 distance ``|x[r] - y[j]|^2`` in float64 from the float32
+    rows, and the k smallest (distance, then the lower column) are returned. When ``score`` is
+    ``-|x[r] - y[j]|^2 / 2`` plus a per-row constant, up to an error of at most ``slack[r] / 2``,
+    the result is the exact k nearest neighbours (:class:`FeatureBank`'s use).
+
+    Args:
+        score: (Q, M) float32/bfloat16/float64, finite; larger = nearer.
+        slack: (Q,) float64, finite, >= 0.
+        x: (Q, C) and y: (M, C) floating, finite (used as float32), all on one device.
+        k: 1 <= k <= M.
+    Returns:
+        (Q, k) float64 squared distances, ascending, and (Q, k) int64 columns of ``y``. The C++
+        kernel on the CPU, :func:`knn_rescore_reference` elsewhere; the same values.
+    """
+    check_tensor("score", score, ndim=2)
+    check_tensor("slack", slack, ndim=1)
+    check_tensor("x", x, ndim=2)
+    check_tensor("y", y, ndim=2)
+    if score.dtype not in (torch.float32, torch.bfloat16, torch.float64) or slack.dtype != torch.float64:
+        raise TypeError(f"score must be float32/bfloat16/float64 and slack float64, got {score.dtype} and {slack.dtype}")
+    q, m = score.shape
+    if slack.shape[0] != q or x.shape[0] != q or y.shape[0] != m or x.shape[1] != y.shape[1]:
+        raise ValueError(f"need score (Q, M), slack (Q,), x (Q, C), y (M, C); got score {tuple(score.shape)}, "
+                         f"slack {tuple(slack.shape)}, x {tuple(x.shape)}, y {tuple(y.shape)}")
+    if bool((slack < 0).any()):
+        raise ValueError("slack must be >= 0")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= m:
+        raise ValueError(f"k must be an int in [1, {m}] (rows of y), got {k!r}")
+    check_same_device(score=score, slack=slack, x=x, y=y)
+    return _knn_rescore(score, slack, x.float(), y.float(), k)
+
+
+def _knn_rescore(score, slack, x, y, k):
+    """knn_rescore of checked inputs (x, y float32)."""
+    if x.device.type == "cpu" and implementation(x, extension=True) == "extension":
+        return torch.ops.fastad.knn_rescore(score.contiguous(), slack.contiguous(), x.contiguous(), y.contiguous(), k)
+    return knn_rescore_reference(score, slack, x, y, k)
 
 
 class FeatureBank:
@@ -43,14 +132,21 @@ class FeatureBank:
         max_bytes: torch only: device memory a search may use for bank blocks and distances
             (None: no cap, except half the free device memory when the bank is on the host and
             the queries on a GPU).
+        gemm: torch only: the GEMM that finds the candidates, ``'bfloat16'``, ``'float32'`` or
+            ``'auto'`` (bfloat16 on CPUs with AVX512-BF16/AMX, else float32; float32 on CUDA until
+            bfloat16 there is validated on a GPU). The results do not depend on it.
         group: torch.distributed process group over which the bank is sharded (None: this
             process alone); ``len`` and ``features`` are then this rank's shard, and ``search``
             is a collective that every rank calls with the same queries.
     """
 
     def __init__(self, dim: int, backend: str = "torch", device=None, ivf_nlist: int | None = None, nprobe: int = 8,
-                 max_bytes: int | None = None, group=None):
+                 max_bytes: int | None = None, gemm: str = "auto", group=None):
         self.group = group
+        if gemm != "auto" and gemm not in _GEMMS:
+            raise ValueError(f"gemm must be 'auto', 'bfloat16' or 'float32', got {gemm!r}")
+        self.gemm = gemm
+        self._prepared: dict = {}  # (device, dtype, block rows) -> the bank's GEMM operands
         if backend not in ("torch", "faiss"):
             raise ValueError(f"backend must be 'torch' or 'faiss', got {backend!r}")
         if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0):
@@ -88,6 +184,7 @@ class FeatureBank:
         if features.shape[1] != self.dim:
             raise ValueError(f"features must be (n, {self.dim}), got {tuple(features.shape)}")
         f = features.detach().float().to(self.device)
+        self._prepared.clear()
         self._features = torch.cat([self._features, f]) if len(self) else f.contiguous()
         if self.backend == "faiss":
             arr = f.cpu().numpy()
@@ -119,21 +216,22 @@ class FeatureBank:
             raise ValueError(f"k must be an int in [1, {len(self)}] (bank size), got {k!r}")
         if self.backend == "faiss":
             return self._search_faiss(queries, k)
-        return self._search_torch(queries, k)
+        v, i = self._search_torch(queries, k)
+        return v.float(), i
 
     def _search_sharded(self, queries, k):
         first, total = distributed.offset(len(self), self.group)
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= total:
             raise ValueError(f"k must be an int in [1, {total}] (bank size over all ranks), got {k!r}")
         q = queries.shape[0]
-        v = torch.full((q, k), float("inf"), device=queries.device)
+        v = torch.full((q, k), float("inf"), dtype=torch.float64, device=queries.device)
         i = torch.full((q, k), -1, dtype=torch.long, device=queries.device)
         if len(self):
             kk = min(k, len(self))
             lv, li = self._search_faiss(queries, kk) if self.backend == "faiss" else self._search_torch(queries, kk)
-            v[:, :kk], i[:, :kk] = lv, li + first
+            v[:, :kk], i[:, :kk] = lv.double(), li + first
         device = distributed.collective_device(self.group)
-        parts_v = [torch.empty(q, k, device=device) for _ in range(distributed.world_size(self.group))]
+        parts_v = [torch.empty(q, k, dtype=torch.float64, device=device) for _ in range(distributed.world_size(self.group))]
         parts_i = [torch.empty(q, k, dtype=torch.long, device=device) for _ in parts_v]
         torch.distributed.all_gather(parts_v, v.to(device), group=self.group)
         torch.distributed.all_gather(parts_i, i.to(device), group=self.group)
@@ -142,7 +240,7 @@ class FeatureBank:
         by_id = torch.sort(torch.where(i < 0, torch.iinfo(torch.long).max, i), dim=1, stable=True).indices
         v, i = v.gather(1, by_id), i.gather(1, by_id)
         order = torch.sort(v, dim=1, stable=True).indices[:, :k]
-        return v.gather(1, order).to(queries.device), i.gather(1, order).to(queries.device)
+        return v.gather(1, order).float().to(queries.device), i.gather(1, order).to(queries.device)
 
     def _budget(self, device: torch.device) -> int | None:
         if self.max_bytes is not None:
@@ -151,40 +249,86 @@ class FeatureBank:
             return torch.cuda.mem_get_info(device)[0] // 2
         return None
 
-    def _search_torch(self, queries, k):
+    def _gemm_dtype(self, device: torch.device) -> torch.dtype:
+        if self.gemm != "auto":
+            return _GEMMS[self.gemm]
+        return torch.bfloat16 if device.type == "cpu" and CPU_HAS_BF16_DOT else torch.float32
+
+    def _operands(self, device, dtype, block):
+        """Per bank block ``(start, rows (float32), [y, -hi, -lo] (dtype))`` on ``device``, with
+        y = rows - mean (the bank's mean, rounded to float32) and hi + lo = y.mean + |y|^2 / 2 split
+        into two numbers of ``dtype``; and max |y|, max |hi + lo| (float64). Cached until the next
+        ``add`` when the whole bank is one block; else built per use (a host bank streamed to a GPU)."""
+        key = (device, dtype, block)
+        if key in self._prepared:
+            return self._prepared[key]
         bank = self._features
-        n = len(self)
+        mean = bank.double().mean(0).float().double()
+        y_max = k_max = 0.0
+        blocks = []
+        for start in range(0, len(bank), block):
+            rows = bank[start : start + block]
+            y = rows.double() - mean  # exact: a difference of float32 values
+            const = y @ mean + y.pow(2).sum(1).mul_(0.5)
+            y_max = max(y_max, float(y.pow(2).sum(1).max()) ** 0.5)
+            k_max = max(k_max, float(const.abs().max()))
+            hi = const.to(dtype)
+            lo = (const - hi.double()).to(dtype)
+            blocks.append((start, rows, torch.cat([y.to(dtype), -hi.unsqueeze(1), -lo.unsqueeze(1)], 1)))
+        out = (blocks, y_max, k_max)
+        if block == len(bank):
+            self._prepared[key] = out
+        return out
+
+    def _search_torch(self, queries, k):
+        """(Q, k) float64 squared distances (the float32 rows' exact ones) and int64 indices."""
+        bank = self._features
+        n, dim = len(self), self.dim
         device = queries.device if bank.device.type == "cpu" else bank.device
         q = queries.detach().float().to(device)
         budget = self._budget(device)
-        # bank rows per block (all when uncapped), then query rows so that a distance block fits too
-        block = n if budget is None else max(1, min(n, budget // (2 * 4 * self.dim)))
-        elements = _CHUNK_ELEMENTS if budget is None else max(1, min(_CHUNK_ELEMENTS, budget // (2 * 4)))
-        rows = max(1, elements // block)
-        def bank_blocks():
-            for start in range(0, n, block):
-                b = bank[start : start + block].to(device, non_blocking=True)
-                yield start, b, b.pow(2).sum(1).unsqueeze(0)
-
-        resident = list(bank_blocks()) if block == n else None  # else copied per query chunk: it may not fit
-        dists, idxs = [], []
+        # bank rows per block (all when uncapped), then query rows so that a score block fits too
+        block = n if budget is None else max(1, min(n, budget // (2 * 8 * (dim + 2))))
+        elements = _CHUNK_ELEMENTS if budget is None else max(1, min(_CHUNK_ELEMENTS, budget // (2 * 8)))
+        rows = max(1, min(_QUERY_ROWS, elements // block))
+        dtype = self._gemm_dtype(device)
+        blocks, y_max, k_max = self._operands(bank.device, dtype, block)
+        # score = q.y - (y.mean + |y|^2 / 2) = (|q - mean|^2 - |q - b|^2) / 2, one GEMM of x = [q, 1, 1]
+        # and [y, -hi, -lo]. |computed - exact| <= c (|q| |y| + |hi + lo|): the rounding of both
+        # operands to bfloat16 and of the output, float32 accumulation of dim + 2 terms, the hi/lo
+        # split (5% covers the second-order terms); tiny: products flushed to zero
+        gamma = (dim + 2) * 2.0 ** -24
+        c = 1.05 * (3 * _U + 8 * _U * _U + 3 * gamma)
+        tiny = (dim + 4) * 2.0 ** -125
+        values, indices = [], []
         for qs in range(0, q.shape[0], rows):
             qc = q[qs : qs + rows]
-            q_sq = qc.pow(2).sum(1, keepdim=True)
-            best_v = best_i = None
-            for start, b, b_sq in resident or bank_blocks():
-                d = torch.addmm(b_sq, qc, b.t(), beta=1.0, alpha=-2.0).add_(q_sq)
-                v, i = torch.topk(d.clamp_min_(0.0), min(k, len(b)), dim=1, largest=False, sorted=True)
-                if best_v is None:
-                    best_v, best_i = v, i + start
-                    continue
-                # merge on (distance, index): earlier blocks hold the lower indices, the sort is stable
-                v, i = torch.cat([best_v, v], 1), torch.cat([best_i, i + start], 1)
-                order = torch.sort(v, dim=1, stable=True).indices[:, :k]
-                best_v, best_i = v.gather(1, order), i.gather(1, order)
-            dists.append(best_v)
-            idxs.append(best_i)
-        return torch.cat(dists).to(queries.device), torch.cat(idxs).to(queries.device)
+            chunk_dtype, chunk_blocks = dtype, blocks
+            while True:
+                x = torch.empty(qc.shape[0], dim + 2, dtype=chunk_dtype, device=device)
+                x[:, :dim] = qc
+                x[:, dim:] = 1
+                # >= |q| and >= |rounded q|: float32 norm (accumulation error ~dim 2^-24), widened
+                q_norm = torch.linalg.vector_norm(qc, dim=1).double() * (1 + 8 * _U)
+                if chunk_dtype == torch.float64 or float(q_norm.max()) * y_max + k_max < 2.0 ** 100:
+                    break
+                # products near the float32/bfloat16 range (|q| |y| >= 2^100): this chunk in float64
+                chunk_dtype = torch.float64
+                chunk_blocks = self._operands(bank.device, chunk_dtype, block)[0]
+            e = c * (q_norm * y_max + k_max) + tiny
+            found_d, found_i = [], []
+            for start, b_rows, ops in chunk_blocks:
+                ops = ops.to(device, non_blocking=True)
+                d, i = _knn_rescore(x @ ops.t(), 2 * e, qc, b_rows.to(device), min(k, ops.shape[0]))
+                found_d.append(d)
+                found_i.append(i + start)
+            d, i = torch.cat(found_d, 1), torch.cat(found_i, 1)
+            if len(found_d) > 1:  # blocks hold ascending indices, each sorted: a stable sort keeps ties in order
+                order = torch.sort(d, dim=1, stable=True).indices[:, :k]
+                d, i = d.gather(1, order), i.gather(1, order)
+            values.append(d)
+            indices.append(i)
+        return torch.cat(values).to(queries.device), torch.cat(indices).to(queries.device)
 
     def _search_faiss(self, queries, k):
         index = self._index
@@ -195,3 +339,4 @@ class FeatureBank:
             index = self._gpu_index
         d, i = index.search(queries.detach().float().cpu().numpy(), k)
         return torch.from_numpy(d).to(queries.device), torch.from_numpy(i).long().to(queries.device)
+

@@ -117,7 +117,7 @@ class MemoryBank(nn.Module):
         backend: :class:`fastad.ops.FeatureBank` backend ('torch' or 'faiss').
         max_bytes: device memory the kNN search may use (None: no cap). A bank larger than this
             stays in host memory when the module moves to a GPU and is searched in blocks
-            streamed to the device (same neighbours; distances within float32 GEMM rounding).
+            streamed to the device (the same neighbours and distances: the search is exact).
         sharded: in a distributed :meth:`fill`, keep only this rank's coreset rows (memory per
             process divided by the number of processes); scoring is then a collective (every
             rank's queries searched in every shard) and the bank cannot be saved to one file.
