@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -217,8 +218,9 @@ struct Score<c10::BFloat16> {
 
 // One query row of knn_rescore: the candidates are the columns whose approximate score is at least the
 // k-th largest minus the slack; each is re-scored exactly, and the k smallest (distance, column) kept.
+// False (the row left unwritten) when fewer than k columns qualify: a NaN score or slack.
 template <typename S>
-FASTAD_CLONES void rescore_row(const S* score, double slack, const float* xq, const float* y, int64_t m, int64_t c,
+FASTAD_CLONES bool rescore_row(const S* score, double slack, const float* xq, const float* y, int64_t m, int64_t c,
                                int64_t k, double* out_d, int64_t* out_i, std::vector<double>& top,
                                std::vector<std::pair<double, int64_t>>& cand) {
   using V = typename Score<S>::V;
@@ -255,11 +257,13 @@ FASTAD_CLONES void rescore_row(const S* score, double slack, const float* xq, co
     const V v = Score<S>::at(score, j);
     if (v >= coarse && static_cast<double>(v) >= threshold) cand.emplace_back(squared_l2(xq, y + j * c, c), j);
   }
+  if (static_cast<int64_t>(cand.size()) < k) return false;
   std::partial_sort(cand.begin(), cand.begin() + k, cand.end());  // (distance, column): lower column on ties
   for (int64_t t = 0; t < k; ++t) {
     out_d[t] = cand[t].first;
     out_i[t] = cand[t].second;
   }
+  return true;
 }
 
 }  // namespace
@@ -287,16 +291,19 @@ std::tuple<at::Tensor, at::Tensor> knn_rescore_cpu(const at::Tensor& score, cons
   const double* sp = slack.data_ptr<double>();
   double* dp = dist.data_ptr<double>();
   int64_t* ip = index.data_ptr<int64_t>();
+  std::atomic<bool> ok{true};
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, score.scalar_type(), "knn_rescore", [&] {
     const scalar_t* scp = score.data_ptr<scalar_t>();
     at::parallel_for(0, q, 16, [&](int64_t r0, int64_t r1) {
       std::vector<double> top;
       std::vector<std::pair<double, int64_t>> cand;
       for (int64_t r = r0; r < r1; ++r) {
-        rescore_row(scp + r * m, sp[r], xp + r * c, yp, m, c, k, dp + r * k, ip + r * k, top, cand);
+        if (!rescore_row(scp + r * m, sp[r], xp + r * c, yp, m, c, k, dp + r * k, ip + r * k, top, cand)) ok = false;
       }
     });
   });
+  TORCH_CHECK(ok.load(), "fastad::knn_rescore: fewer than k candidates in a row: score and slack must be finite, "
+              "slack >= 0");
   return {dist, index};
 }
 

@@ -145,6 +145,15 @@ def test_knn_rescore_errors():
 
 
 @pytest.mark.skipif(not dispatch.HAS_EXTENSION, reason="fastad._C not built")
+def test_knn_rescore_kernel_refuses_a_nan_row_instead_of_reading_past_it():
+    # the public op checks for NaN first; the raw kernel must not crash on it either
+    score = torch.zeros(3, 4)
+    score[1] = float("nan")
+    with pytest.raises(RuntimeError, match="fewer than k candidates"):
+        torch.ops.fastad.knn_rescore(score, torch.zeros(3, dtype=torch.float64), torch.zeros(3, 2), torch.zeros(4, 2), 2)
+
+
+@pytest.mark.skipif(not dispatch.HAS_EXTENSION, reason="fastad._C not built")
 def test_knn_rescore_opcheck():
     score, slack, x, y, k = _rescore_case(5, 40, 8, 3, torch.bfloat16, 1)
     torch.library.opcheck(torch.ops.fastad.knn_rescore.default, (score, slack, x, y, k))
