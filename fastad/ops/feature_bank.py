@@ -67,8 +67,8 @@ def knn_rescore_reference(score: torch.Tensor, slack: torch.Tensor, x: torch.Ten
     step = max(1, _PAIR_ELEMENTS // max(1, x.shape[1]))
     for p in range(0, qi.shape[0], step):
         d[p : p + step] = (x[qi[p : p + step]].double() - y[bi[p : p + step]].double()).pow(2).sum(1)
-    for key in ("column", "distance", "query"):  # stable sorts: by query, then distance, then column
-        order = torch.sort({"column": bi, "distance": d, "query": qi}[key], stable=True).indices
+    for key in ("distance", "query"):  # nonzero lists pairs by (query, column): now by (query, distance, column)
+        order = torch.sort(d if key == "distance" else qi, stable=True).indices
         qi, bi, d = qi[order], bi[order], d[order]
     counts = torch.bincount(qi, minlength=score.shape[0])  # >= k each: the k best scores pass
     pos = (torch.cumsum(counts, 0) - counts).unsqueeze(1) + torch.arange(k, device=qi.device)
@@ -146,7 +146,7 @@ class FeatureBank:
         if gemm != "auto" and gemm not in _GEMMS:
             raise ValueError(f"gemm must be 'auto', 'bfloat16' or 'float32', got {gemm!r}")
         self.gemm = gemm
-        self._prepared: dict = {}  # (device, dtype, block rows) -> the bank's GEMM operands
+        self._prepared: dict = {}  # "stats" and (dtype, block rows) -> the bank's GEMM operands, until add()
         if backend not in ("torch", "faiss"):
             raise ValueError(f"backend must be 'torch' or 'faiss', got {backend!r}")
         if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0):
@@ -254,31 +254,44 @@ class FeatureBank:
             return _GEMMS[self.gemm]
         return torch.bfloat16 if device.type == "cpu" and CPU_HAS_BF16_DOT else torch.float32
 
-    def _operands(self, device, dtype, block):
-        """Per bank block ``(start, rows (float32), [y, -hi, -lo] (dtype))`` on ``device``, with
-        y = rows - mean (the bank's mean, rounded to float32) and hi + lo = y.mean + |y|^2 / 2 split
-        into two numbers of ``dtype``; and max |y|, max |hi + lo| (float64). Cached until the next
-        ``add`` when the whole bank is one block; else built per use (a host bank streamed to a GPU)."""
-        key = (device, dtype, block)
+    def _stats(self):
+        """(mean (float64 holding the float32-rounded bank mean), max |y|, max |y.mean + |y|^2 / 2|)
+        with y = row - mean, over the whole bank; cached until the next ``add``."""
+        if "stats" not in self._prepared:
+            bank = self._features
+            mean = bank.sum(0, dtype=torch.float64).div_(len(bank)).float().double()  # no float64 copy of the bank
+            y_max = k_max = 0.0
+            for start in range(0, len(bank), _QUERY_ROWS):
+                y = bank[start : start + _QUERY_ROWS].double() - mean
+                sq = y.pow(2).sum(1)
+                y_max = max(y_max, float(sq.max()) ** 0.5)
+                k_max = max(k_max, float((y @ mean + sq * 0.5).abs().max()))
+            self._prepared["stats"] = (mean, y_max, k_max)
+        return self._prepared["stats"]
+
+    def _blocks(self, dtype, block, mean):
+        """Per bank block ``(start, rows (float32), [y, -hi, -lo] (dtype))`` on the bank's device, with
+        y = rows - mean and hi + lo = y.mean + |y|^2 / 2 split into two numbers of ``dtype``. Kept
+        until the next ``add`` when the whole bank is one block; else built block by block per use (a
+        host bank streamed to a GPU: at most one block's operands exist at a time)."""
+        key = (dtype, block)
         if key in self._prepared:
             return self._prepared[key]
         bank = self._features
-        mean = bank.double().mean(0).float().double()
-        y_max = k_max = 0.0
-        blocks = []
-        for start in range(0, len(bank), block):
-            rows = bank[start : start + block]
-            y = rows.double() - mean  # exact: a difference of float32 values
-            const = y @ mean + y.pow(2).sum(1).mul_(0.5)
-            y_max = max(y_max, float(y.pow(2).sum(1).max()) ** 0.5)
-            k_max = max(k_max, float(const.abs().max()))
-            hi = const.to(dtype)
-            lo = (const - hi.double()).to(dtype)
-            blocks.append((start, rows, torch.cat([y.to(dtype), -hi.unsqueeze(1), -lo.unsqueeze(1)], 1)))
-        out = (blocks, y_max, k_max)
-        if block == len(bank):
-            self._prepared[key] = out
-        return out
+
+        def build():
+            for start in range(0, len(bank), block):
+                rows = bank[start : start + block]
+                y = rows.double() - mean  # exact: a difference of float32 values
+                const = y @ mean + y.pow(2).sum(1).mul_(0.5)
+                hi = const.to(dtype)
+                lo = (const - hi.double()).to(dtype)
+                yield start, rows, torch.cat([y.to(dtype), -hi.unsqueeze(1), -lo.unsqueeze(1)], 1)
+
+        if block < len(bank):
+            return build()
+        self._prepared[key] = list(build())
+        return self._prepared[key]
 
     def _search_torch(self, queries, k):
         """(Q, k) float64 squared distances (the float32 rows' exact ones) and int64 indices."""
@@ -292,7 +305,7 @@ class FeatureBank:
         elements = _CHUNK_ELEMENTS if budget is None else max(1, min(_CHUNK_ELEMENTS, budget // (2 * 8)))
         rows = max(1, min(_QUERY_ROWS, elements // block))
         dtype = self._gemm_dtype(device)
-        blocks, y_max, k_max = self._operands(bank.device, dtype, block)
+        mean, y_max, k_max = self._stats()
         # score = q.y - (y.mean + |y|^2 / 2) = (|q - mean|^2 - |q - b|^2) / 2, one GEMM of x = [q, 1, 1]
         # and [y, -hi, -lo]. |computed - exact| <= c (|q| |y| + |hi + lo|): the rounding of both
         # operands to bfloat16 and of the output, float32 accumulation of dim + 2 terms, the hi/lo
@@ -303,21 +316,16 @@ class FeatureBank:
         values, indices = [], []
         for qs in range(0, q.shape[0], rows):
             qc = q[qs : qs + rows]
-            chunk_dtype, chunk_blocks = dtype, blocks
-            while True:
-                x = torch.empty(qc.shape[0], dim + 2, dtype=chunk_dtype, device=device)
-                x[:, :dim] = qc
-                x[:, dim:] = 1
-                # >= |q| and >= |rounded q|: float32 norm (accumulation error ~dim 2^-24), widened
-                q_norm = torch.linalg.vector_norm(qc, dim=1).double() * (1 + 8 * _U)
-                if chunk_dtype == torch.float64 or float(q_norm.max()) * y_max + k_max < 2.0 ** 100:
-                    break
-                # products near the float32/bfloat16 range (|q| |y| >= 2^100): this chunk in float64
-                chunk_dtype = torch.float64
-                chunk_blocks = self._operands(bank.device, chunk_dtype, block)[0]
+            # >= |q| and >= |rounded q|: float32 norm (accumulation error ~dim 2^-24), widened
+            q_norm = torch.linalg.vector_norm(qc, dim=1).double() * (1 + 8 * _U)
+            # products near the float32/bfloat16 range (|q| |y| >= 2^100): this chunk in float64
+            chunk_dtype = dtype if float(q_norm.max()) * y_max + k_max < 2.0 ** 100 else torch.float64
+            x = torch.empty(qc.shape[0], dim + 2, dtype=chunk_dtype, device=device)
+            x[:, :dim] = qc
+            x[:, dim:] = 1
             e = c * (q_norm * y_max + k_max) + tiny
             found_d, found_i = [], []
-            for start, b_rows, ops in chunk_blocks:
+            for start, b_rows, ops in self._blocks(chunk_dtype, block, mean):
                 ops = ops.to(device, non_blocking=True)
                 d, i = _knn_rescore(x @ ops.t(), 2 * e, qc, b_rows.to(device), min(k, ops.shape[0]))
                 found_d.append(d)
