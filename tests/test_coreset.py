@@ -1,4 +1,5 @@
 import math
+import os
 
 import pytest
 import torch
@@ -90,6 +91,67 @@ def test_per_step_op_with_the_point_test_selects_the_reference_indices():
         best = int(best)
         pruned.append(skipped)
     assert sum(pruned[300:]) / 300 > 0.5 * 5000
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-22, 1e19])  # normal; float32 squares underflow; they overflow
+def test_float32_screen_keeps_every_float64_decision(scale):
+    # A step first rejects candidates on a float32 distance and its error bound, then decides on the
+    # float64 distance. Here every current distance is the kernel's own float64 distance to the new
+    # centre times (1 + delta), |delta| from 1e-12 to 1e-4 (and 0): a screen without its full margin
+    # (or one that took a float32 overflow for "far") would keep some distance that must fall.
+    g = torch.Generator().manual_seed(3)
+    n, d = 4099, 131
+    v = (torch.randn(n, d, generator=g) * scale).contiguous()
+    centers = v[:1].clone()
+
+    def step(dist):
+        assign = torch.full((n,), -1, dtype=torch.int32)
+        torch.ops.fastad.kcenter_step(v, dist, assign, centers, 0, 0, False)
+        return dist, assign
+
+    new, _ = step(torch.full((n,), math.inf, dtype=torch.float64))  # every distance falls from inf
+    assert new[0] == -1 and torch.isfinite(new).all() and (new[1:] > 0).all()
+    delta = torch.logspace(-12, -4, n, dtype=torch.float64) * torch.where(torch.arange(n) % 2 == 0, 1.0, -1.0)
+    delta[::7] = 0.0  # equal: stays
+    start = new * (1 + delta)
+    start[0] = 1.0
+    dist, assign = step(start.clone())
+    want = torch.minimum(start, new)
+    want[0] = -1.0
+    assert torch.equal(dist, want)
+    fell = new < start
+    fell[0] = True
+    assert fell[1:].sum() > n // 3 and torch.equal(assign == 0, fell)
+
+
+def test_float16_rows_without_f16c_select_the_same_indices():
+    # float16 rows take an F16C copy where the CPU has it; FASTAD_NO_F16C=1 forces the portable path
+    # (rows widened into a buffer), which must select the same indices (d = 37: a tail of 5 elements)
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, fastad\n"
+        "from fastad.ops.coreset import project_features, selection_values, starting_points\n"
+        "from fastad.ops import greedy_coreset_reference\n"
+        "g = torch.Generator().manual_seed(5)\n"
+        "c = torch.randn(20, 37, generator=g) * 10\n"
+        "x = c[torch.randint(0, 20, (3000,), generator=g)] + 0.3 * torch.randn(3000, 37, generator=g)\n"
+        "v = selection_values(project_features(x, None), 'float16')\n"
+        "s = starting_points(3000)\n"
+        "got = torch.ops.fastad.kcenter_greedy(v, s, 700)\n"
+        "assert torch.equal(got, greedy_coreset_reference(v, s, 700))\n"
+        "print('ok', int(got.sum()))\n"
+    )
+    outs = []
+    for no_f16c in (False, True):
+        env = {k: val for k, val in os.environ.items() if k != "FASTAD_NO_F16C"}
+        if no_f16c:
+            env["FASTAD_NO_F16C"] = "1"
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        outs.append(r.stdout.split())
+    assert outs[0] == outs[1] and outs[0][0] == "ok"
 
 
 def test_block_test_is_switched_off_where_it_does_not_pay():
