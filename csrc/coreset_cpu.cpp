@@ -76,7 +76,7 @@ constexpr int64_t kBlocksPerTask = kGrain / kBlock;
 
 // float16 rows are widened to float32 block by block (exact), then share the float32 code.
 void half_to_float_scalar(const uint16_t* src, float* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = c10::detail::fp16_ieee_to_fp32_value(src[i]);
+  for (int64_t i = 0; i < n; ++i) dst[i] = widen(src[i]);
 }
 
 #ifdef FASTAD_F16C
@@ -201,9 +201,10 @@ FASTAD_INLINE void collect_candidates(int64_t lo, int64_t hi, const double* dist
 
 // Lowers the distance of the points cand[0, ncand), taken from `span` consecutive points, to their
 // distance to the new center (xf: its float32 row, xc: the same values in float64), rows prefetched
-// ahead where they are scattered; calls fell(i) for each point whose distance fell. Most candidates do not get closer: a float32 distance with a rigorous error
-// bound (screen_error) rejects them, and only the rest get the float64 distance the reference
-// computes, so the outcome is the reference's. A float32 overflow (inf) is never a rejection.
+// ahead where they are scattered; calls fell(i) for each point whose distance fell. Most candidates
+// do not get closer: a float32 distance with a rigorous error bound (screen_error) rejects them, and
+// only the rest get the float64 distance the reference computes, so the outcome is the reference's.
+// A float32 overflow (inf) is never a rejection.
 template <bool kF16C = false, typename T, typename Fell>
 FASTAD_INLINE void update_candidates(const T* x, int64_t d, const float* xf, const double* xc, int32_t t,
                                      const int32_t* cand, int64_t ncand, int64_t span, double* dist, int32_t* assign,

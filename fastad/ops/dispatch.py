@@ -1,8 +1,9 @@
 """The one rule that picks every op's implementation, and the switch that tests and users flip.
 
 Each op has up to three implementations: a compiled kernel of the extension ``fastad._C`` (C++ on the
-CPU, CUDA on the GPU: ``greedy_coreset``, ``nearest_reference``; ``knn_rescore`` CPU only), Triton kernels (attention, quantile,
-hard-mining losses) and its pure-PyTorch reference. :func:`implementation` chooses, in this order:
+CPU, CUDA on the GPU: ``greedy_coreset``, ``nearest_reference``; ``knn_rescore`` CPU only), Triton
+kernels (attention, quantile, hard-mining losses) and its pure-PyTorch reference.
+:func:`implementation` chooses, in this order:
 
 1. ``'extension'`` when the op has one, it is enabled and ``fastad._C`` was built for the tensor's device
    (otherwise one warning per device type, since the reference is much slower);
