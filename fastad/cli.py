@@ -136,6 +136,30 @@ def _check_data(sets, skip_bad: bool = False, quiet: bool = False) -> tuple[list
     return checked, skipped
 
 
+def _cache_sets(args, sets, ctx=None):
+    """Each (class, train, test) with its splits read through the preprocessed-image cache
+    (:mod:`fastad.data.cache`), unless ``--no-cache``. Under torchrun rank 0 writes the files first."""
+    if args.no_cache:
+        return sets
+    from .data.cache import cached
+
+    if args.cache_max_gb <= 0:
+        raise UsageError(f"--cache-max-gb expects a positive size in GiB, got {args.cache_max_gb}")
+    cap = int(args.cache_max_gb * 2**30)
+
+    def wrap(verbose):
+        return [(name, *(cached(ds, args.cache, max_bytes=cap, verbose=verbose) for ds in splits)) for name, *splits in sets]
+
+    if ctx is None or ctx.world == 1:
+        return wrap(True)
+    import torch
+
+    if ctx.rank == 0:
+        out = wrap(True)
+    torch.distributed.barrier()
+    return out if ctx.rank == 0 else wrap(False)
+
+
 def _fmt(v):
     return "n/a" if v is None or math.isnan(v) else f"{100 * v:.2f}"
 
@@ -423,6 +447,7 @@ def run(args) -> int:
     sets = _datasets(args.data, args.classes, first.transform(args.protocol), _model_args(args.data_opt, "--data-opt"))
     quiet = ctx.rank != 0
     sets, skipped = _check_data(sets, args.skip_bad_images, quiet=quiet)
+    sets = _cache_sets(args, sets, ctx)
     unified = args.setting == "unified"
     mode = "serial" if ctx.world == 1 and not shard else "shard" if shard else \
         _parallel_mode(args, ctx.world, 1 if unified else len(sets))
@@ -562,6 +587,7 @@ def pretrain(args) -> int:
         model = _build("adpretrain", kwargs).to(args.device)
     sets = _datasets(args.data, args.classes, model.transform(), _model_args(args.data_opt, "--data-opt"))
     sets, _ = _check_data(sets, args.skip_bad_images)
+    sets = _cache_sets(args, sets)
     data = ConcatDataset([ds for _, train, test in sets for ds in (train, test)])
     model.fit(data, checkpoint=args.out, checkpoint_every=args.checkpoint_every, num_workers=args.num_workers,
               on_nan=args.on_nan)
@@ -609,6 +635,14 @@ def main(argv=None) -> int:
     common.add_argument("--on-nan", default="stop", choices=["stop", "skip"],
                         help="a NaN/inf loss or gradient stops training (default; the last checkpoint is kept) "
                              "or skips that update")
+    common.add_argument("--cache", default=None, metavar="DIR",
+                        help="folder of the preprocessed-image cache: every image is decoded and resized once per "
+                             "transform, later epochs and runs read the model-ready pixels (default: $FASTAD_CACHE_DIR, "
+                             "else ~/.cache/fastad/images)")
+    common.add_argument("--no-cache", action="store_true", help="decode every image from its file on every read")
+    common.add_argument("--cache-max-gb", type=float, default=50.0,
+                        help="cap of the cache folder in GiB: least recently used files are removed to make room; a "
+                             "dataset over the cap is read uncached, with a warning (default 50)")
     r = sub.add_parser("run", help="fit and evaluate a model", parents=[common])
     from .models import MODELS
 

@@ -20,6 +20,12 @@ TINY_DINOMALY = dict(encoder="dinov2reg_vit_small_14", weights="random", encoder
                      groups=[[0, 1], [2, 3]], decoder_depth=4, encoder_kwargs=TINY_VIT, image_size=56)
 
 
+@pytest.fixture(autouse=True)
+def _own_image_cache(tmp_path_factory, monkeypatch):
+    """Each test its own preprocessed-image cache folder (never the user's; no test sees another's files)."""
+    monkeypatch.setenv("FASTAD_CACHE_DIR", str(tmp_path_factory.mktemp("fastad-cache")))
+
+
 def shared(*parts: str) -> Path:
     """Path under ../shared/data, or skip the test with the reason."""
     p = SHARED_DATA.joinpath(*parts)

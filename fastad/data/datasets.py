@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
@@ -61,17 +62,28 @@ class AnomalyDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, i: int) -> dict:
+        image, mask = self.pixels(i)
+        return self.item(i, image, mask)
+
+    def pixels(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Sample ``i`` decoded and preprocessed, before normalisation: the (H, W, 3) uint8 image and
+        the (H, W) uint8 {0, 1} mask (None: no mask file, all zeros). What :mod:`fastad.data.cache` stores."""
         s = self.samples[i]
         img = _open(s.path)
-        image = self.transform.image(img)
+        image = self.transform.image_pixels(img)
         if s.mask_path is None:
-            mask = torch.zeros(image.shape[-2:])
-        else:
-            m = _open(s.mask_path, "mask")
-            if m.size != img.size:
-                raise ValueError(f"mask {s.mask_path} is {m.size[0]}x{m.size[1]} but image {s.path} is {img.size[0]}x{img.size[1]}")
-            mask = self.transform.mask(m)
-        return {"image": image, "mask": mask, "has_mask": s.has_mask, "label": s.label, "class_name": s.class_name,
+            return image, None
+        m = _open(s.mask_path, "mask")
+        if m.size != img.size:
+            raise ValueError(f"mask {s.mask_path} is {m.size[0]}x{m.size[1]} but image {s.path} is {img.size[0]}x{img.size[1]}")
+        return image, self.transform.mask_pixels(m)
+
+    def item(self, i: int, image: np.ndarray, mask: np.ndarray | None) -> dict:
+        """The item dict of sample ``i`` from its :meth:`pixels`."""
+        s = self.samples[i]
+        x = self.transform.normalise(image)
+        m = torch.zeros(x.shape[-2:]) if mask is None else torch.from_numpy(mask.astype(np.float32))
+        return {"image": x, "mask": m, "has_mask": s.has_mask, "label": s.label, "class_name": s.class_name,
                 "path": s.path}
 
     @property

@@ -118,11 +118,34 @@ class ImageTransform:
         return ImageTransform(resize, crop, self.mask_threshold, resample=self.resample, aspect=self.aspect,
                               mask_resample=self.mask_resample)
 
-    def image(self, img: Image.Image) -> torch.Tensor:
+    def describe(self) -> dict:
+        """Every setting that decides the pixels (the key of :mod:`fastad.data.cache`)."""
+        return {"resize": list(self.resize), "crop": list(self.crop), "mask_threshold": self.mask_threshold,
+                "resample": self.resample, "aspect": self.aspect, "mask_resample": self.mask_resample}
+
+    def image_pixels(self, img: Image.Image) -> np.ndarray:
+        """The model-ready image before normalisation: (H, W, 3) uint8 after resize and crop."""
         img = _resize_crop(to_rgb(img), self.resize, self.crop, RESAMPLING[self.resample], self.aspect)
-        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        return (x - self.mean) / self.std
+        return np.asarray(img, dtype=np.uint8)
+
+    def mask_pixels(self, mask: Image.Image) -> np.ndarray:
+        """The binarised mask: (H, W) uint8 in {0, 1}."""
+        m = _resize_crop(eight_bit(mask).convert("L"), self.resize, self.crop, RESAMPLING[self.mask_resample], self.aspect)
+        return (np.asarray(m) >= self.mask_threshold).astype(np.uint8)
+
+    def normalise(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """(..., H, W, 3) uint8 pixels -> (..., 3, H, W) float32 normalised, on the pixels' device.
+        The same float32 operations (divide by 255, subtract the mean, divide by the std) on any
+        device and batch shape, so a cached, batched or GPU-side image equals :meth:`image`'s bit for bit."""
+        if isinstance(pixels, np.ndarray) and not pixels.flags.writeable:  # PIL's arrays are read-only
+            pixels = pixels.copy()
+        x = torch.as_tensor(pixels).to(torch.float32).div_(255.0).movedim(-1, -3)  # in place: one allocation
+        return x.sub_(self.mean.to(x.device)).div_(self.std.to(x.device))
+
+    def image(self, img: Image.Image) -> torch.Tensor:
+        """PIL image -> (3, H, W) float32 normalised."""
+        return self.normalise(self.image_pixels(img))
 
     def mask(self, mask: Image.Image) -> torch.Tensor:
-        m = _resize_crop(eight_bit(mask).convert("L"), self.resize, self.crop, RESAMPLING[self.mask_resample], self.aspect)
-        return torch.from_numpy((np.asarray(m) >= self.mask_threshold).astype(np.float32))
+        """PIL mask -> (H, W) float32 in {0, 1}."""
+        return torch.from_numpy(self.mask_pixels(mask).astype(np.float32))

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from ..backbones import OFFLINE_DEFAULT
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ..optim import adam
 from .base import AnomalyOutput, register
 from .components.residual import ResidualFeatures, feature_norm, feature_norm_map
 from .training import TrainedModel
@@ -204,7 +205,7 @@ class ADPretrain(ResidualFeatures, TrainedModel):
         return self.projectors.parameters()
 
     def make_optimizer(self):
-        opt = torch.optim.Adam(list(self.trainable_parameters()), lr=self.lr, weight_decay=self.weight_decay)
+        opt = adam(self.trainable_parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
         def decay(it):  # MultiStepLR over epochs, stepped per iteration
             epoch = it // self.epoch_length if self.epoch_length else 0

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..backbones import OFFLINE_DEFAULT, FeatureExtractor
 from ..ops import adc_loss, gaussian_blur_small, hard_mining_cosine_loss
+from ..optim import adam
 from .base import AnomalyOutput, register
 from .components.authors import load_authors_state, read_torch_state
 from .components.maps import cosine_distance_map, top_ratio_mean
@@ -168,7 +169,7 @@ class MiniMaxAD(TrainedModel):
         yield from self.decoder.parameters()
 
     def make_optimizer(self):
-        opt = torch.optim.AdamW(list(self.trainable_parameters()), lr=self.lr, betas=(0.9, 0.999), weight_decay=self.weight_decay)
+        opt = adam(self.trainable_parameters(), decoupled=True, lr=self.lr, betas=(0.9, 0.999), weight_decay=self.weight_decay)
         per_epoch = max(1, self.epoch_length or 1)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: self.gamma ** (it // per_epoch))
         return opt, sched

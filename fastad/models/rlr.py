@@ -32,6 +32,7 @@ from torch import nn
 
 from ..backbones import OFFLINE_DEFAULT, FeatureExtractor
 from ..ops import local_window_attention, neighbour_masked_attention
+from ..optim import adam
 from .base import AnomalyOutput, register
 from .components.maps import level_maps, score_and_map
 from .components.tokens import (
@@ -172,7 +173,7 @@ class RLR(TrainedModel):
     def make_optimizer(self):
         # one Adam over all levels = the authors' per-level zero_grad/backward/step: the levels share
         # no parameter and Adam updates each parameter from its own gradient alone
-        opt = torch.optim.Adam(list(self.trainable_parameters()), lr=self.lr)
+        opt = adam(self.trainable_parameters(), lr=self.lr)
         return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 1.0)
 
     def tokens(self, images: torch.Tensor) -> list[torch.Tensor]:

@@ -17,6 +17,7 @@ number is refused. Models whose recipe cannot be split this way set ``data_paral
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import warnings
@@ -33,10 +34,13 @@ from .components.batch_norm import global_batch_norms
 
 
 def _epoch_batches(data: Dataset, batch_size: int, seed: int, start: int, num_workers: int,
-                   part: tuple[int, int] = (0, 1)) -> Iterator:
+                   part: tuple[int, int] = (0, 1), device: torch.device | str = "cpu") -> Iterator:
     """Collated batches (dicts or tensors) from iteration ``start`` on: each epoch is a seeded permutation, last partial
     batch dropped (the authors' drop_last), or the whole set as one batch if it is smaller. ``part`` = (rank, world):
-    that rank's contiguous slice of every batch."""
+    that rank's contiguous slice of every batch. Cached data (:mod:`fastad.data.cache`) is gathered batch by batch
+    on ``device`` (the same batches, no DataLoader, no workers)."""
+    from ..data.cache import batch_source
+
     n = len(data)
     if n == 0:
         raise ValueError("fit() got an empty dataset")
@@ -44,9 +48,15 @@ def _epoch_batches(data: Dataset, batch_size: int, seed: int, start: int, num_wo
     per_epoch = n // bs
     epoch, skip = divmod(start, per_epoch)
     lo, hi = distributed.shard_range(bs, *part)
+    gather = batch_source(data, device)
     while True:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         order = order[: per_epoch * bs].view(per_epoch, bs)[skip:, lo:hi]
+        if gather is not None:
+            for rows in order.tolist():
+                yield gather(rows)
+            epoch, skip = epoch + 1, 0
+            continue
         # its own generator: a loader would otherwise draw its worker seed from torch's global RNG,
         # which dropout uses too, at a point that differs between a resumed and a straight run
         gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -87,7 +97,15 @@ class TrainedModel(AnomalyModel):
         self._share = 1.0  # this rank's fraction of the global batch
         self._checkpoint_world = 1  # processes that wrote the loaded checkpoint
         self._rank_rng: list[torch.Tensor] | None = None  # their RNG states
-        self.last_grad_norm: float | None = None  # norm of the last update's gradient, before clipping
+        self._grad_norm: torch.Tensor | float | None = None  # of the last update's gradient, before clipping
+        self._pending: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []  # (iteration, loss, record) not yet read
+        self._halted: torch.Tensor | None = None  # on_nan='stop': set on the device at the first bad update
+        self.check_every = 50  # iterations between host reads of the losses and the NaN/inf guard
+
+    @property
+    def last_grad_norm(self) -> float | None:
+        """Norm of the last update's gradient (of the global batch), before clipping (a host read)."""
+        return None if self._grad_norm is None else float(self._grad_norm)
 
     def trainable_parameters(self):
         raise NotImplementedError
@@ -128,7 +146,8 @@ class TrainedModel(AnomalyModel):
             self.optimizer, self.scheduler = self.make_optimizer()
 
     def fit(self, data, iterations: int | None = None, *, checkpoint: str | None = None, checkpoint_every: int = 0,
-            num_workers: int = 0, progress: bool | None = None, on_nan: str = "stop", group=None) -> "TrainedModel":
+            num_workers: int = 0, progress: bool | None = None, on_nan: str = "stop", group=None,
+            check_every: int | None = None) -> "TrainedModel":
         """Train until ``iterations`` (default: the recipe's length) have run in total (nothing for a
         model built with ``authors_checkpoint``: the authors' trained weights are used as they are).
 
@@ -145,9 +164,16 @@ class TrainedModel(AnomalyModel):
             group: torch.distributed process group for data-parallel training (module docstring);
                 every rank calls ``fit`` with the same Dataset; the model must start equal on all
                 ranks (the trainable parameters are broadcast from rank 0).
+            check_every: with an optimizer that skips on the device (:meth:`update`), the losses and
+                the NaN/inf guard are read on the host every this many iterations (default 50) and
+                before every checkpoint; a stop is still reported at its exact iteration.
         """
         if on_nan not in ("stop", "skip"):
             raise ValueError(f"on_nan must be 'stop' or 'skip', got {on_nan!r}")
+        if check_every is not None:
+            if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
+                raise ValueError(f"check_every must be a positive int, got {check_every!r}")
+            self.check_every = check_every
         if self.config.get("authors_checkpoint") is not None:  # trained by the authors: used as it is
             self.eval()
             return self
@@ -203,7 +229,7 @@ class TrainedModel(AnomalyModel):
                 if isinstance(v, torch.Tensor) and v.dim() and v.device != p.device:
                     state[k] = v.to(p.device)
         if isinstance(data, Dataset):
-            batches = _epoch_batches(data, self.train_batch_size, self.seed, self.iteration, num_workers, part)
+            batches = _epoch_batches(data, self.train_batch_size, self.seed, self.iteration, num_workers, part, self.device)
         else:
             batches = _cycle(data)
         bar = tqdm(total=total, initial=min(self.iteration, total), desc="train", unit="it", leave=False,
@@ -218,38 +244,71 @@ class TrainedModel(AnomalyModel):
         return self
 
     def _loop(self, batches, total, bar, checkpoint, checkpoint_every, saved) -> None:
-        while self.iteration < total:
-            self.train()
-            try:
+        self._pending, self._halted = [], None
+        try:
+            while self.iteration < total:
+                self.train()
                 with memory_stage("training", "lower the batch (--set train_batch_size=N) or image_size"):
                     loss = self.training_step(next(batches), self.iteration)
-            except FloatingPointError as exc:
-                bar.close()
-                kept = (f"the last good checkpoint {checkpoint} (iteration {saved}) is kept" if saved is not None else
-                        f"{checkpoint} was not rewritten" if checkpoint and os.path.exists(checkpoint) else "no checkpoint was written")
-                raise FloatingPointError(f"{exc}; {kept}; on_nan='skip' (--on-nan skip) skips such updates") from None
-            with warnings.catch_warnings():  # a skipped first batch steps the schedule before the optimizer
-                warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()`"), UserWarning)
-                self.scheduler.step()
-            self.iteration += 1
-            bar.update(1)
-            if loss is not None:  # None: a batch the recipe skips (ADPretrain: no anomaly in it)
-                if distributed.active(self.group):  # the shares add up to the global batch's loss
-                    loss = loss.detach().double().to(distributed.collective_device(self.group))
-                    torch.distributed.all_reduce(loss, group=self.group)
-                self.loss_history.append(float(loss.detach()))
-                bar.set_postfix(loss=f"{self.loss_history[-1]:.4f}", refresh=False)
-            if checkpoint and checkpoint_every and self.iteration % checkpoint_every == 0:
-                self.save(checkpoint)
-                saved = self.iteration
+                with warnings.catch_warnings():  # a skipped first batch steps the schedule before the optimizer
+                    warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()`"), UserWarning)
+                    self.scheduler.step()
+                record = self._pending.pop()[2] if self._pending and self._pending[-1][0] == self.iteration else None
+                self.iteration += 1
+                bar.update(1)
+                if loss is not None:  # None: a batch the recipe skips (ADPretrain: no anomaly in it)
+                    if distributed.active(self.group):  # the shares add up to the global batch's loss
+                        loss = loss.detach().double().to(distributed.collective_device(self.group))
+                        torch.distributed.all_reduce(loss, group=self.group)
+                    self._pending.append((self.iteration - 1, loss.detach(), record))
+                elif record is not None:
+                    self._pending.append((self.iteration - 1, None, record))
+                checkpoint_now = checkpoint and checkpoint_every and self.iteration % checkpoint_every == 0
+                if checkpoint_now or self.iteration % self.check_every == 0 or self.iteration == total:
+                    self._read_pending(bar)
+                if checkpoint_now:
+                    self.save(checkpoint)
+                    saved = self.iteration
+        except FloatingPointError as exc:
+            bar.close()
+            self._read_pending()  # the losses before the bad iteration (the host-checked path raised in the step)
+            kept = (f"the last good checkpoint {checkpoint} (iteration {saved}) is kept" if saved is not None else
+                    f"{checkpoint} was not rewritten" if checkpoint and os.path.exists(checkpoint) else "no checkpoint was written")
+            raise FloatingPointError(f"{exc}; {kept}; on_nan='skip' (--on-nan skip) skips such updates") from None
         if checkpoint and saved != self.iteration:
             self.save(checkpoint)
         if checkpoint and distributed.active(self.group):
             torch.distributed.barrier(group=self.group)  # rank 0's file is complete when fit returns on any rank
 
+    def _read_pending(self, bar=None) -> None:
+        """One host read of the iterations run since the last: their losses into ``loss_history``,
+        the updates the device guard skipped into ``skipped_iterations``, and under on_nan='stop'
+        the first bad one raised (its update and every later one were not applied; ``iteration``
+        goes back to it)."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        device = self.device
+        nan, good = torch.full((1,), math.nan, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+        values = torch.stack([torch.cat([(nan if l is None else l.double().reshape(1)).to(device),
+                                         (good if r is None else r).to(device)]) for _, l, r in pending]).cpu()
+        for (it, loss, _), (value, bad, bad_loss, norm) in zip(pending, values.tolist()):
+            if bad and self.on_nan == "stop":
+                self.iteration = it
+                what = f"the loss became {bad_loss}" if not math.isfinite(bad_loss) else f"the gradient norm became {norm}"
+                raise FloatingPointError(f"{type(self).__name__}: {what} at iteration {it}")
+            if bad:
+                self.skipped_iterations.append(it)
+            if loss is not None:
+                self.loss_history.append(value)
+        if bar is not None and self.loss_history:
+            bar.set_postfix(loss=f"{self.loss_history[-1]:.4f}", refresh=False)
+
     def batch_images(self, batch) -> torch.Tensor:
         """The (B, 3, H, W) float32 images of a batch (a tensor or a dict with 'image') on the model's device."""
-        return self.check_images(batch["image"] if isinstance(batch, dict) else batch)
+        from ..data.cache import CachedBatch
+
+        return self.check_images(batch["image"] if isinstance(batch, dict) else batch, finite=not isinstance(batch, CachedBatch))
 
     def _stop_or_skip(self, what: str) -> None:
         """A NaN/inf ``what`` at this iteration: raise (on_nan='stop') or drop the update and record it."""
@@ -258,12 +317,65 @@ class TrainedModel(AnomalyModel):
         self.skipped_iterations.append(self.iteration)
         self.optimizer.zero_grad(set_to_none=True)
 
+    def _skips_on_device(self) -> bool:
+        """Whether the optimizer takes the NaN/inf decision on the device (``found_inf``: StableAdamW's
+        multi-tensor update, torch's fused Adam / AdamW), so :meth:`update` needs no host read."""
+        from ..optim import StableAdamW
+
+        opt = self.optimizer
+        if distributed.active(self.group) or opt is None:
+            return False
+        if isinstance(opt, StableAdamW):
+            return all(g["foreach"] for g in opt.param_groups)
+        return bool(getattr(opt, "_step_supports_amp_scaling", False) and opt.defaults.get("fused"))
+
+    def _gradient_norm(self) -> torch.Tensor:
+        params = [p for p in self.trainable_parameters() if p.grad is not None]
+        if self.grad_clip is not None:  # clipping computes the norm (inf: not finite, nothing clipped yet)
+            return nn.utils.clip_grad_norm_(params, self.grad_clip)
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])) \
+            if params else torch.zeros(())
+
+    def _guarded_update(self, losses, set_to_none: bool) -> bool:
+        """:meth:`update` without a host read: the step is skipped on the device where a loss or the
+        gradient norm is not finite (and, under on_nan='stop', at every later iteration, so the
+        parameters stay those before the first bad update); :meth:`_read_pending` reports it."""
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+        for i, loss in enumerate(losses):
+            loss.backward(retain_graph=i < len(losses) - 1)
+        norm = self._gradient_norm()
+        self._grad_norm = norm.detach()
+        first = losses[-1].detach().double().reshape(())  # the first non-finite loss, for the message
+        for loss in reversed(losses[:-1]):
+            loss = loss.detach().double().reshape(())
+            first = torch.where(torch.isfinite(loss), first, loss)
+        first = first.to(norm.device)
+        bad = ~torch.isfinite(first) | ~torch.isfinite(norm)
+        skip = bad if self.on_nan == "skip" or self._halted is None else bad | self._halted
+        if self.on_nan == "stop":
+            self._halted = skip
+        self.optimizer.found_inf = skip.to(torch.float32)
+        try:
+            self.optimizer.step()
+        finally:
+            del self.optimizer.found_inf
+        record = torch.stack([bad.double(), first, norm.detach().double()])
+        if self._pending and self._pending[-1][0] == self.iteration:  # a second update in one iteration (FOD)
+            it, loss, prev = self._pending.pop()
+            record = torch.where(prev[0] > 0, prev, record)
+        self._pending.append((self.iteration, None, record))
+        return True
+
     def update(self, *losses: torch.Tensor, set_to_none: bool = True) -> bool:
         """One optimizer update from ``losses`` (their gradients accumulate, FOD's two phases):
         zero_grad (``set_to_none=False``: torch 1.x semantics, gradients zero-filled, so the optimizer
         also steps parameters these losses do not reach), backward of each, gradient clipping
         (``grad_clip``), step. A NaN/inf loss or gradient norm stops the run or skips the step
-        (``fit``'s ``on_nan``). Returns whether the step was taken."""
+        (``fit``'s ``on_nan``). Returns whether the step was taken; with an optimizer that skips on
+        the device (:meth:`_skips_on_device`) the decision stays there, True is returned, and the
+        loop reads it every ``check_every`` iterations."""
+        if self._skips_on_device():
+            return self._guarded_update(losses, set_to_none)
         bad = [float(loss.detach()) for loss in losses if not torch.isfinite(loss)]
         if distributed.active(self.group):  # every rank takes the same decision
             flag = torch.tensor([float(len(bad))], device=distributed.collective_device(self.group))
@@ -278,13 +390,8 @@ class TrainedModel(AnomalyModel):
             loss.backward(retain_graph=i < len(losses) - 1)
         if distributed.active(self.group):
             self._all_reduce_gradients()
-        params = [p for p in self.trainable_parameters() if p.grad is not None]
-        if self.grad_clip is not None:  # clipping computes the norm (inf: not finite, nothing clipped yet)
-            norm = nn.utils.clip_grad_norm_(params, self.grad_clip)
-        else:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])) \
-                if params else torch.zeros(())
-        self.last_grad_norm = float(norm)  # of the global batch's gradient (for logging)
+        norm = self._gradient_norm()
+        self._grad_norm = float(norm)  # of the global batch's gradient (for logging)
         if not torch.isfinite(norm):
             self._stop_or_skip(f"the gradient norm became {float(norm)}")
             return False

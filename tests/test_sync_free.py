@@ -1,0 +1,189 @@
+"""Sync-free training steps: StableAdamW's multi-tensor update against the authors' per-parameter
+loop, the device-side skip of a bad update (found_inf), host reads counted per training step, and
+the NaN/inf guard still naming the exact first bad iteration when it is read every N iterations."""
+import copy
+
+import pytest
+import torch
+
+from conftest import TINY_DINOMALY
+from fastad.data import folder
+from fastad.data.cache import cached
+from fastad.models import create_model
+from fastad.optim import StableAdamW, adam
+from test_cache import _defect_folder
+
+SHAPES = [(5, 7), (13,), (1,), (3, 4, 2), (1000,)]  # one element, odd sizes, one larger than a block
+
+
+def _params(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g).requires_grad_() for s in SHAPES]
+
+
+def _grads(it, g):
+    scale = 30.0 if it % 4 == 1 else 0.05  # spikes: the clipping acts, AMSGrad's max differs from v
+    return [torch.randn(s, generator=g) * scale for s in SHAPES]
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
+def test_multi_tensor_update_equals_the_per_parameter_loop(amsgrad, weight_decay):
+    kw = dict(lr=2e-3, betas=(0.9, 0.999), eps=1e-10, weight_decay=weight_decay, amsgrad=amsgrad, clip_threshold=0.5)
+    a, b = _params(), _params()
+    loop, multi = StableAdamW(a, foreach=False, **kw), StableAdamW(b, foreach=True, **kw)
+    g = torch.Generator().manual_seed(1)
+    steps = 12
+    for it in range(steps):
+        for x, y, grad in zip(a, b, _grads(it, g)):
+            x.grad, y.grad = grad.clone(), grad.clone()
+        loop.step()
+        multi.step()
+    # the same float32 operations in the same order; only the RMS's reduction order may differ
+    # (torch's multi-tensor norm vs Tensor.norm), a few float32 roundings of the clipping factor per
+    # step: each step's update (at most lr in size) differs by ~1e-6 of itself, summed over the steps
+    for x, y in zip(a, b):
+        torch.testing.assert_close(y.detach(), x.detach(), rtol=1e-6, atol=steps * kw["lr"] * 1e-6)
+    for sa, sb in zip(loop.state.values(), multi.state.values()):
+        assert float(sa["step"]) == float(sb["step"]) == steps
+        torch.testing.assert_close(sb["exp_avg"], sa["exp_avg"], rtol=1e-6, atol=1e-7)
+
+
+def test_found_inf_skips_exactly_and_zero_changes_nothing():
+    kw = dict(lr=1e-2, eps=1e-10, weight_decay=1e-2, amsgrad=True, clip_threshold=0.5)
+    a, b = _params(), _params()
+    oa, ob = StableAdamW(a, **kw), StableAdamW(b, **kw)
+    g = torch.Generator().manual_seed(2)
+    for it in range(5):
+        grads = _grads(it, g)
+        for x, y, grad in zip(a, b, grads):
+            x.grad, y.grad = grad.clone(), grad.clone()
+        oa.step()
+        ob.found_inf = torch.zeros(())  # told "all finite": bit-identical to no flag
+        ob.step()
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    before, state = [x.detach().clone() for x in b], copy.deepcopy(ob.state_dict())
+    for x in b:
+        x.grad = torch.full_like(x, float("nan"))
+    ob.found_inf = torch.ones(())
+    ob.step()
+    assert all(torch.equal(x, y) for x, y in zip(b, before))
+    after = ob.state_dict()["state"]
+    for k, entry in state["state"].items():
+        for name, v in entry.items():
+            assert torch.equal(after[k][name], v), (k, name)
+
+
+def test_adam_is_fused_only_on_cuda():
+    p = [torch.nn.Parameter(torch.zeros(3))]
+    assert not adam(p, lr=1e-3).defaults.get("fused") and isinstance(adam(p, decoupled=True), torch.optim.AdamW)
+
+
+class _HostReads:
+    """Counts the tensor-to-host reads (item, float, int, bool, tolist, numpy, cpu) made while active."""
+
+    NAMES = ("item", "__float__", "__int__", "__bool__", "tolist", "numpy", "cpu")
+
+    def __init__(self, monkeypatch):
+        self.count, self.active = 0, True
+        for name in self.NAMES:
+            original = getattr(torch.Tensor, name)
+
+            def counted(t, *a, _original=original, **k):
+                if self.active:
+                    self.count += 1
+                return _original(t, *a, **k)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+def _tiny(**kw):
+    torch.manual_seed(0)
+    return create_model("dinomaly", **{**TINY_DINOMALY, "iterations": 8, "warmup_iters": 1, "train_batch_size": 4, **kw})
+
+
+@pytest.mark.parametrize("check_every", [3])
+def test_a_training_step_reads_the_host_only_every_check_every_iterations(tmp_path, monkeypatch, check_every):
+    train = cached(folder(_defect_folder(tmp_path / "d"), "train", _tiny().transform()), tmp_path / "cache")
+    model = _tiny()
+    reads = _HostReads(monkeypatch)
+    loss_fn = model.training_loss
+
+    def loss_without_counting(images, it):  # the loss's own reads (the hard-mining select) are the op's matter
+        reads.active = False
+        try:
+            return loss_fn(images, it)
+        finally:
+            reads.active = True
+
+    model.training_loss = loss_without_counting
+    per_iteration = []
+    step = model.training_step
+
+    def counted_step(batch, it):
+        start = reads.count
+        out = step(batch, it)
+        per_iteration.append(reads.count - start)
+        return out
+
+    model.training_step = counted_step
+    reads.count = 0
+    model.fit(train, progress=False, check_every=check_every)
+    reads.active = False
+    assert per_iteration == [0] * 8  # gather, update, optimizer step: no host read
+    # outside the steps: per epoch (one batch of 4 of the 6 images) the seeded permutation's index
+    # list, made on the host (no device involved), and per check one device-to-host transfer of
+    # the pending losses and guard records plus the list of that host copy
+    epochs, checks = 8, len({i for i in range(1, 9) if i % check_every == 0} | {8})  # and at the end
+    assert reads.count == epochs + 2 * checks
+    assert len(model.loss_history) == 8
+
+
+@pytest.fixture(scope="module")
+def five_good(tmp_path_factory):
+    """(cached training set, a model after its 5 good iterations)."""
+    root = tmp_path_factory.mktemp("guard")
+    train = cached(folder(_defect_folder(root / "d"), "train", _tiny().transform()), root / "cache")
+    good = _tiny()
+    good.fit(train, iterations=5, progress=False)
+    return train, good
+
+
+# read every iteration; a few iterations after the bad one; only at the end of training
+@pytest.mark.parametrize("check_every, where", [(1, "loss"), (3, "grad"), (50, "loss")])
+def test_the_guard_names_the_exact_first_bad_iteration(five_good, where, check_every):
+    from test_faults import _nan_after
+
+    train, good = five_good
+    model = _nan_after(_tiny(), 5, where)
+    what = "the loss became nan" if where == "loss" else "the gradient norm became nan"
+    with pytest.raises(FloatingPointError, match=f"Dinomaly: {what} at iteration 5; no checkpoint was written"):
+        model.fit(train, progress=False, check_every=check_every)
+    # stopped before the bad update: the weights are those after the 5 good iterations
+    assert model.iteration == 5 and model.loss_history == good.loss_history
+    for (k, a), b in zip(model.state_dict().items(), good.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_check_every_is_validated():
+    with pytest.raises(ValueError, match="check_every must be a positive int"):
+        _tiny().fit(torch.zeros(4, 3, 56, 56), check_every=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_the_guarded_update_makes_no_host_sync_on_cuda():
+    model = _tiny().cuda()
+    model.on_nan = "stop"
+    model._ensure_optimizer()
+    images = torch.randn(4, 3, 56, 56, device="cuda")
+    for _ in range(2):
+        loss = model.training_loss(images, 0)  # the loss's select is outside this test (its own op)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            model.update(loss)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        model.iteration += 1
+    assert model._pending and model.last_grad_norm > 0
