@@ -428,6 +428,8 @@ def run(args) -> int:
     from .data.protocols import protocol_for
 
     user = _model_args(args.set)
+    if args.precision != "fp32":
+        user.setdefault("precision", args.precision)
     if args.model == "patchcore" and args.coreset_ratio:
         user["coreset_ratio"] = args.coreset_ratio
     kwargs, described = _with_recipe(args.model, args.data, args.setting, user, args.no_recipe)
@@ -574,7 +576,10 @@ def pretrain(args) -> int:
     from .faults import check_writable
     from .models import load_checkpoint
 
-    kwargs, applied = _with_recipe("adpretrain", args.data, "pretrain", _model_args(args.set), args.no_recipe)
+    user = _model_args(args.set)
+    if args.precision != "fp32":
+        user.setdefault("precision", args.precision)
+    kwargs, applied = _with_recipe("adpretrain", args.data, "pretrain", user, args.no_recipe)
     print(f"recipe: {_recipe_line(applied)}", flush=True)
     check_writable(os.path.dirname(os.path.abspath(args.out)), "--out's folder")
     if os.path.exists(args.out):
@@ -643,6 +648,10 @@ def main(argv=None) -> int:
     common.add_argument("--cache-max-gb", type=float, default=50.0,
                         help="cap of the cache folder in GiB: least recently used files are removed to make room; a "
                              "dataset over the cap is read uncached, with a warning (default 50)")
+    common.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                        help="the encoders and trainable networks under autocast in bfloat16 / float16 (weights, "
+                             "optimizer states, losses, maps, scores and metrics stay float32; fp16 scores only, "
+                             "it does not train); default fp32 (see the README: Speed)")
     r = sub.add_parser("run", help="fit and evaluate a model", parents=[common])
     from .models import MODELS
 

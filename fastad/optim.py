@@ -77,6 +77,15 @@ class StableAdamW(torch.optim.Optimizer):
                 self._loop(group, params)
         return loss
 
+    def _root_sizes(self, tensors, device) -> torch.Tensor:
+        """sqrt(numel) of each tensor as a float64 device tensor, made once per list of sizes by fills
+        on the device (a copy from pageable host memory would synchronise)."""
+        key = (str(device), tuple(t.numel() for t in tensors))
+        cache = self.__dict__.setdefault("_root_size_cache", {})
+        if key not in cache:
+            cache[key] = torch.stack([torch.full((), math.sqrt(n), dtype=torch.float64, device=device) for n in key[1]])
+        return cache[key]
+
     def _loop(self, group, params) -> None:
         """The authors' per-parameter update."""
         beta1, beta2 = group["betas"]
@@ -133,8 +142,7 @@ class StableAdamW(torch.optim.Optimizer):
         torch._foreach_div_(denoms, bias2)
         torch._foreach_add_(denoms, eps)
         norms = torch.stack(torch._foreach_norm(torch._foreach_div(grads, denoms))).double()
-        sizes = torch.tensor([g.numel() for g in grads], dtype=torch.float64).sqrt().to(device)
-        scale = torch.clamp(norms / sizes / clip, min=1.0)
+        scale = torch.clamp(norms / self._root_sizes(grads, device) / clip, min=1.0)
         step_size = -(lr / (1 - torch.pow(beta1, step)) / scale * keep)  # 0 where skipped: p + 0 = p
         scaled = torch._foreach_mul(exp_avgs, step_size.float().unbind())
         torch._foreach_addcdiv_(params, scaled, denoms)

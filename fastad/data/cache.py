@@ -375,7 +375,7 @@ class _Source:
 
     def __call__(self, indices: list[int]) -> CachedBatch:
         if self.resident is not None:
-            idx = torch.tensor(indices, device=self.device)
+            idx = torch.tensor(indices).pin_memory().to(self.device, non_blocking=True)  # a pageable copy would sync
             images, masks = self.resident[0][idx], self.resident[1][idx].to(torch.float32)
         else:  # straight from the mapped file into (pinned) batch buffers
             h, w = self.parts[0].header["height"], self.parts[0].header["width"]

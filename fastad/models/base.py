@@ -11,6 +11,8 @@ A model is an :class:`AnomalyModel` (an ``nn.Module``) registered by name with :
   bar on a terminal;
 - ``forward(images)``: (B, 3, H, W) float images -> :class:`AnomalyOutput` ``(scores (B,), maps (B, H, W))``,
   float32, maps at the input size;
+- ``precision``: ``'fp32'`` (default), ``'bf16'`` or ``'fp16'``, a keyword every model takes: the
+  networks a model names in ``autocast_modules`` run under autocast, their outputs come back float32;
 - ``save(path)`` / :func:`load_checkpoint`: one safetensors file holding the weights, every
   fitted buffer (memory banks, Gaussians, reference features), the config and, for trained models,
   the training state; a loaded model scores bit-identically to the saved one.
@@ -22,6 +24,7 @@ import inspect
 import json
 import os
 from collections.abc import Iterable, Iterator
+from itertools import chain
 from typing import ClassVar, NamedTuple
 
 import torch
@@ -132,17 +135,70 @@ def image_batches(data, device, *, batch_size: int = 16, num_workers: int = 0, p
         raise ValueError("fit() got no images; expected normal training images")
 
 
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _device_type(module, args) -> str:
+    """Where ``module`` runs: its parameters' device, else its first tensor argument's (in lists too)."""
+    for t in chain(module.parameters(), module.buffers()):
+        return t.device.type
+    stack = list(args)
+    while stack:
+        a = stack.pop(0)
+        if isinstance(a, torch.Tensor):
+            return a.device.type
+        if isinstance(a, (list, tuple)):
+            stack[:0] = a
+    return "cpu"
+
+
+def _enter_autocast(module, args, dtype):
+    ctx = torch.autocast(_device_type(module, args), dtype=dtype)
+    ctx.__enter__()
+    module.__dict__.setdefault("_autocast_contexts", []).append(ctx)
+
+
+def _float32(x):
+    if isinstance(x, torch.Tensor):
+        return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+    if isinstance(x, (list, tuple)) and not hasattr(x, "_fields"):
+        return type(x)(_float32(v) for v in x)
+    return x
+
+
+def _leave_autocast(module, args, output):
+    module.__dict__["_autocast_contexts"].pop().__exit__(None, None, None)
+    return _float32(output)
+
+
 class AnomalyModel(nn.Module):
     """Base of every fastad model (module docstring). Subclasses take ``image_size`` and
     ``crop_fraction`` constructor arguments, implement ``fit`` and ``forward``, and may set:
 
     - ``input_multiple``: H and W must be multiples of it (a ViT's patch, a U-Net's total stride);
-    - ``fixed_input``: True when the model only takes ``image_size`` (learnable grids: RLR, FOD).
+    - ``fixed_input``: True when the model only takes ``image_size`` (learnable grids: RLR, FOD);
+    - ``autocast_modules``: the submodules that follow ``precision`` (below).
     """
 
     registry_name: ClassVar[str] = ""
     input_multiple: int = 1
     fixed_input: bool = False
+    # the encoders and trainable networks (attribute names; a ModuleList: each member) that run under
+    # autocast at precision 'bf16' / 'fp16'; their outputs come back float32, so losses, quantiles,
+    # maps and scores stay float32, as do the weights and the optimizer states
+    autocast_modules: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def precision(self) -> str:
+        """'fp32' (default), 'bf16' or 'fp16' (every model takes ``precision=`` as a keyword)."""
+        return self.config.get("precision", "fp32")
+
+    def _autocast_submodules(self, dtype: torch.dtype) -> None:
+        for name in self.autocast_modules:
+            module = getattr(self, name)
+            for m in module if isinstance(module, nn.ModuleList) else [module]:
+                m.register_forward_pre_hook(functools.partial(_enter_autocast, dtype=dtype))
+                m.register_forward_hook(_leave_autocast, always_call=True)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -154,6 +210,9 @@ class AnomalyModel(nn.Module):
         @functools.wraps(init)
         def wrapped(self, *args, **kw):
             outermost = "config" not in self.__dict__
+            precision = kw.pop("precision", "fp32") if outermost else "fp32"
+            if precision not in PRECISIONS:
+                raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
             if outermost:  # the most derived class's arguments are the model's config
                 bound = signature.bind(self, *args, **kw)
                 bound.apply_defaults()
@@ -165,6 +224,9 @@ class AnomalyModel(nn.Module):
             init(self, *args, **kw)
             if outermost:
                 self._check_image_size()
+                if precision != "fp32":  # fp32 stays out of the config: earlier checkpoints still match
+                    self.config["precision"] = precision
+                    self._autocast_submodules(PRECISIONS[precision])
 
         cls.__init__ = wrapped
 
@@ -343,7 +405,8 @@ def load_checkpoint(path: str | os.PathLike, device="cpu", **overrides) -> Anoma
     checkpoint): its stored config, updated by ``overrides``, moved to ``device``, then its weights,
     fitted buffers and training state. The file holds every weight, so the model is built without
     reading the weight files its config names (``weights``, ``pretrained``): it loads on a machine
-    that lacks them."""
+    that lacks them. The model comes back in eval mode (dropout off: it scores as the saved model
+    did; ``fit`` switches to training mode itself)."""
     import warnings
 
     meta, _ = _read(path, tensors=False)
@@ -359,4 +422,4 @@ def load_checkpoint(path: str | os.PathLike, device="cpu", **overrides) -> Anoma
     skip = {k: v for k, v in WEIGHT_FILE_ARGUMENTS.items() if k in config and k not in overrides}
     model = cls(**{**config, **skip, **overrides})
     model.config.update({k: config[k] for k in skip})  # the config still names the original files
-    return model.to(device).load_checkpoint(path)
+    return model.to(device).load_checkpoint(path).eval()

@@ -122,6 +122,8 @@ class Dinomaly(TrainedModel):
         AnomalyOutput(scores (B,), maps (B, H, W)) float32.
     """
 
+    autocast_modules = ("encoder", "bottleneck", "decoder")
+
     def __init__(self, encoder: str = "dinov2reg_vit_base_14", weights: str | None = None, encoder_layers=None,
                  encoder_kwargs: dict | None = None, image_size=None, crop_fraction: float = 0.875, groups=GROUPS,
                  dropout: float = 0.2, decoder_depth: int = 8,

@@ -209,6 +209,10 @@ class FOD(TrainedModel):
 
     fixed_input = True
 
+    # the levels stay float32: their association-discrepancy losses take logs of attention probabilities
+    # (a bfloat16 run gave a NaN loss at the first iteration)
+    autocast_modules = ("backbone",)
+
     def __init__(self, backbone: str = OFFLINE_DEFAULT, layers=(2, 3), weights: str | None = None, image_size=256,
                  crop_fraction: float = 1.0,
                  depth: int = 3, heads: int = 8, branches: str = "both", reference: str = "mean", nearest_window: int = 3,

@@ -113,8 +113,8 @@ class MiniMaxAD(TrainedModel):
         images (B, 3, H, W) -> AnomalyOutput(scores (B,), maps (B, H, W)) float32.
     """
 
-
     input_multiple = 32
+    autocast_modules = ("encoder", "bottleneck", "decoder")
 
     def __init__(self, encoder: str = "unireplknet_n", weights: str | None = None, image_size=256,
                  crop_fraction: float = 1.0, loss: str = "fr",

@@ -59,6 +59,8 @@ class PatchCore(AnomalyModel):
         images (B, 3, H, W) -> AnomalyOutput(scores (B,), maps (B, H, W)) float32.
     """
 
+    autocast_modules = ("backbone",)
+
     def __init__(
         self,
         backbone: str | nn.Module = OFFLINE_DEFAULT,

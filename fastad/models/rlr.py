@@ -145,6 +145,8 @@ class RLR(TrainedModel):
 
     fixed_input = True
 
+    autocast_modules = ("backbone", "levels")
+
     def __init__(self, backbone: str = OFFLINE_DEFAULT, layers=(2, 3), weights: str | None = None, image_size=256,
                  crop_fraction: float = 1.0,
                  depth: int = 4, heads: int = 8, alpha: float = 2.0, windows=None, jitter: float = 4.0,

@@ -177,6 +177,10 @@ class TrainedModel(AnomalyModel):
         if self.config.get("authors_checkpoint") is not None:  # trained by the authors: used as it is
             self.eval()
             return self
+        if self.precision == "fp16" and self.iteration < (self.training_length(self.epoch_length) if iterations is None
+                                                          else int(iterations)):
+            raise ValueError(f"{type(self).__name__}: training in precision='fp16' needs loss scaling, which fastad does "
+                             "not have yet; train in 'bf16' (same range as float32) or 'fp32', and score in 'fp16' if you like")
         self.on_nan = on_nan
         part = self._join(group, data)
         try:

@@ -107,6 +107,8 @@ class ResidualFeatures:
     ``fit``). :meth:`init_residual_features` builds them; the attribute names are the checkpoint keys
     that :meth:`load_projectors` reads."""
 
+    autocast_modules = ("backbone", "projectors")
+
     def init_residual_features(self, backbone: str, layers, weights, heads: int, num_references: int, depth: int) -> list[int]:
         """Build backbone, projectors, centres and (empty) reference banks; returns the resolved layers."""
         vit = "dinov2" in backbone
