@@ -54,6 +54,20 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+_DEVICE_STATS: dict = {}
+
+
+def _on_device(mean: torch.Tensor, std: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mean`` and ``std`` on ``device``, copied there once (a host-to-device copy of pageable memory
+    would wait for the device at every batch)."""
+    if device.type == "cpu":
+        return mean, std
+    key = (str(device), tuple(mean.flatten().tolist()), tuple(std.flatten().tolist()))
+    if key not in _DEVICE_STATS:
+        _DEVICE_STATS[key] = (mean.to(device), std.to(device))
+    return _DEVICE_STATS[key]
+
+
 RESAMPLING = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS}
 ASPECTS = ("squash", "keep")
 
@@ -140,7 +154,8 @@ class ImageTransform:
         if isinstance(pixels, np.ndarray) and not pixels.flags.writeable:  # PIL's arrays are read-only
             pixels = pixels.copy()
         x = torch.as_tensor(pixels).to(torch.float32).div_(255.0).movedim(-1, -3)  # in place: one allocation
-        return x.sub_(self.mean.to(x.device)).div_(self.std.to(x.device))
+        mean, std = _on_device(self.mean, self.std, x.device)
+        return x.sub_(mean).div_(std)
 
     def image(self, img: Image.Image) -> torch.Tensor:
         """PIL image -> (3, H, W) float32 normalised."""
