@@ -354,7 +354,7 @@ def _fit(args, build, train, checkpoint: str | None, group=None):
             diff = sorted(k for k in {*config, *model.config} if config.get(k) != model.config.get(k))
             raise UsageError(f"--checkpoint-dir: {checkpoint} holds a {name} model with other settings "
                              f"({', '.join(diff) or 'model'} differ); use another --checkpoint-dir or delete the file")
-        model = load_checkpoint(checkpoint, device=args.device)
+        model = load_checkpoint(checkpoint, device=args.device, **({"compile": args.compile} if args.compile else {}))
         if not isinstance(model, TrainedModel):
             print(f"loaded the fitted model {checkpoint}", flush=True)
             return model, 0.0
@@ -430,6 +430,8 @@ def run(args) -> int:
     user = _model_args(args.set)
     if args.precision != "fp32":
         user.setdefault("precision", args.precision)
+    if args.compile:
+        user.setdefault("compile", args.compile)
     if args.model == "patchcore" and args.coreset_ratio:
         user["coreset_ratio"] = args.coreset_ratio
     kwargs, described = _with_recipe(args.model, args.data, args.setting, user, args.no_recipe)
@@ -579,6 +581,8 @@ def pretrain(args) -> int:
     user = _model_args(args.set)
     if args.precision != "fp32":
         user.setdefault("precision", args.precision)
+    if args.compile:
+        user.setdefault("compile", args.compile)
     kwargs, applied = _with_recipe("adpretrain", args.data, "pretrain", user, args.no_recipe)
     print(f"recipe: {_recipe_line(applied)}", flush=True)
     check_writable(os.path.dirname(os.path.abspath(args.out)), "--out's folder")
@@ -652,6 +656,10 @@ def main(argv=None) -> int:
                         help="the encoders and trainable networks under autocast in bfloat16 / float16 (weights, "
                              "optimizer states, losses, maps, scores and metrics stay float32; fp16 scores only, "
                              "it does not train); default fp32 (see the README: Speed)")
+    common.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
+                        help="torch.compile the encoders and trainable networks (MODE: torch's reduce-overhead = CUDA "
+                             "graphs for fixed-size batches, or max-autotune); a network that fails to compile runs "
+                             "eager with a warning; same results within float32 rounding")
     r = sub.add_parser("run", help="fit and evaluate a model", parents=[common])
     from .models import MODELS
 

@@ -171,6 +171,36 @@ def _leave_autocast(module, args, output):
     return _float32(output)
 
 
+_COMPILE_WARNED: set[str] = set()
+
+
+class _CompiledForward:
+    """A module's forward through ``torch.compile`` where gradients are off (scoring, embedding);
+    eager where they are on (training: compiled dropout draws other masks than eager's, which would
+    break the bit-identical resume), and eager (with one warning) once compiling fails."""
+
+    def __init__(self, forward, name: str, mode: str | None):
+        self.eager, self.name = forward, name
+        self.compiled = torch.compile(forward, mode=mode, dynamic=False)
+
+    def __call__(self, *args, **kwargs):
+        if self.compiled is None or torch.is_grad_enabled():
+            return self.eager(*args, **kwargs)
+        try:
+            return self.compiled(*args, **kwargs)
+        except Exception as exc:
+            out = self.eager(*args, **kwargs)  # the input's own error is raised here, as without compile
+            import warnings
+
+            self.compiled = None
+            if self.name not in _COMPILE_WARNED:  # one warning per network (a decoder's blocks share it)
+                _COMPILE_WARNED.add(self.name)
+                reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+                warnings.warn(f"{self.name} could not be compiled ({type(exc).__name__}: {reason}); it runs eager",
+                              RuntimeWarning, stacklevel=2)
+            return out
+
+
 class AnomalyModel(nn.Module):
     """Base of every fastad model (module docstring). Subclasses take ``image_size`` and
     ``crop_fraction`` constructor arguments, implement ``fit`` and ``forward``, and may set:
@@ -193,6 +223,21 @@ class AnomalyModel(nn.Module):
         """'fp32' (default), 'bf16' or 'fp16' (every model takes ``precision=`` as a keyword)."""
         return self.config.get("precision", "fp32")
 
+    def compile_networks(self, mode: str | None = None) -> "AnomalyModel":
+        """``torch.compile`` the forward of each network in ``autocast_modules`` (``mode``: None, or
+        torch's ``'reduce-overhead'`` (CUDA graphs, for fixed-size batches) / ``'max-autotune'``);
+        also ``compile=True`` / ``compile=MODE`` when building any model. The weights, the
+        state_dict and the config are unchanged (a runtime choice, not saved). Compiled where gradients
+        are off (scoring, PatchCore's / PaDiM's embedding); training runs eager (bit-identical to an
+        uncompiled run). A network that fails to compile runs eager from then on, with one warning
+        naming the reason. Returns the model."""
+        for name in self.autocast_modules:
+            module = getattr(self, name)
+            for m in module if isinstance(module, nn.ModuleList) else [module]:
+                if not isinstance(m.__dict__.get("forward"), _CompiledForward):
+                    m.forward = _CompiledForward(m.forward, f"{type(self).__name__}.{name}", mode)
+        return self
+
     def _autocast_submodules(self, dtype: torch.dtype) -> None:
         for name in self.autocast_modules:
             module = getattr(self, name)
@@ -211,6 +256,7 @@ class AnomalyModel(nn.Module):
         def wrapped(self, *args, **kw):
             outermost = "config" not in self.__dict__
             precision = kw.pop("precision", "fp32") if outermost else "fp32"
+            compile_mode = kw.pop("compile", False) if outermost else False
             if precision not in PRECISIONS:
                 raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
             if outermost:  # the most derived class's arguments are the model's config
@@ -227,6 +273,8 @@ class AnomalyModel(nn.Module):
                 if precision != "fp32":  # fp32 stays out of the config: earlier checkpoints still match
                     self.config["precision"] = precision
                     self._autocast_submodules(PRECISIONS[precision])
+                if compile_mode:
+                    self.compile_networks(None if compile_mode is True else compile_mode)
 
         cls.__init__ = wrapped
 
@@ -414,7 +462,7 @@ def load_checkpoint(path: str | os.PathLike, device="cpu", **overrides) -> Anoma
     cls = MODELS.get(name) or next((c for c in MODELS.values() if c.__name__ == name), None)
     if cls is None:
         raise ValueError(f"{path} holds a {name} checkpoint, not a registered model ({sorted(MODELS)})")
-    accepted = inspect.signature(cls.__init__).parameters
+    accepted = {*inspect.signature(cls.__init__).parameters, "precision"}  # precision: every model's keyword
     unknown = [k for k in config if k not in accepted]
     if unknown and meta["format"] != FORMAT:  # an older file: arguments this version no longer has
         warnings.warn(f"{path}: ignoring the {meta['format']} arguments {unknown} that {cls.__name__} no longer takes", stacklevel=2)

@@ -164,8 +164,8 @@ def _grid_attention(
 
 
 @_grid_attention.register_fake
-def _(q, k, v, h, w, radius, only, scale):
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+def _(q, k, v, h, w, radius, only, scale):  # contiguous, as the kernel's outputs (torch.compile checks the strides)
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("fastad::grid_attention_backward", mutates_args=())
@@ -187,7 +187,7 @@ def _grid_attention_backward(
 
 @_grid_attention_backward.register_fake
 def _(do, q, k, v, o, lse, h, w, radius, only, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(k, memory_format=torch.contiguous_format), torch.empty_like(v, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):

@@ -74,9 +74,9 @@ def _linear_attention(
 
 
 @_linear_attention.register_fake
-def _(q, k, v, eps):
+def _(q, k, v, eps):  # contiguous, as the kernel's outputs (torch.compile checks the strides)
     b, nh, _, d = q.shape
-    return torch.empty_like(q), q.new_empty((b, nh, d, d), dtype=torch.float32), q.new_empty((b, nh, d), dtype=torch.float32)
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((b, nh, d, d), dtype=torch.float32), q.new_empty((b, nh, d), dtype=torch.float32)
 
 
 @torch.library.custom_op("fastad::linear_attention_backward", mutates_args=())
@@ -93,7 +93,7 @@ def _linear_attention_backward(
 
 @_linear_attention_backward.register_fake
 def _(do, q, k, v, kv, ksum, eps):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(k, memory_format=torch.contiguous_format), torch.empty_like(v, memory_format=torch.contiguous_format)
 
 
 def _linear_setup_context(ctx, inputs, output):
