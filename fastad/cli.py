@@ -210,6 +210,16 @@ def _model_args(pairs: list[str], flag: str = "--set") -> dict:
     return out
 
 
+def _runtime_args(args, user: dict) -> dict:
+    """The ``--set`` arguments plus ``--precision`` and ``--compile`` (every model's keywords; a
+    ``--set`` of the same key wins)."""
+    if args.precision != "fp32":
+        user.setdefault("precision", args.precision)
+    if args.compile:
+        user.setdefault("compile", args.compile)
+    return user
+
+
 def _check_types(name: str, kwargs: dict) -> None:
     """A ``--set`` value whose JSON type cannot be the argument's (its default's type; a number for
     a float, a list for an int size or a tuple) is a one-line error naming the argument."""
@@ -427,11 +437,7 @@ def run(args) -> int:
                          "--parallel jobs instead")
     from .data.protocols import protocol_for
 
-    user = _model_args(args.set)
-    if args.precision != "fp32":
-        user.setdefault("precision", args.precision)
-    if args.compile:
-        user.setdefault("compile", args.compile)
+    user = _runtime_args(args, _model_args(args.set))
     if args.model == "patchcore" and args.coreset_ratio:
         user["coreset_ratio"] = args.coreset_ratio
     kwargs, described = _with_recipe(args.model, args.data, args.setting, user, args.no_recipe)
@@ -578,12 +584,8 @@ def pretrain(args) -> int:
     from .faults import check_writable
     from .models import load_checkpoint
 
-    user = _model_args(args.set)
-    if args.precision != "fp32":
-        user.setdefault("precision", args.precision)
-    if args.compile:
-        user.setdefault("compile", args.compile)
-    kwargs, applied = _with_recipe("adpretrain", args.data, "pretrain", user, args.no_recipe)
+    kwargs, applied = _with_recipe("adpretrain", args.data, "pretrain", _runtime_args(args, _model_args(args.set)),
+                                   args.no_recipe)
     print(f"recipe: {_recipe_line(applied)}", flush=True)
     check_writable(os.path.dirname(os.path.abspath(args.out)), "--out's folder")
     if os.path.exists(args.out):

@@ -86,10 +86,11 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
-def _name(header: dict) -> str:
-    """``<dataset id>-<key>``: the id covers the paths and the transform, the key everything."""
+def _name(header: dict, raw: bytes) -> str:
+    """``<dataset id>-<key>``: the id covers the paths and the transform, the key everything (``raw``:
+    the encoded header)."""
     ident = _digest({"paths": [[f[0], f[3]] for f in header["files"]], "transform": header["transform"]})[:16]
-    return f"{ident}-{_digest(header)[:32]}"
+    return f"{ident}-{hashlib.sha256(raw).hexdigest()[:32]}"
 
 
 class _Layout:
@@ -131,10 +132,9 @@ class CachedDataset(AnomalyDataset):
     file instead (module docstring). Picklable for DataLoader workers: each process maps the file.
     """
 
-    def __init__(self, dataset: AnomalyDataset, path: str, header: dict):
+    def __init__(self, dataset: AnomalyDataset, path: str, header: dict, layout: _Layout):
         super().__init__(dataset.samples, dataset.transform)
-        self.path, self.header = path, header
-        self._layout = _Layout(header, len(_encode(header)))
+        self.path, self.header, self._layout = path, header, layout
         self._views = None
         self._bad = False
 
@@ -198,15 +198,15 @@ def _crc(image: np.ndarray, mask: np.ndarray | None) -> int:
     return c if mask is None else zlib.crc32(np.ascontiguousarray(mask), c)
 
 
-def _usable(path: str, header: dict) -> str:
-    """'' if ``path`` is a complete, intact cache of ``header``, else why not."""
+def _usable(path: str, header: dict, lay: _Layout) -> str:
+    """'' if ``path`` is a complete, intact cache of ``header`` (laid out as ``lay``), else why not."""
     found, why = _read_header(path)
     if found is None:
         return why
     if found != header:
         return "it holds another dataset or transform (a foreign file)"
     size = os.path.getsize(path)
-    expected = _Layout(header, len(_encode(header))).size
+    expected = lay.size
     if size != expected:
         return f"it is {'truncated' if size < expected else 'longer than its header says'} ({size} of {expected} bytes)"
     return ""
@@ -264,10 +264,9 @@ def _fill(dataset: AnomalyDataset, header: dict, lay: _Layout, tmp: Path, worker
     mm.flush()
 
 
-def _write(dataset: AnomalyDataset, header: dict, path: Path, workers: int) -> None:
-    """Decode every sample into a temporary file beside ``path``, then rename it over ``path``."""
-    raw = _encode(header)
-    lay = _Layout(header, len(raw))
+def _write(dataset: AnomalyDataset, header: dict, raw: bytes, lay: _Layout, path: Path, workers: int) -> None:
+    """Decode every sample into a temporary file beside ``path`` (``raw``: the encoded header), then
+    rename it over ``path``."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -307,12 +306,14 @@ def cached(dataset, cache_dir: str | os.PathLike | None = None, *, max_bytes: in
         return dataset
     folder = Path(cache_dir or default_dir())
     header = _header(dataset)
-    name = _name(header)
+    raw = _encode(header)  # once: a large dataset's header is megabytes of JSON
+    lay = _Layout(header, len(raw))
+    name = _name(header, raw)
     path = folder / (name + SUFFIX)
     if path.exists():
-        why = _usable(str(path), header)
+        why = _usable(str(path), header, lay)
         if not why:
-            ds = CachedDataset(dataset, str(path), header)
+            ds = CachedDataset(dataset, str(path), header, lay)
             bad = ds.corrupt_records()
             if not bad:
                 with contextlib.suppress(OSError):
@@ -320,12 +321,11 @@ def cached(dataset, cache_dir: str | os.PathLike | None = None, *, max_bytes: in
                 return ds
             why = f"{len(bad)} record(s) fail their checksum (the first: {dataset.samples[bad[0]].path})"
         warnings.warn(f"image cache {path}: {why}; rebuilding it", RuntimeWarning, stacklevel=2)
-    lay = _Layout(header, len(_encode(header)))
     try:
         folder.mkdir(parents=True, exist_ok=True)
         if not _make_room(folder, name, lay.size, max_bytes):
             return dataset
-        _write(dataset, header, path, workers or os.cpu_count() or 1)
+        _write(dataset, header, raw, lay, path, workers or os.cpu_count() or 1)
     except OSError as exc:
         if isinstance(exc, FileNotFoundError) and exc.filename is None:  # an image: the data's error
             raise
@@ -334,7 +334,7 @@ def cached(dataset, cache_dir: str | os.PathLike | None = None, *, max_bytes: in
         return dataset
     if verbose:
         print(f"image cache: wrote {path} ({len(dataset)} images, {lay.size / 2**20:.1f} MiB)", flush=True)
-    return CachedDataset(dataset, str(path), header)
+    return CachedDataset(dataset, str(path), header, lay)
 
 
 class CachedBatch(dict):

@@ -340,13 +340,17 @@ class TrainedModel(AnomalyModel):
         return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])) \
             if params else torch.zeros(())
 
+    def _backward(self, losses, set_to_none: bool) -> None:
+        """zero_grad, then the backward pass of each loss (their gradients accumulate)."""
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+        for i, loss in enumerate(losses):
+            loss.backward(retain_graph=i < len(losses) - 1)
+
     def _guarded_update(self, losses, set_to_none: bool) -> bool:
         """:meth:`update` without a host read: the step is skipped on the device where a loss or the
         gradient norm is not finite (and, under on_nan='stop', at every later iteration, so the
         parameters stay those before the first bad update); :meth:`_read_pending` reports it."""
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-        for i, loss in enumerate(losses):
-            loss.backward(retain_graph=i < len(losses) - 1)
+        self._backward(losses, set_to_none)
         norm = self._gradient_norm()
         self._grad_norm = norm.detach()
         first = losses[-1].detach().double().reshape(())  # the first non-finite loss, for the message
@@ -365,7 +369,7 @@ class TrainedModel(AnomalyModel):
             del self.optimizer.found_inf
         record = torch.stack([bad.double(), first, norm.detach().double()])
         if self._pending and self._pending[-1][0] == self.iteration:  # a second update in one iteration (FOD)
-            it, loss, prev = self._pending.pop()
+            prev = self._pending.pop()[2]
             record = torch.where(prev[0] > 0, prev, record)
         self._pending.append((self.iteration, None, record))
         return True
@@ -389,9 +393,7 @@ class TrainedModel(AnomalyModel):
         if bad:
             self._stop_or_skip(f"the loss became {bad[0]}")
             return False
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-        for i, loss in enumerate(losses):
-            loss.backward(retain_graph=i < len(losses) - 1)
+        self._backward(losses, set_to_none)
         if distributed.active(self.group):
             self._all_reduce_gradients()
         norm = self._gradient_norm()
