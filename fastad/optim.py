@@ -3,6 +3,7 @@
 - :class:`StableAdamW`: Dinomaly's optimiser (AdamW with update clipping, Wortsman et al. 2023), with
   the authors' order of operations: decoupled weight decay with the unclipped learning rate first,
   then an Adam(AMSGrad) step whose size is divided by max(1, RMS(g / denom) / clip_threshold).
+- :class:`LossScaler`: dynamic loss scaling for float16 training, decided on the device.
 - :func:`warm_cosine`: linear warm-up from 0 then cosine decay to a final value (Dinomaly's
   WarmCosineScheduler, as a LambdaLR factor).
 """
@@ -12,7 +13,7 @@ import math
 
 import torch
 
-__all__ = ["StableAdamW", "adam", "warm_cosine"]
+__all__ = ["LossScaler", "StableAdamW", "adam", "warm_cosine"]
 
 
 class StableAdamW(torch.optim.Optimizer):
@@ -136,7 +137,7 @@ class StableAdamW(torch.optim.Optimizer):
             maxima = [s["max_exp_avg_sq"] for s in states]
             torch._foreach_maximum_(maxima, seconds)
             seconds = maxima
-        step = torch.stack(steps)
+        step = torch.stack(steps).clamp(min=1)  # (a step skipped before the first: 0, whose corrections would be 0/0)
         bias2 = torch.sqrt(1 - torch.pow(beta2, step)).float().unbind()
         denoms = torch._foreach_sqrt(seconds)
         torch._foreach_div_(denoms, bias2)
@@ -174,6 +175,60 @@ def adam(params, *, decoupled: bool = False, **kwargs) -> torch.optim.Optimizer:
     params = list(params)
     fused = bool(params) and all(p.is_cuda for p in params)
     return (torch.optim.AdamW if decoupled else torch.optim.Adam)(params, fused=True if fused else None, **kwargs)
+
+
+class LossScaler:
+    """Dynamic loss scaling for float16 training (``precision='fp16'``), with ``torch.amp.GradScaler``'s
+    rule and defaults, but every decision on the device (no host read per step).
+
+    The loss is multiplied by ``scale`` before the backward pass, so that the float16 activation
+    gradients of the autocast networks do not underflow; :meth:`unscale` divides the (float32)
+    parameter gradients by it again and returns a 1-element float32 flag, 1 where any is NaN/inf (an
+    overflow: the step must be skipped); :meth:`update` then halves the scale after an overflow and
+    doubles it after ``growth_interval`` clean steps in a row. State: ``scale`` (float32) and
+    ``growth`` (int32, clean steps since the last change), 1-element tensors on the gradients' device.
+    """
+
+    def __init__(self, init_scale: float = 2.0**16, growth_factor: float = 2.0, backoff_factor: float = 0.5,
+                 growth_interval: int = 2000):
+        if not init_scale > 0 or not growth_factor > 1 or not 0 < backoff_factor < 1 or growth_interval < 1:
+            raise ValueError(f"invalid LossScaler settings: init_scale={init_scale}, growth_factor={growth_factor}, "
+                             f"backoff_factor={backoff_factor}, growth_interval={growth_interval}")
+        self.growth_factor, self.backoff_factor, self.growth_interval = growth_factor, backoff_factor, growth_interval
+        self.scale = torch.full((1,), float(init_scale), dtype=torch.float32)
+        self.growth = torch.zeros((1,), dtype=torch.int32)
+
+    def _to(self, device) -> None:
+        if self.scale.device != torch.device(device):
+            self.scale, self.growth = self.scale.to(device), self.growth.to(device)
+
+    def scaled(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss * scale`` (the scale moved to the loss's device once)."""
+        self._to(loss.device)
+        return loss * self.scale.reshape(())
+
+    def unscale(self, params) -> torch.Tensor:
+        """Divide the gradients of ``params`` (float32, one device) by the scale in place; returns the
+        (1,) float32 overflow flag."""
+        grads = [p.grad for p in params if p.grad is not None]
+        device = grads[0].device if grads else self.scale.device
+        self._to(device)
+        found = torch.zeros((1,), dtype=torch.float32, device=device)
+        if grads:
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found, self.scale.reciprocal())
+        return found
+
+    def update(self, found_inf: torch.Tensor) -> None:
+        """Back off after an overflow, grow after ``growth_interval`` clean steps (in place, on the device)."""
+        torch._amp_update_scale_(self.scale, self.growth, found_inf.to(self.scale.device), self.growth_factor,
+                                 self.backoff_factor, self.growth_interval)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"scale": self.scale.detach().cpu().clone(), "growth": self.growth.detach().cpu().clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.scale = state["scale"].to(torch.float32).reshape(1).clone()
+        self.growth = state["growth"].to(torch.int32).reshape(1).clone()
 
 
 def warm_cosine(base_lr: float, final_lr: float, total_iters: int, warmup_iters: int = 0):

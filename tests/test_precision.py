@@ -1,6 +1,8 @@
 """precision='bf16' / 'fp16': the encoders and trainable networks run under autocast, everything a
 user reads (scores, maps, losses) and everything kept (weights, optimizer states) stays float32; the
-setting travels in the config and the checkpoint; fp16 does not train (no loss scaling yet)."""
+setting travels in the config and the checkpoint; fp16 trains with a loss scale kept on the device."""
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -9,6 +11,15 @@ from conftest import TINY_DINOMALY
 from fastad.models import create_model, load_checkpoint
 from fastad.models.base import _device_type
 
+@pytest.fixture(autouse=True)
+def _torch_paths(monkeypatch):
+    # the ops' PyTorch paths: their Triton kernels in bf16/fp16 are tested on their own, and through
+    # the interpreter they would take minutes here
+    from fastad.ops import dispatch
+
+    monkeypatch.setitem(dispatch.settings, "triton", False)
+
+
 # tiny configurations of every model (random or offline weights), with the data each fit takes
 CASES = {
     "patchcore": {},
@@ -16,6 +27,7 @@ CASES = {
     "dinomaly": dict(TINY_DINOMALY, iterations=2, warmup_iters=1, train_batch_size=4),
     "minimaxad": dict(encoder="efficientnet_lite0", iterations=2, image_size=64, train_batch_size=4),
     "fod": dict(image_size=64, iterations=1),
+    "rlr": dict(weights="random", image_size=64, depth=1, iterations=2, train_batch_size=2),
     "featurenorm": dict(image_size=64),
 }
 
@@ -97,13 +109,131 @@ def test_checkpoints_reload_with_their_precision_in_eval_mode(tmp_path, precisio
     assert torch.equal(a.scores, b.scores) and torch.equal(a.maps, b.maps)
 
 
-def test_fp16_scores_but_does_not_train():
+TRAINED = ["dinomaly", "fod", "minimaxad", "rlr"]
+
+
+def _finite_float32(model):
+    for p in model.parameters():
+        assert p.dtype == torch.float32 and torch.isfinite(p).all()
+    for state in model.optimizer.state.values():
+        for v in state.values():
+            assert not isinstance(v, torch.Tensor) or v.dtype in (torch.float32, torch.float64)
+
+
+@pytest.mark.parametrize("name", TRAINED)
+def test_fp16_trains_with_a_loss_scale_and_float32_master_weights(name):
+    torch.manual_seed(0)
+    model = create_model(name, precision="fp16", **CASES[name])
+    x = _images(model)
+    model.fit(x, iterations=1, progress=False)  # (a CPU backbone checks its folded copy in float32 on first use)
+    seen = _inner_dtypes(model)
+    model.fit(x, iterations=3, progress=False)
+    _finite_float32(model)
+    assert model.loss_history and all(torch.isfinite(torch.tensor(model.loss_history)))
+    assert set(seen["context"]) == {torch.float16} and set(seen["layers"]) <= {torch.float16}
+    # torch.amp.GradScaler's rule: 2^16, halved at each overflow (which skips the update), no growth this soon
+    scale = model._scaler.scale
+    assert scale.dtype == torch.float32 and float(scale) == 2.0 ** (16 - len(model.overflow_iterations))
+    assert model.skipped_iterations == []
+    scores, maps = model(x)
+    assert scores.dtype == maps.dtype == torch.float32 and torch.isfinite(maps).all()
+
+
+# Dinomaly: StableAdamW, skipped on the device; its float16 decoder overflows at 2^40. FOD: torch
+# Adam, the host path; its trained levels run in float32 (not autocast), which overflow at 2^127
+@pytest.mark.parametrize("name, log_scale", [("dinomaly", 40), ("fod", 127)])
+def test_a_loss_scale_overflow_skips_the_update_exactly(name, log_scale):
+    """A scale too large overflows the backward pass: those updates leave weights and optimizer
+    states exactly as they were, halve the scale, count as overflows (not NaN/inf iterations: no
+    stop), and training goes on once the scale fits."""
+    from fastad.optim import LossScaler
+
+    torch.manual_seed(0)
+    model = create_model(name, precision="fp16", **CASES[name])
+    x = _images(model)
+    model._scaler = LossScaler(init_scale=2.0 ** log_scale)
+    before = [p.detach().clone() for p in model.trainable_parameters()]
+    model.fit(x, iterations=1, progress=False)
+    assert model.overflow_iterations == [0] and model.skipped_iterations == [] and model.iteration == 1
+    assert float(model._scaler.scale) == 2.0 ** (log_scale - 1)
+    for p, b in zip(model.trainable_parameters(), before):
+        assert torch.equal(p, b)
+    for state in model.optimizer.state.values():
+        for k, v in state.items():
+            if isinstance(v, torch.Tensor) and k != "step":
+                assert not v.any(), k  # moments never touched
+    model.fit(x, iterations=30, progress=False)
+    n = len(model.overflow_iterations)
+    over = model.overflow_iterations  # until the scale fits (FOD's, at float32's edge, may overflow again later)
+    assert 1 < n < 30 and over[:2] == [0, 1] and over == sorted(set(over))
+    assert float(model._scaler.scale) == 2.0 ** (log_scale - n) and model.skipped_iterations == []
+    assert any(not torch.equal(p, b) for p, b in zip(model.trainable_parameters(), before))  # clean updates applied
+    _finite_float32(model)
+
+
+def test_fp16_training_resumes_exactly_with_its_loss_scale(tmp_path):
+    from fastad.optim import LossScaler
+
+    def run():
+        torch.manual_seed(0)
+        model = create_model("dinomaly", precision="fp16", **CASES["dinomaly"])
+        model._scaler = LossScaler(init_scale=2.0 ** 17)  # one overflow, then clean updates
+        return model
+
+    x = _images(run())
+    straight = run().fit(x, iterations=4, progress=False)
+    first = run().fit(x, iterations=2, checkpoint=str(tmp_path / "c.safetensors"), progress=False)
+    resumed = load_checkpoint(tmp_path / "c.safetensors").fit(x, iterations=4, progress=False)
+    assert first.overflow_iterations == resumed.overflow_iterations[:len(first.overflow_iterations)]
+    assert resumed.overflow_iterations == straight.overflow_iterations and straight.overflow_iterations
+    assert torch.equal(resumed._scaler.scale, straight._scaler.scale)
+    assert torch.equal(resumed._scaler.growth, straight._scaler.growth)
+    assert resumed.loss_history == straight.loss_history
+    for k, v in straight.state_dict().items():
+        assert torch.equal(resumed.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize("on_nan", ["stop", "skip"])
+def test_fp16_nan_loss_is_still_named_at_its_iteration(on_nan, monkeypatch):
     torch.manual_seed(0)
     model = create_model("dinomaly", precision="fp16", **CASES["dinomaly"])
-    with pytest.raises(ValueError, match="fp16.*needs loss scaling.*bf16"):
-        model.fit(_images(model), progress=False)
-    scores, maps = model(_images(model))  # inference in float16 is fine
-    assert scores.dtype == maps.dtype == torch.float32 and torch.isfinite(maps).all()
+    loss = type(model).training_loss
+    monkeypatch.setattr(type(model), "training_loss",
+                        lambda self, images, it: loss(self, images, it) * (math.nan if it == 1 else 1.0))
+    x = _images(model)
+    if on_nan == "stop":
+        with pytest.raises(FloatingPointError, match="loss became nan at iteration 1"):
+            model.fit(x, iterations=3, progress=False, on_nan=on_nan)
+        assert model.iteration == 1
+    else:
+        model.fit(x, iterations=3, progress=False, on_nan=on_nan)
+        assert model.skipped_iterations == [1] and 1 not in model.overflow_iterations
+    _finite_float32(model)
+
+
+def test_fp16_gradients_are_fp16_rounded_fp32_gradients():
+    """The gradient of Dinomaly's trainable networks (bottleneck and 4 decoder blocks: about 20
+    linear layers) for a smooth loss, under fp16 autocast with a loss scale of 2^10, against
+    float32: each autocast linear rounds its inputs and weights to float16 (relative 2^-11 each) in
+    the forward pass and its output gradient in the backward pass, so about 2^-10 per layer and pass;
+    over 2 x 20 layers in quadrature sqrt(40) 2^-10 = 0.6%, and 4x that is the bound."""
+    from fastad.optim import LossScaler
+
+    grads = {}
+    for precision in ("fp32", "fp16"):
+        torch.manual_seed(0)
+        model = create_model("dinomaly", precision=precision, **CASES["dinomaly"]).eval()  # no dropout
+        x = _images(model)
+        _, dec = model.features(x)
+        loss = sum((d ** 2).mean() for d in dec)
+        scaler = LossScaler(init_scale=2.0 ** 10)
+        scaler.scaled(loss).backward()
+        params = list(model.trainable_parameters())
+        assert not scaler.unscale(params).any()
+        grads[precision] = torch.cat([p.grad.reshape(-1) for p in params])
+    a, b = grads["fp32"], grads["fp16"]
+    assert b.dtype == torch.float32
+    assert float((a - b).norm() / a.norm()) < 4 * 40 ** 0.5 * 2.0 ** -10
 
 
 def test_bf16_features_are_bf16_rounded_fp32_features():

@@ -175,28 +175,34 @@ _COMPILE_WARNED: set[str] = set()
 
 
 class _CompiledForward:
-    """A module's forward through ``torch.compile`` where gradients are off (scoring, embedding);
-    eager where they are on (training: compiled dropout draws other masks than eager's, which would
-    break the bit-identical resume), and eager (with one warning) once compiling fails."""
+    """A module's forward through ``torch.compile``: with ``mode`` where gradients are off (scoring,
+    embedding), and in torch's default mode with ``fallback_random`` where they are on (training:
+    dropout then draws its masks from torch's generator as eager does, so a compiled step computes
+    the eager step's function, within float32 rounding, and resumes exactly). A compilation that
+    fails runs eager from then on, with one warning per network and kind."""
 
     def __init__(self, forward, name: str, mode: str | None):
         self.eager, self.name = forward, name
         self.compiled = torch.compile(forward, mode=mode, dynamic=False)
+        self.training = torch.compile(forward, dynamic=False, options={"fallback_random": True})
 
     def __call__(self, *args, **kwargs):
-        if self.compiled is None or torch.is_grad_enabled():
+        kind = "training" if torch.is_grad_enabled() else "compiled"
+        fn = getattr(self, kind)
+        if fn is None:
             return self.eager(*args, **kwargs)
         try:
-            return self.compiled(*args, **kwargs)
+            return fn(*args, **kwargs)
         except Exception as exc:
             out = self.eager(*args, **kwargs)  # the input's own error is raised here, as without compile
             import warnings
 
-            self.compiled = None
-            if self.name not in _COMPILE_WARNED:  # one warning per network (a decoder's blocks share it)
-                _COMPILE_WARNED.add(self.name)
+            setattr(self, kind, None)
+            what = f"{self.name} ({'training' if kind == 'training' else 'scoring'})"
+            if what not in _COMPILE_WARNED:  # one warning per network (a decoder's blocks share it)
+                _COMPILE_WARNED.add(what)
                 reason = " ".join(str(exc).split())[:300] or type(exc).__name__
-                warnings.warn(f"{self.name} could not be compiled ({type(exc).__name__}: {reason}); it runs eager",
+                warnings.warn(f"{what} could not be compiled ({type(exc).__name__}: {reason}); it runs eager",
                               RuntimeWarning, stacklevel=2)
             return out
 
@@ -225,12 +231,13 @@ class AnomalyModel(nn.Module):
 
     def compile_networks(self, mode: str | None = None) -> "AnomalyModel":
         """``torch.compile`` the forward of each network in ``autocast_modules`` (``mode``: None, or
-        torch's ``'reduce-overhead'`` (CUDA graphs, for fixed-size batches) / ``'max-autotune'``);
-        also ``compile=True`` / ``compile=MODE`` when building any model. The weights, the
-        state_dict and the config are unchanged (a runtime choice, not saved). Compiled where gradients
-        are off (scoring, PatchCore's / PaDiM's embedding); training runs eager (bit-identical to an
-        uncompiled run). A network that fails to compile runs eager from then on, with one warning
-        naming the reason. Returns the model."""
+        torch's ``'reduce-overhead'`` (CUDA graphs, for fixed-size batches) / ``'max-autotune'``,
+        where gradients are off: scoring, PatchCore's / PaDiM's embedding); also ``compile=True`` /
+        ``compile=MODE`` when building any model. Training steps run the networks compiled too (torch's
+        default mode, backward included; dropout draws eager's masks), equal to eager within float32
+        rounding. The weights, the state_dict and the config are unchanged (a runtime choice, not
+        saved). A network that fails to compile runs eager from then on, with one warning naming the
+        reason. Returns the model."""
         for name in self.autocast_modules:
             module = getattr(self, name)
             for m in module if isinstance(module, nn.ModuleList) else [module]:

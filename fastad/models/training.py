@@ -101,6 +101,8 @@ class TrainedModel(AnomalyModel):
         self._pending: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []  # (iteration, loss, record) not yet read
         self._halted: torch.Tensor | None = None  # on_nan='stop': set on the device at the first bad update
         self.check_every = 50  # iterations between host reads of the losses and the NaN/inf guard
+        self._scaler = None  # precision='fp16': the LossScaler, made by the first fit
+        self.overflow_iterations: list[int] = []  # fp16: updates skipped for a loss-scale overflow (the scale halved)
 
     @property
     def last_grad_norm(self) -> float | None:
@@ -177,10 +179,6 @@ class TrainedModel(AnomalyModel):
         if self.config.get("authors_checkpoint") is not None:  # trained by the authors: used as it is
             self.eval()
             return self
-        if self.precision == "fp16" and self.iteration < (self.training_length(self.epoch_length) if iterations is None
-                                                          else int(iterations)):
-            raise ValueError(f"{type(self).__name__}: training in precision='fp16' needs loss scaling, which fastad does "
-                             "not have yet; train in 'bf16' (same range as float32) or 'fp32', and score in 'fp16' if you like")
         self.on_nan = on_nan
         part = self._join(group, data)
         try:
@@ -228,6 +226,10 @@ class TrainedModel(AnomalyModel):
             raise ValueError(f"this checkpoint was written by a run of {self._checkpoint_world} process(es); resume it "
                              f"with the same number (torchrun --nproc-per-node ...), not {part[1]}, or start anew")
         self._ensure_optimizer()
+        if self.precision == "fp16" and self._scaler is None:
+            from ..optim import LossScaler
+
+            self._scaler = LossScaler()
         for p, state in self.optimizer.state.items():  # the model may have moved since the state was made
             for k, v in state.items():
                 if isinstance(v, torch.Tensor) and v.dim() and v.device != p.device:
@@ -293,16 +295,18 @@ class TrainedModel(AnomalyModel):
         if not pending:
             return
         device = self.device
-        nan, good = torch.full((1,), math.nan, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+        nan, good = torch.full((1,), math.nan, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
         values = torch.stack([torch.cat([(nan if l is None else l.double().reshape(1)).to(device),
                                          (good if r is None else r).to(device)]) for _, l, r in pending]).cpu()
-        for (it, loss, _), (value, bad, bad_loss, norm) in zip(pending, values.tolist()):
+        for (it, loss, _), (value, bad, bad_loss, norm, overflow) in zip(pending, values.tolist()):
             if bad and self.on_nan == "stop":
                 self.iteration = it
                 what = f"the loss became {bad_loss}" if not math.isfinite(bad_loss) else f"the gradient norm became {norm}"
                 raise FloatingPointError(f"{type(self).__name__}: {what} at iteration {it}")
             if bad:
                 self.skipped_iterations.append(it)
+            elif overflow:
+                self.overflow_iterations.append(it)
             if loss is not None:
                 self.loss_history.append(value)
         if bar is not None and self.loss_history:
@@ -341,16 +345,22 @@ class TrainedModel(AnomalyModel):
             if params else torch.zeros(())
 
     def _backward(self, losses, set_to_none: bool) -> None:
-        """zero_grad, then the backward pass of each loss (their gradients accumulate)."""
+        """zero_grad, then the backward pass of each loss (their gradients accumulate; under fp16 of
+        each loss times the loss scale)."""
         self.optimizer.zero_grad(set_to_none=set_to_none)
         for i, loss in enumerate(losses):
-            loss.backward(retain_graph=i < len(losses) - 1)
+            (loss if self._scaler is None else self._scaler.scaled(loss)).backward(retain_graph=i < len(losses) - 1)
+
+    def _unscale(self) -> torch.Tensor | None:
+        """fp16: the gradients divided by the loss scale; returns the (1,) overflow flag (None otherwise)."""
+        return None if self._scaler is None else self._scaler.unscale(self.trainable_parameters())
 
     def _guarded_update(self, losses, set_to_none: bool) -> bool:
         """:meth:`update` without a host read: the step is skipped on the device where a loss or the
         gradient norm is not finite (and, under on_nan='stop', at every later iteration, so the
         parameters stay those before the first bad update); :meth:`_read_pending` reports it."""
         self._backward(losses, set_to_none)
+        overflow = self._unscale()
         norm = self._gradient_norm()
         self._grad_norm = norm.detach()
         first = losses[-1].detach().double().reshape(())  # the first non-finite loss, for the message
@@ -358,19 +368,27 @@ class TrainedModel(AnomalyModel):
             loss = loss.detach().double().reshape(())
             first = torch.where(torch.isfinite(loss), first, loss)
         first = first.to(norm.device)
-        bad = ~torch.isfinite(first) | ~torch.isfinite(norm)
-        skip = bad if self.on_nan == "skip" or self._halted is None else bad | self._halted
+        bad_grad = ~torch.isfinite(norm)
+        over = torch.zeros((), dtype=torch.bool, device=norm.device)
+        if overflow is not None:  # a loss-scale overflow is skipped, and counts as bad only at a scale <= 1
+            over = overflow.reshape(()).to(norm.device) > 0
+            bad_grad = bad_grad & (~over | (self._scaler.scale.reshape(()).to(norm.device) <= 1))
+        bad = ~torch.isfinite(first) | bad_grad
         if self.on_nan == "stop":
-            self._halted = skip
+            self._halted = bad if self._halted is None else bad | self._halted
+        skip = (bad if self.on_nan == "skip" else self._halted) | over
         self.optimizer.found_inf = skip.to(torch.float32)
         try:
             self.optimizer.step()
         finally:
             del self.optimizer.found_inf
-        record = torch.stack([bad.double(), first, norm.detach().double()])
+        if overflow is not None:
+            self._scaler.update(overflow)
+        record = torch.stack([bad.double(), first, norm.detach().double(), (over & ~bad).double()])
         if self._pending and self._pending[-1][0] == self.iteration:  # a second update in one iteration (FOD)
             prev = self._pending.pop()[2]
-            record = torch.where(prev[0] > 0, prev, record)
+            merged = torch.where(prev[0] > 0, prev, record)
+            record = torch.cat([merged[:3], torch.maximum(prev[3:], record[3:])])
         self._pending.append((self.iteration, None, record))
         return True
 
@@ -396,7 +414,15 @@ class TrainedModel(AnomalyModel):
         self._backward(losses, set_to_none)
         if distributed.active(self.group):
             self._all_reduce_gradients()
+        overflow = self._unscale()  # (of the summed gradients: every rank decides alike)
         norm = self._gradient_norm()
+        if overflow is not None:
+            over, scale = bool(overflow), float(self._scaler.scale)
+            self._scaler.update(overflow)
+            if over and scale > 1:  # an overflow at a scale <= 1 is a non-finite gradient (below)
+                self.overflow_iterations.append(self.iteration)
+                self.optimizer.zero_grad(set_to_none=True)
+                return False
         self._grad_norm = float(norm)  # of the global batch's gradient (for logging)
         if not torch.isfinite(norm):
             self._stop_or_skip(f"the gradient norm became {float(norm)}")
@@ -430,6 +456,9 @@ class TrainedModel(AnomalyModel):
         """The training state: iteration, epoch length, loss history, RNG, optimizer and scheduler."""
         tensors = {"loss_history": torch.tensor(self.loss_history, dtype=torch.float64), "rng.cpu": torch.get_rng_state()}
         meta = {"iteration": self.iteration, "epoch_length": self.epoch_length, "skipped_iterations": self.skipped_iterations}
+        if self._scaler is not None:
+            tensors.update({f"scaler.{k}": v for k, v in self._scaler.state_dict().items()})
+            meta["overflow_iterations"] = self.overflow_iterations
         if distributed.active(self.group):  # every rank's RNG (dropout draws differ per rank)
             device = distributed.collective_device(self.group)
             states = distributed.gather_rows(torch.get_rng_state().unsqueeze(0).to(device), self.group).cpu()
@@ -454,6 +483,12 @@ class TrainedModel(AnomalyModel):
         self.iteration = int(meta.get("iteration", 0))
         self.epoch_length = meta.get("epoch_length")
         self.skipped_iterations = list(meta.get("skipped_iterations", []))
+        self.overflow_iterations = list(meta.get("overflow_iterations", []))
+        if "scaler.scale" in tensors:
+            from ..optim import LossScaler
+
+            self._scaler = LossScaler()
+            self._scaler.load_state_dict({"scale": tensors["scaler.scale"], "growth": tensors["scaler.growth"]})
         self.loss_history = tensors["loss_history"].tolist() if "loss_history" in tensors else []
         self._checkpoint_world = int(meta.get("world_size", 1))
         self._rank_rng = [tensors[f"rng.cpu.{r}"] for r in range(self._checkpoint_world)] \
