@@ -174,6 +174,8 @@ class FeatureExtractor(nn.Module):
         images (B, 3, H, W) float -> list of (B, C_i, H / r_i, W / r_i) float32 maps.
     """
 
+    channels_last = True  # convolutional: NHWC inputs under bf16/fp16 autocast on CUDA (models.base)
+
     def __init__(self, name: str = OFFLINE_DEFAULT, layers=(2, 3), weights: str | None = None):
         super().__init__()
         self.name, self.layers = name, tuple(layers)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import fastad.ops
-from fastad.ops.compile_check import Config, configs
+from fastad.ops.compile_check import configs
 
 ROOT = Path(__file__).resolve().parents[1]
 TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}

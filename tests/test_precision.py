@@ -266,3 +266,38 @@ def test_precision_on_the_command_line(tmp_path):
                  "--set", "coreset_ratio=0.5"]) == 0
     row = json.loads((tmp_path / "o" / "results.json").read_text())[0]
     assert row["set_args"]["precision"] == "bf16" and 0 <= row["image_auroc"] <= 1
+
+
+@pytest.mark.parametrize("name, kw", [("minimaxad", {}), ("minimaxad", {"encoder": "unireplknet_n", "weights": "random"}),
+                                      ("patchcore", {})])
+def test_channels_last_convolutions_give_the_same_maps(name, kw, monkeypatch):
+    """On CUDA the convolutional networks take channels-last inputs under bf16/fp16 (cuDNN's NHWC
+    tensor-core kernels); forced here on the CPU. The networks must see NHWC inputs, hand back
+    standard-layout maps, train, and score as the NCHW run does up to the convolutions' other
+    summation order: each bf16 layer output may round either way (2^-8 relative), over the ~60
+    convolution and norm layers in quadrature sqrt(60) 2^-8 = 3%, and 4x that is the bound."""
+    import fastad.models.base as base
+
+    case = {**CASES[name], **kw}
+    runs = []
+    for devices in (("cuda",), ("cuda", "cpu")):
+        monkeypatch.setattr(base, "CHANNELS_LAST_DEVICES", devices)
+        torch.manual_seed(0)
+        model = create_model(name, precision="bf16", **case)
+        x = _images(model)
+        layouts = []
+        for net in model.autocast_modules:
+            getattr(model, net).register_forward_pre_hook(
+                lambda m, a: layouts.append([t.is_contiguous(memory_format=torch.channels_last)
+                                             for t in (a[0] if isinstance(a[0], (list, tuple)) else a[:1])]))
+            getattr(model, net).register_forward_hook(
+                lambda m, a, out: layouts.append([t.is_contiguous() for t in (out if isinstance(out, (list, tuple)) else [out])]))
+        _fit(model, x)
+        layouts.clear()
+        runs.append((model(x), layouts))
+    (plain, plain_layouts), (nhwc, layouts) = runs
+    assert not all(all(flags) for flags in plain_layouts)  # (NCHW where not forced)
+    assert layouts and all(all(flags) for flags in layouts)  # NHWC in, contiguous out, at every network
+    bound = 4 * 60 ** 0.5 * 2.0 ** -8
+    assert float((plain.maps - nhwc.maps).norm() / plain.maps.norm()) < bound  # measured: <= 8e-4
+    assert torch.isfinite(nhwc.scores).all()

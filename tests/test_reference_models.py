@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fastad.models import FOD, RLR, create_model, load_checkpoint
 from fastad.models.components.tokens import reconstruction_loss, reconstruction_score, sincos_position_embedding

@@ -75,6 +75,26 @@ def test_found_inf_skips_exactly_and_zero_changes_nothing():
             assert torch.equal(after[k][name], v), (k, name)
 
 
+def test_a_skipped_first_step_leaves_everything_as_it_was():
+    """found_inf on the very first step (a loss-scale overflow at iteration 0): the step count stays
+    0, whose bias corrections would be 0/0; parameters and states must stay exactly as they were."""
+    params = _params()
+    before = [p.detach().clone() for p in params]
+    opt = StableAdamW(params, lr=1e-2, amsgrad=True)
+    for p in params:
+        p.grad = torch.full_like(p, float("inf"))
+    opt.found_inf = torch.ones(())
+    opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    for state in opt.state.values():
+        assert float(state["step"]) == 0 and all(not v.any() for k, v in state.items() if k != "step")
+    del opt.found_inf
+    for p in params:  # and the next clean step is the first step
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert all(float(s["step"]) == 1 for s in opt.state.values()) and all(torch.isfinite(p).all() for p in params)
+
+
 def test_adam_is_fused_only_on_cuda():
     p = [torch.nn.Parameter(torch.zeros(3))]
     assert not adam(p, lr=1e-3).defaults.get("fused") and isinstance(adam(p, decoupled=True), torch.optim.AdamW)

@@ -152,15 +152,37 @@ def _device_type(module, args) -> str:
     return "cpu"
 
 
+# where a convolutional network (a module class with ``channels_last = True``) takes its 4-D inputs
+# channels-last under bf16/fp16 autocast: cuDNN's tensor-core convolutions run NHWC (an NCHW input is
+# transposed around every one); an NHWC input makes every activation NHWC, the weights follow per call.
+# The CPU keeps its own rule (FeatureExtractor: channels-last inputs in every precision).
+CHANNELS_LAST_DEVICES = ("cuda",)
+
+
+def _channels_last(x):
+    if isinstance(x, torch.Tensor):
+        return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+    if isinstance(x, (list, tuple)) and not hasattr(x, "_fields"):
+        return type(x)(_channels_last(v) for v in x)
+    return x
+
+
 def _enter_autocast(module, args, dtype):
-    ctx = torch.autocast(_device_type(module, args), dtype=dtype)
+    device = _device_type(module, args)
+    ctx = torch.autocast(device, dtype=dtype)
     ctx.__enter__()
     module.__dict__.setdefault("_autocast_contexts", []).append(ctx)
+    if getattr(module, "channels_last", False) and device in CHANNELS_LAST_DEVICES:
+        return _channels_last(args)
+    return None
 
 
 def _float32(x):
+    """Float32, standard-layout outputs (a channels-last network's maps made contiguous again: the code
+    after it may ``view`` them)."""
     if isinstance(x, torch.Tensor):
-        return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+        x = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+        return x.contiguous() if x.dim() == 4 else x
     if isinstance(x, (list, tuple)) and not hasattr(x, "_fields"):
         return type(x)(_float32(v) for v in x)
     return x

@@ -45,6 +45,8 @@ class Bottleneck(nn.Module):
     Forward: [(B, d0, 4h, 4w), (B, d1, 2h, 2w), (B, d2, h, w)] -> (B, 2 d2, h/2, w/2).
     """
 
+    channels_last = True  # convolutional: NHWC inputs under bf16/fp16 autocast on CUDA (models.base)
+
     def __init__(self, dims):
         super().__init__()
         d0, d1, d2 = dims
@@ -71,6 +73,8 @@ class Decoder(nn.Module):
 
     Forward: (B, 2 d2, h, w) -> [(B, d0, 8h, 8w), (B, d1, 4h, 4w), (B, d2, 2h, 2w)].
     """
+
+    channels_last = True  # convolutional: NHWC inputs under bf16/fp16 autocast on CUDA (models.base)
 
     def __init__(self, dims):
         super().__init__()

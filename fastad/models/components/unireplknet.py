@@ -144,6 +144,8 @@ class UniRepLKNetEncoder(nn.Module):
         images (B, 3, H, W) -> [(B, 80, H/4, W/4), (B, 160, H/8, W/8), (B, 320, H/16, W/16)] float32.
     """
 
+    channels_last = True  # convolutional: NHWC inputs under bf16/fp16 autocast on CUDA (models.base)
+
     def __init__(self, weights: str | None = None, dims=UNIREPLKNET_N["dims"], depths=UNIREPLKNET_N["depths"],
                  kernels=UNIREPLKNET_N["kernels"]):
         super().__init__()
