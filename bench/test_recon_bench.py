@@ -8,7 +8,9 @@ with registers at 392 px, MiniMaxAD UniRepLKNet-N at 256 px. "fastad" is the mod
 (linear attention through the fused op; on a CUDA device the Triton kernel); "authors" is the same
 model with the authors' computations: LinearAttention2's einsums, and their map pipeline
 (per-level F.cosine_similarity, interpolation, a 5x5 Gaussian conv, top-1% mean). The image
-throughput is batch 16 / min time; the ratio table (authors / fastad) is printed at the end.
+throughput is batch 16 / min time, image scores and maps included; the ratio table (authors / fastad)
+is printed at the end. fastad's rows also run at precision='bf16' and compiled (compile=True; on the
+CPU only with FASTAD_BENCH_COMPILE=1: compiling these networks there takes minutes).
 """
 import os
 
@@ -28,19 +30,28 @@ def _sync():
         torch.cuda.synchronize()
 
 
-@pytest.fixture(scope="module")
-def models():
-    torch.manual_seed(0)
-    return {
-        "Dinomaly ViT-B/14 392px": Dinomaly(weights="random").to(DEVICE).eval(),
-        "MiniMaxAD UniRepLKNet-N 256px": MiniMaxAD(weights="random").to(DEVICE).eval(),
-    }
+NAMES = ["Dinomaly ViT-B/14 392px", "MiniMaxAD UniRepLKNet-N 256px"]
+IMPLS = ["fastad", "authors", "fastad bf16", "fastad compiled", "fastad bf16 compiled"]
+COMPILE = DEVICE == "cuda" or os.environ.get("FASTAD_BENCH_COMPILE") == "1"
+_models: dict = {}
 
 
-@pytest.mark.parametrize("impl", ["fastad", "authors"])
-@pytest.mark.parametrize("name", ["Dinomaly ViT-B/14 392px", "MiniMaxAD UniRepLKNet-N 256px"])
-def test_inference_throughput(benchmark, models, monkeypatch, name, impl):
-    model = models[name]
+def _model(name, impl):
+    precision = "bf16" if "bf16" in impl else "fp32"
+    key = (name, precision, "compiled" in impl)
+    if key not in _models:
+        torch.manual_seed(0)
+        cls = Dinomaly if name.startswith("Dinomaly") else MiniMaxAD
+        _models[key] = cls(weights="random", precision=precision, compile="compiled" in impl).to(DEVICE).eval()
+    return _models[key]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", NAMES)
+def test_inference_throughput(benchmark, monkeypatch, name, impl):
+    if "compiled" in impl and not COMPILE:
+        pytest.skip("compiled rows: on CUDA, or FASTAD_BENCH_COMPILE=1 on the CPU (minutes of compiling)")
+    model = _model(name, impl)
     size = 392 if name.startswith("Dinomaly") else 256
     x = torch.randn(BATCH, 3, size, size, generator=torch.Generator().manual_seed(0)).to(DEVICE)
     if impl == "authors":
@@ -62,10 +73,12 @@ def test_inference_throughput(benchmark, models, monkeypatch, name, impl):
 def teardown_module(module):
     if not _times:
         return
-    print(f"\n\ninference throughput, batch {BATCH}, device {DEVICE}")
-    print("| model | fastad img/s | authors' way img/s | speed-up |")
+    print(f"\n\ninference throughput (scores and maps), batch {BATCH}, device {DEVICE}")
+    print("| model | way | img/s | vs the authors' way |")
     print("|---|---|---|---|")
     for name in dict.fromkeys(k[0] for k in _times):
-        f, a = _times.get((name, "fastad")), _times.get((name, "authors"))
-        if f and a:
-            print(f"| {name} | {BATCH / f:.1f} | {BATCH / a:.1f} | {a / f:.2f}x |")
+        a = _times.get((name, "authors"))
+        for impl in IMPLS:
+            t = _times.get((name, impl))
+            if t:
+                print(f"| {name} | {impl} | {BATCH / t:.1f} | {f'{a / t:.2f}x' if a else '-'} |")

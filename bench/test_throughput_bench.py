@@ -14,7 +14,9 @@ Rows (the tables are printed at the end; bench/RESULTS.md keeps the measured one
 - training iterations of Dinomaly (ViT-B/14, 392 px) and MiniMaxAD (UniRepLKNet-N, 256 px), batch 16,
   random weights, on bottle: the authors' way (PIL per epoch in the training process, per-parameter
   StableAdamW, every loss and NaN check read on the host) against fastad's (cached batches, sync-free
-  steps); iterations/s, images/s and the share of each iteration spent waiting for data.
+  steps), and fastad's at precision bf16 / fp16 and compiled (compile=True; on the CPU only with
+  FASTAD_BENCH_COMPILE=1: compiling the training graphs there takes minutes); iterations/s,
+  images/s and the share of each iteration spent waiting for data.
 - a whole `fastad run` of PatchCore on bottle (fresh processes): wall clock with --no-cache, a first
   run into an empty cache, a second run; and, in-process, the time the run spends on data before
   the backbone (validation, cache, reading every train and test item) in each case.
@@ -87,6 +89,10 @@ def test_data_path(benchmark, tmp_path):
                      ("cached items (warm)", warm), (f"cached batches of 16 on {DEVICE}", batch)]
 
 
+COMPILE = DEVICE == "cuda" or os.environ.get("FASTAD_BENCH_COMPILE") == "1"
+TRAIN_IMPLS = ["authors", "fastad", "fastad bf16", "fastad fp16", "fastad bf16 compiled"]
+
+
 def _dinomaly(**kw):
     torch.manual_seed(0)
     return Dinomaly(weights="random", **kw).to(DEVICE)
@@ -119,7 +125,7 @@ def _training_row(make, transform, impl):
     model = make()
     train = mvtec(DATA, "bottle", "train", transform)
     model.on_nan = "stop"
-    if impl == "fastad":
+    if impl.startswith("fastad"):
         train = cached(train, tempfile.mkdtemp(prefix="fastad-bench-cache-"), verbose=False)
         model._ensure_optimizer()
     else:  # torch's default Adam / AdamW (not fused), as the authors build it
@@ -152,15 +158,18 @@ def _training_row(make, transform, impl):
 
 
 @needs_bottle
-@pytest.mark.parametrize("impl", ["authors", "fastad"])
+@pytest.mark.parametrize("impl", TRAIN_IMPLS)
 @pytest.mark.parametrize("name", ["Dinomaly ViT-B/14 392px", "MiniMaxAD UniRepLKNet-N 256px"])
 def test_training_iterations(benchmark, name, impl):
+    if "compiled" in impl and not COMPILE:
+        pytest.skip("compiled rows: on CUDA, or FASTAD_BENCH_COMPILE=1 on the CPU (minutes of compiling)")
+    kw = {"precision": impl.split()[1] if impl.count(" ") else "fp32", "compile": "compiled" in impl}
     if name.startswith("Dinomaly"):
-        make, transform = (lambda: _dinomaly()), DINOMALY_TRANSFORM
+        make, transform = (lambda: _dinomaly(**kw)), DINOMALY_TRANSFORM
     else:
         def make():
             torch.manual_seed(0)
-            return MiniMaxAD(weights="random").to(DEVICE)
+            return MiniMaxAD(weights="random", **kw).to(DEVICE)
         transform = make().transform()
     out = {}
     benchmark.pedantic(lambda: out.setdefault("r", _training_row(make, transform, impl)), rounds=1, iterations=1)
@@ -233,7 +242,7 @@ def teardown_module(module):
     if names:
         print(f"\n| training, batch 16, {ITERS} iterations | way | it/s | images/s | data wait |\n|---|---|---|---|---|")
         for name in names:
-            for impl in ("authors", "fastad"):
+            for impl in TRAIN_IMPLS:
                 r = _rows.get(("train", name, impl))
                 if r:
                     print(f"| {name} | {impl} | {1 / r[0]:.3f} | {r[2] / r[0]:.1f} | {100 * r[1] / r[0]:.1f}% |")

@@ -656,12 +656,13 @@ def main(argv=None) -> int:
                              "dataset over the cap is read uncached, with a warning (default 50)")
     common.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                         help="the encoders and trainable networks under autocast in bfloat16 / float16 (weights, "
-                             "optimizer states, losses, maps, scores and metrics stay float32; fp16 scores only, "
-                             "it does not train); default fp32 (see the README: Speed)")
+                             "optimizer states, losses, maps, scores and metrics stay float32; fp16 trains with a "
+                             "dynamic loss scale); default fp32 (see the README: Speed)")
     common.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
-                        help="torch.compile the encoders and trainable networks (MODE: torch's reduce-overhead = CUDA "
-                             "graphs for fixed-size batches, or max-autotune); a network that fails to compile runs "
-                             "eager with a warning; same results within float32 rounding")
+                        help="torch.compile the encoders and trainable networks, for scoring (MODE: torch's "
+                             "reduce-overhead = CUDA graphs for fixed-size batches, or max-autotune) and training "
+                             "steps (default mode); a network that fails to compile runs eager with a warning; same "
+                             "results within float32 rounding")
     r = sub.add_parser("run", help="fit and evaluate a model", parents=[common])
     from .models import MODELS
 

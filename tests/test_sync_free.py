@@ -123,10 +123,10 @@ def _tiny(**kw):
     return create_model("dinomaly", **{**TINY_DINOMALY, "iterations": 8, "warmup_iters": 1, "train_batch_size": 4, **kw})
 
 
-@pytest.mark.parametrize("check_every", [3])
-def test_a_training_step_reads_the_host_only_every_check_every_iterations(tmp_path, monkeypatch, check_every):
+@pytest.mark.parametrize("check_every, precision", [(3, "fp32"), (3, "fp16")])  # fp16: with the loss scale
+def test_a_training_step_reads_the_host_only_every_check_every_iterations(tmp_path, monkeypatch, check_every, precision):
     train = cached(folder(_defect_folder(tmp_path / "d"), "train", _tiny().transform()), tmp_path / "cache")
-    model = _tiny()
+    model = _tiny(precision=precision)
     reads = _HostReads(monkeypatch)
     loss_fn = model.training_loss
 
@@ -158,6 +158,7 @@ def test_a_training_step_reads_the_host_only_every_check_every_iterations(tmp_pa
     epochs, checks = 8, len({i for i in range(1, 9) if i % check_every == 0} | {8})  # and at the end
     assert reads.count == epochs + 2 * checks
     assert len(model.loss_history) == 8
+    assert (model._scaler is not None) == (precision == "fp16")
 
 
 @pytest.fixture(scope="module")
@@ -192,9 +193,11 @@ def test_check_every_is_validated():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])  # fp16: the loss scale's unscale and update too
 @pytest.mark.parametrize("name", ["dinomaly", "minimaxad"])  # StableAdamW's multi-tensor update; fused AdamW
-def test_the_guarded_update_makes_no_host_sync_on_cuda(name):
-    model = (_tiny() if name == "dinomaly" else create_model("minimaxad", encoder="efficientnet_lite0", iterations=4)).cuda()
+def test_the_guarded_update_makes_no_host_sync_on_cuda(name, precision):
+    model = (_tiny(precision=precision) if name == "dinomaly" else
+             create_model("minimaxad", encoder="efficientnet_lite0", iterations=4, precision=precision)).cuda()
     model.on_nan = "stop"
     model._ensure_optimizer()
     assert model._skips_on_device()

@@ -146,6 +146,10 @@ class TrainedModel(AnomalyModel):
     def _ensure_optimizer(self) -> None:
         if self.optimizer is None:
             self.optimizer, self.scheduler = self.make_optimizer()
+        if self.precision == "fp16" and self._scaler is None:  # float16 training: a loss scale
+            from ..optim import LossScaler
+
+            self._scaler = LossScaler()
 
     def fit(self, data, iterations: int | None = None, *, checkpoint: str | None = None, checkpoint_every: int = 0,
             num_workers: int = 0, progress: bool | None = None, on_nan: str = "stop", group=None,
@@ -163,6 +167,8 @@ class TrainedModel(AnomalyModel):
             on_nan: on a NaN/inf loss or gradient, ``'stop'`` raises FloatingPointError naming the
                 iteration (the checkpoint file keeps the last good state); ``'skip'`` drops that
                 update (no optimizer step; the iteration counts and is listed in ``skipped_iterations``).
+                Under ``precision='fp16'`` a loss-scale overflow is neither: its update is skipped, the
+                scale halved, and the iteration listed in ``overflow_iterations``.
             group: torch.distributed process group for data-parallel training (module docstring);
                 every rank calls ``fit`` with the same Dataset; the model must start equal on all
                 ranks (the trainable parameters are broadcast from rank 0).
@@ -226,10 +232,6 @@ class TrainedModel(AnomalyModel):
             raise ValueError(f"this checkpoint was written by a run of {self._checkpoint_world} process(es); resume it "
                              f"with the same number (torchrun --nproc-per-node ...), not {part[1]}, or start anew")
         self._ensure_optimizer()
-        if self.precision == "fp16" and self._scaler is None:
-            from ..optim import LossScaler
-
-            self._scaler = LossScaler()
         for p, state in self.optimizer.state.items():  # the model may have moved since the state was made
             for k, v in state.items():
                 if isinstance(v, torch.Tensor) and v.dim() and v.device != p.device:
