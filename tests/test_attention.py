@@ -175,3 +175,34 @@ def test_bad_input(path, device):
             fn(bad, k, v, *extra)
     with pytest.raises(ValueError, match="eps must be"):
         linear_attention(q, k, v, eps=-1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nonfinite_nan_skips_the_scan(path, device, monkeypatch):
+    # nonfinite='nan' (how the models train): the same output and gradients as the default on finite
+    # input, no host read in forward or backward, and NaN/inf reach the output instead of raising
+    from test_sync_free import _HostReads
+
+    skip_unless_runs(path, device)
+    torch.manual_seed(0)
+    x = [torch.randn(1, 2, 12, 8, device=device) for _ in range(3)]
+    ops = {"linear": lambda *t, **kw: linear_attention(*t, **kw),
+           **{name: lambda *t, _f=fn, **kw: _f(*t, (3, 4), 3, **kw) for name, (fn, _) in MASKED.items()}}
+    for name, op in ops.items():
+        a = [t.clone().requires_grad_() for t in x]
+        want = op(*a)
+        want.sum().backward()
+        b = [t.clone().requires_grad_() for t in x]
+        reads = _HostReads(monkeypatch)
+        got = op(*b, nonfinite="nan")
+        got.sum().backward()
+        reads.active = False
+        assert reads.count == 0, name
+        assert torch.equal(got, want), name
+        for ga, gb in zip(a, b):
+            assert torch.equal(ga.grad, gb.grad), name
+        bad = x[1].clone()
+        bad[0, 1, 5, 2] = float("nan")
+        assert torch.isnan(op(x[0], bad, x[2], nonfinite="nan")[0, 1]).any(), name
+        with pytest.raises(ValueError, match="nonfinite must be one of"):
+            op(*x, nonfinite="skip")

@@ -34,12 +34,15 @@ def _kernels() -> dict:
 
 def test_the_checked_configurations_are_every_one_the_ops_launch():
     checked = configs()
-    assert len({c.key() for c in checked}) == len(checked) == 228
+    assert len({c.key() for c in checked}) == len(checked) == 239
     # the tiles stop growing at grid width 64: a wider sweep finds nothing new
     assert {c.key() for c in configs(max_width=1024)} == {c.key() for c in checked}
     by_kernel = {k: sum(c.kernel == k for c in checked) for k in {c.kernel for c in checked}}
     assert by_kernel["grid_attention._fwd_kernel"] == 2 * (11 + 11 + 8)  # kinds x tiles of float16, bfloat16, float32
     assert by_kernel["select._radix_hist_kernel"] == 3 * 3 * 2 and by_kernel["linear_attention._linear_bwd_kernel"] == 3 * 3
+    # the device-side pick: one 11-bit variant, the last pass with and without the next value
+    assert by_kernel["select._radix_pick_kernel"] == 3 and by_kernel["select._radix_next_kernel"] == 3 * 2
+    assert by_kernel["select._radix_values_kernel"] == 2
 
 
 def test_every_kernel_is_checked_and_specialises_no_scalar():
@@ -83,7 +86,7 @@ broken = [
        dict(Q="fp32", K="fp32", V="fp32", DO="fp32", KV="fp32", KSUM="fp32", DQ="fp32", DK="fp32", DV="fp32"),
        dict(BLOCK_N=64, BLOCK_D=64, F32=True), ["eps"], num_warps=4),
     # fine
-    _c("hard_mining._adc_backward_kernel", dict(x_ptr="fp16", out_ptr="fp16", scale_ptr="fp32"), dict(BLOCK=1024), ["tau"]),
+    _c("hard_mining._adc_backward_kernel", dict(x_ptr="fp16", out_ptr="fp16", scale_ptr="fp32", tau_ptr="fp32"), dict(BLOCK=1024)),
 ]
 rows = check(broken, targets=(90,), jobs=1)
 print(json.dumps({"rows": rows, "failures": failures(rows)}))

@@ -90,6 +90,9 @@ def _select_job(rank, world, shards, qs):
         x = shard[rank]
         n = sum(s.numel() for s in shard)
         out.append([quantile(x, q, group=W()) for q in qs] + [select_rank(x, r, group=W()) for r in (0, n // 2, n - 1)])
+    for op, arg in ((quantile, 0.5), (select_rank, 0)):  # refused on every rank before any collective
+        with pytest.raises(ValueError, match="dim= is not supported with group="):
+            op(shards[0][rank], arg, dim=0, group=W())
     return out
 
 

@@ -261,3 +261,33 @@ def test_losses_inside_torch_compile(path):
     b.requires_grad_()
     hm = torch.compile(lambda x, y: hard_mining_cosine_loss(x, y * 1.0, 0.5), backend="aot_eager")(a, b)
     torch.testing.assert_close(hm, hard_mining_cosine_loss_reference(a, b, 0.5), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_losses_without_host_reads(path, device, monkeypatch):
+    # nonfinite='nan' (how the models train): forward and backward read nothing on the host, give the
+    # default's loss and gradient bit for bit on finite input, and a NaN loss (no raise) otherwise
+    from test_sync_free import _HostReads
+
+    skip_unless_runs(path, device)
+    g = torch.Generator().manual_seed(3)
+    maps = (torch.rand(3, 17, 19, generator=g) * 2).to(device)
+    a, b = (t.to(device) for t in _features((2, 6, 5, 7), "cpu"))
+    losses = {"adc": lambda x, **k: adc_loss(x, 0.99, 0.9, **k), "hm": lambda x, **k: hard_mining_cosine_loss(a, x, 0.5, **k)}
+    for name, fn in losses.items():
+        x0 = maps if name == "adc" else b
+        x = x0.clone().requires_grad_()
+        want = fn(x)
+        want.backward()
+        y = x0.clone().requires_grad_()
+        reads = _HostReads(monkeypatch)
+        got = fn(y, nonfinite="nan")
+        got.backward()
+        reads.active = False
+        assert reads.count == 0, name
+        assert torch.equal(got, want) and torch.equal(y.grad, x.grad), name
+        bad = x0.clone()
+        bad.view(-1)[7] = float("nan")
+        assert torch.isnan(fn(bad, nonfinite="nan")), name
+        with pytest.raises(ValueError, match="NaN or inf"):
+            fn(bad)

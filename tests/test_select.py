@@ -146,3 +146,70 @@ def test_inside_torch_compile(path):
     x = torch.rand(1000)
     got = torch.compile(lambda t: quantile(t * 1.0, 0.9) + select_rank(t, 10), backend="aot_eager")(x)
     assert torch.equal(got, quantile_reference(x, 0.9) + select_rank_reference(x, 10))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape, dim", [((1, 1), 1), ((5, 2049), 1), ((2049, 3), 0), ((3, 7, 5), -2), ((2, 3, 4), 2),
+                                        ((1, 70_001), -1), ((37,), 0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_along_a_dim_is_torch_along_that_dim(path, device, shape, dim, dtype):
+    # every row at once in one set of launches: each row must get its own answer (rows differ in
+    # scale and ties, so a state shared across rows or a row offset off by one shows up)
+    skip_unless_runs(path, device)
+    gen = torch.Generator().manual_seed(sum(shape) + abs(dim))
+    x = torch.randn(shape, generator=gen) * torch.rand(shape, generator=gen).exp()
+    x = x.round(decimals=1).to(device=device, dtype=dtype)  # ties inside each row
+    n = shape[dim]
+    for q in QS:
+        got = quantile(x, q, dim=dim)
+        want = quantile_reference(x, q, dim=dim)
+        assert want.shape == tuple(s for i, s in enumerate(shape) if i != dim % len(shape))
+        assert got.shape == want.shape and got.device == x.device
+        assert torch.equal(got, want), q
+        assert torch.equal(want, torch.quantile(x.to(got.dtype), q, dim=dim)), q
+    for rank in {0, n // 3, n - 1}:
+        got = select_rank(x, rank, dim=dim)
+        assert torch.equal(got, select_rank_reference(x, rank, dim=dim)), rank
+        assert torch.equal(got, torch.kthvalue(x.to(got.dtype).cpu(), rank + 1, dim=dim).values.to(device)), rank
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nonfinite_nan_marks_only_the_bad_rows_and_reads_nothing(path, device, monkeypatch):
+    from test_sync_free import _HostReads
+
+    skip_unless_runs(path, device)
+    x = torch.randn(6, 3001, device=device)
+    x[1, 5], x[3, 3000], x[4, 0] = float("nan"), float("inf"), -float("inf")
+    good = torch.tensor([True, False, True, False, False, True], device=device)
+    reads = _HostReads(monkeypatch)
+    got_q = quantile(x, 0.9, dim=1, nonfinite="nan")
+    got_r = select_rank(x, 17, dim=1, nonfinite="nan")
+    got_all = quantile(x, 0.5, nonfinite="nan")
+    reads.active = False
+    assert reads.count == 0
+    assert torch.isnan(got_q[~good]).all() and torch.isnan(got_r[~good]).all() and torch.isnan(got_all)
+    assert torch.equal(got_q[good], quantile_reference(x[good], 0.9, dim=1))
+    assert torch.equal(got_r[good], select_rank_reference(x[good], 17, dim=1))
+    # the default still raises, for any bad row
+    with pytest.raises(ValueError, match="x contains NaN or inf values"):
+        quantile(x, 0.9, dim=1)
+    with pytest.raises(ValueError, match="x contains NaN or inf values"):
+        select_rank(x, 0)
+    with pytest.raises(ValueError, match="x contains NaN or inf values"):
+        select_rank(x[4:5], 0, dim=1)  # -inf alone
+
+
+def test_dim_and_nonfinite_are_validated():
+    x = torch.randn(4, 5)
+    for bad in (2, -3, 1.0, True, "0"):
+        with pytest.raises(ValueError, match="dim must be None or an int in"):
+            quantile(x, 0.5, dim=bad)
+        with pytest.raises(ValueError, match="dim must be None or an int in"):
+            select_rank(x, 0, dim=bad)
+    with pytest.raises(ValueError, match=r"rank=5 must be in \[0, 4\)"):
+        select_rank(x, 5, dim=0)
+    for bad in ("ignore", None, "NaN"):
+        with pytest.raises(ValueError, match="nonfinite must be one of"):
+            quantile(x, 0.5, nonfinite=bad)
+        with pytest.raises(ValueError, match="nonfinite must be one of"):
+            select_rank(x, 0, nonfinite=bad)

@@ -128,16 +128,6 @@ def test_a_training_step_reads_the_host_only_every_check_every_iterations(tmp_pa
     train = cached(folder(_defect_folder(tmp_path / "d"), "train", _tiny().transform()), tmp_path / "cache")
     model = _tiny(precision=precision)
     reads = _HostReads(monkeypatch)
-    loss_fn = model.training_loss
-
-    def loss_without_counting(images, it):  # the loss's own reads (the hard-mining select) are the op's matter
-        reads.active = False
-        try:
-            return loss_fn(images, it)
-        finally:
-            reads.active = True
-
-    model.training_loss = loss_without_counting
     per_iteration = []
     step = model.training_step
 
@@ -151,7 +141,7 @@ def test_a_training_step_reads_the_host_only_every_check_every_iterations(tmp_pa
     reads.count = 0
     model.fit(train, progress=False, check_every=check_every)
     reads.active = False
-    assert per_iteration == [0] * 8  # gather, update, optimizer step: no host read
+    assert per_iteration == [0] * 8  # gather, loss (its attention and select too), update, optimizer step: no host read
     # outside the steps: per epoch (one batch of 4 of the 6 images) the seeded permutation's index
     # list, made on the host (no device involved), and per check one device-to-host transfer of
     # the pending losses and guard records plus the list of that host copy
@@ -202,13 +192,32 @@ def test_the_guarded_update_makes_no_host_sync_on_cuda(name, precision):
     model._ensure_optimizer()
     assert model._skips_on_device()
     images = torch.randn(4, 3, *model.image_size, device="cuda")
+    model.training_loss(images, 0)  # the first call folds the backbone's batch norms (a one-time check)
     for _ in range(2):
-        loss = model.training_loss(images, 0)  # the loss's own select is outside this test (its op's issue)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
-        try:
-            model.update(loss)
+        try:  # the loss (attention, hard-mining select) and the guarded update
+            model.update(model.training_loss(images, model.iteration))
         finally:
             torch.cuda.set_sync_debug_mode(0)
         model.iteration += 1
     assert len(model._pending) == 2 and model.last_grad_norm > 0
+
+
+@pytest.mark.parametrize("name", ["dinomaly", "minimaxad", "rlr"])
+def test_the_training_losses_read_nothing_on_the_host(path, name, monkeypatch):
+    # forward and backward of each trained model's loss, on the Triton (interpreted here) and the
+    # PyTorch paths: the attention ops and the hard-mining select run with nonfinite='nan', so a NaN
+    # reaches the loss (and the guard) instead of a host read per op
+    from test_model_contract import TINY
+
+    torch.manual_seed(0)
+    model = create_model(name, **TINY[name]).train()
+    images = torch.rand(2, 3, *model.image_size)
+    model.training_loss(images, 0).backward()  # first call: MiniMaxAD folds its backbone once
+    reads = _HostReads(monkeypatch)
+    loss = model.training_loss(images, 1)
+    loss.backward()
+    reads.active = False
+    assert reads.count == 0
+    assert torch.isfinite(loss)

@@ -62,7 +62,7 @@ class LinearAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = linear_attention(q, k, v, self.eps)
+        out = linear_attention(q, k, v, self.eps, nonfinite="nan")  # NaN reaches the loss guard
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
@@ -207,7 +207,8 @@ class Dinomaly(TrainedModel):
 
     def training_loss(self, images: torch.Tensor, iteration: int) -> torch.Tensor:
         enc, dec = self.features(images)
-        return hard_mining_cosine_loss(enc, dec, self.hard_mining_p(iteration), self.factor, group=self.group)
+        return hard_mining_cosine_loss(enc, dec, self.hard_mining_p(iteration), self.factor, nonfinite="nan",
+                                       group=self.group)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> AnomalyOutput:

@@ -186,11 +186,11 @@ class MiniMaxAD(TrainedModel):
     def training_loss(self, images: torch.Tensor, iteration: int) -> torch.Tensor:
         enc, dec = self.features(images)
         if self.loss == "fp":  # sum over levels of the per-sample global cosine distance
-            return len(enc) * hard_mining_cosine_loss(enc, dec, p=0.0, group=self.group)
+            return len(enc) * hard_mining_cosine_loss(enc, dec, p=0.0, nonfinite="nan", group=self.group)
         size = images.shape[-2:]
         s = sum(F.interpolate((1 - F.cosine_similarity(a, b, dim=1)).unsqueeze(1), size=size, mode="nearest")
                 for a, b in zip(enc, dec))
-        return adc_loss(s.squeeze(1), self.p_hard, self.p_lim, group=self.group)
+        return adc_loss(s.squeeze(1), self.p_hard, self.p_lim, nonfinite="nan", group=self.group)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> AnomalyOutput:

@@ -78,7 +78,7 @@ class WindowAttention(nn.Module):
         b, n, d = query.shape
         q, k, v = self._heads(self.q(query), b), self._heads(self.k(key), b), self._heads(self.v(value), b)
         attend = local_window_attention if self.only else neighbour_masked_attention
-        o = attend(q, k.contiguous(), v.contiguous(), grid, window)
+        o = attend(q, k.contiguous(), v.contiguous(), grid, window, nonfinite="nan")  # NaN reaches the guard
         return self.out(o.transpose(1, 2).reshape(b, n, d))
 
 

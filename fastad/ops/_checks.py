@@ -37,11 +37,21 @@ def check_same_device(**tensors: torch.Tensor) -> None:
         raise ValueError(f"tensors must be on the same device, got {listing}")
 
 
-def check_qkv(q, k, v) -> None:
+NONFINITE = ("raise", "nan")
+
+
+def check_nonfinite(nonfinite) -> None:
+    """The ops' ``nonfinite=`` modes: 'raise' (a NaN/inf scan, one host read) or 'nan' (no scan)."""
+    if nonfinite not in NONFINITE:
+        raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
+
+
+def check_qkv(q, k, v, nonfinite: str = "raise") -> None:
     """q, k, v: non-empty (batch, heads, N, head_dim) floats of one shape, dtype and device."""
-    # the NaN/inf scan reads every input once and syncs; under torch.compile it is skipped (it would
-    # break the graph)
-    finite = not torch.compiler.is_compiling()
+    # the NaN/inf scan reads every input once and syncs: skipped for nonfinite='nan' (NaN/inf then
+    # reach the output) and under torch.compile (it would break the graph)
+    check_nonfinite(nonfinite)
+    finite = nonfinite == "raise" and not torch.compiler.is_compiling()
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, ndim=4, finite=finite)
     if not (q.shape == k.shape == v.shape):

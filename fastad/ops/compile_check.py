@@ -62,7 +62,7 @@ SPILL_LIMIT = 128  # bytes of spill stores per thread: 32 registers
 HOT = frozenset({
     "grid_attention._fwd_kernel", "grid_attention._bwd_dq_kernel", "grid_attention._bwd_dkdv_kernel",
     "linear_attention._linear_fwd_kernel", "linear_attention._linear_bwd_kernel",
-    "select._radix_hist_kernel", "hard_mining._square_tail_kernel", "hard_mining._adc_backward_kernel",
+    "select._radix_hist_kernel", "select._radix_next_kernel", "hard_mining._square_tail_kernel", "hard_mining._adc_backward_kernel",
     "hard_mining._point_stats_kernel", "hard_mining._cosine_grad_kernel",
 })
 
@@ -122,12 +122,22 @@ def configs(max_width: int = 129) -> list[Config]:
             add("linear_attention._linear_fwd_kernel", dict(**qkv, O=dt, KV="fp32", KSUM="fp32"), cfg, ["eps"])
             add("linear_attention._linear_bwd_kernel", dict(**qkv, DO=dt, KV="fp32", KSUM="fp32", DQ=dt, DK=dt, DV=dt), cfg, ["eps"])
         for p, square in itertools.product(range(len(se._PASSES)), (False, True)):
-            add("select._radix_hist_kernel", dict(x_ptr=dt, hist_ptr="i32", bad_ptr="i32"), se._hist_config(p, square, cuda=True))
-        add("hard_mining._square_tail_kernel", dict(x_ptr=dt, count_ptr="i32", sum_ptr="fp32"), hm._ELEMENTWISE["square_tail"], ["tau"])
-        add("hard_mining._adc_backward_kernel", dict(x_ptr=dt, out_ptr=dt, scale_ptr="fp32"), hm._ELEMENTWISE["adc_backward"], ["tau"])
+            add("select._radix_hist_kernel", dict(x_ptr=dt, hist_ptr="i32", bad_ptr="i32", state_ptr="i32"),
+                se._hist_config(p, square, cuda=True))
+        for square in (False, True):
+            add("select._radix_next_kernel", dict(x_ptr=dt, state_ptr="i32"), se._next_config(square, cuda=True))
+        add("hard_mining._square_tail_kernel", dict(x_ptr=dt, tau_ptr="fp32", count_ptr="i32", sum_ptr="fp32"),
+            hm._ELEMENTWISE["square_tail"])
+        add("hard_mining._adc_backward_kernel", dict(x_ptr=dt, out_ptr=dt, scale_ptr="fp32", tau_ptr="fp32"),
+            hm._ELEMENTWISE["adc_backward"])
         add("hard_mining._point_stats_kernel", dict(a_ptr=dt, b_ptr=dt, out_ptr="fp32"), hm._POINT_CONFIG)
         add("hard_mining._cosine_grad_kernel",
             dict(a_ptr=dt, b_ptr=dt, out_ptr=dt, coef_a_ptr="fp32", coef_b_ptr="fp32", scale_ptr="fp32"), hm._POINT_CONFIG)
+    # the per-row pick and value kernels read only the select state: no input dtype
+    for p, nxt in itertools.product(range(len(se._PASSES)), (False, True)):
+        add("select._radix_pick_kernel", dict(hist_ptr="i32", state_ptr="i32"), se._pick_config(p, nxt))
+    for nxt in (False, True):
+        add("select._radix_values_kernel", dict(state_ptr="i32", out_ptr="fp32"), se._values_config(nxt))
     return list(seen.values())
 
 

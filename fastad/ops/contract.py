@@ -14,7 +14,7 @@ collective over row shards with the one-process result.
 """
 from __future__ import annotations
 
-VERSION = "0.3.0"
+VERSION = "0.4.0"
 
 # name -> (signature as inspect.signature prints it, what it takes and gives)
 OPS: dict[str, tuple[str, str]] = {
@@ -60,31 +60,43 @@ OPS: dict[str, tuple[str, str]] = {
         "Oracle of nearest_reference, same shapes.",
     ),
     "quantile": (
-        "(x: 'torch.Tensor', q: 'float', *, group=None) -> 'torch.Tensor'",
+        "(x: 'torch.Tensor', q: 'float', *, dim: 'int | None' = None, nonfinite: 'str' = 'raise', group=None) -> 'torch.Tensor'",
         "Any-shape floating x, q in [0, 1] -> 0-d float32 (float64 for float64 input), bit-identical to "
-        "torch.quantile of all elements, for any size. Deterministic.",
+        "torch.quantile of all elements, for any size; dim=d: one quantile per slice along d, x.shape without d. "
+        "No host read on the way (the answer stays on x's device); nonfinite 'raise' (NaN/inf -> ValueError, "
+        "one host read) or 'nan' (NaN where a slice holds NaN/inf, no host read). group= takes no dim. "
+        "Deterministic.",
     ),
-    "quantile_reference": ("(x: 'torch.Tensor', q: 'float') -> 'torch.Tensor'", "Oracle: torch.quantile of all elements."),
+    "quantile_reference": (
+        "(x: 'torch.Tensor', q: 'float', *, dim: 'int | None' = None) -> 'torch.Tensor'",
+        "Oracle: torch.quantile of all elements (or along dim).",
+    ),
     "select_rank": (
-        "(x: 'torch.Tensor', rank: 'int', *, group=None) -> 'torch.Tensor'",
-        "Any-shape floating x, 0 <= rank < numel -> 0-d, the rank-th smallest (float32, or float64). Deterministic.",
+        "(x: 'torch.Tensor', rank: 'int', *, dim: 'int | None' = None, nonfinite: 'str' = 'raise', group=None) -> 'torch.Tensor'",
+        "Any-shape floating x, 0 <= rank < numel -> 0-d, the rank-th smallest (float32, or float64); dim=d: "
+        "per slice along d (0 <= rank < x.shape[d]). nonfinite and host reads as quantile. Deterministic.",
     ),
-    "select_rank_reference": ("(x: 'torch.Tensor', rank: 'int') -> 'torch.Tensor'", "Oracle: sort and index."),
+    "select_rank_reference": (
+        "(x: 'torch.Tensor', rank: 'int', *, dim: 'int | None' = None) -> 'torch.Tensor'",
+        "Oracle: sort and index (along dim).",
+    ),
     "neighbour_masked_attention": (
-        "(q, k, v, grid, window, scale=None)",
+        "(q, k, v, grid, window, scale=None, *, nonfinite: 'str' = 'raise')",
         "q, k, v (B, heads, N = H*W, d) one floating dtype -> (B, heads, N, d), queries never see their own "
-        "window; differentiable in q, k, v. Deterministic forward; backward sums in a fixed order.",
+        "window; differentiable in q, k, v. nonfinite 'raise' (NaN/inf -> ValueError, one host read) or "
+        "'nan' (no scan, no host read: NaN/inf reach the output). Deterministic forward; backward sums in a "
+        "fixed order.",
     ),
     "neighbour_masked_attention_reference": ("(q, k, v, grid, window, scale=None)", "Oracle, same shapes."),
     "local_window_attention": (
-        "(q, k, v, grid, window, scale=None)",
+        "(q, k, v, grid, window, scale=None, *, nonfinite: 'str' = 'raise')",
         "As neighbour_masked_attention, but queries see only their own window.",
     ),
     "local_window_attention_reference": ("(q, k, v, grid, window, scale=None)", "Oracle, same shapes."),
     "linear_attention": (
-        "(q, k, v, eps: 'float' = 0.0)",
+        "(q, k, v, eps: 'float' = 0.0, *, nonfinite: 'str' = 'raise')",
         "q, k, v (B, heads, N, d) one floating dtype -> (B, heads, N, d), Dinomaly's elu+1 linear attention; "
-        "differentiable in q, k, v.",
+        "differentiable in q, k, v; nonfinite as neighbour_masked_attention.",
     ),
     "linear_attention_reference": ("(q, k, v, eps: 'float' = 0.0)", "Oracle, same shapes."),
     "window_mask": (
@@ -92,17 +104,19 @@ OPS: dict[str, tuple[str, str]] = {
         "(N, N) bool, True where key n is inside query m's window (N = H*W).",
     ),
     "hard_mining_cosine_loss": (
-        "(enc_feats, dec_feats, p: 'float', factor: 'float' = 0.1, *, group=None) -> 'torch.Tensor'",
+        "(enc_feats, dec_feats, p: 'float', factor: 'float' = 0.1, *, nonfinite: 'str' = 'raise', group=None) -> 'torch.Tensor'",
         "(B, C, H, W) features or sequences of them, any floating dtype -> 0-d float32 (float64 stays), "
-        "differentiable in dec_feats. Deterministic.",
+        "differentiable in dec_feats; nonfinite 'nan' (a NaN loss for NaN/inf features, no host read in forward "
+        "or backward without group) or 'raise'. Deterministic.",
     ),
     "hard_mining_cosine_loss_reference": (
         "(enc_feats, dec_feats, p: 'float', factor: 'float' = 0.1) -> 'torch.Tensor'",
         "Oracle, same shapes.",
     ),
     "adc_loss": (
-        "(maps: 'torch.Tensor', p_hard: 'float' = 0.9999, p_lim: 'float' = 0.9995, *, group=None) -> 'torch.Tensor'",
-        "Any-shape floating map -> 0-d loss (float32 for 16-bit input), differentiable. Deterministic.",
+        "(maps: 'torch.Tensor', p_hard: 'float' = 0.9999, p_lim: 'float' = 0.9995, *, nonfinite: 'str' = 'raise', group=None) -> 'torch.Tensor'",
+        "Any-shape floating map -> 0-d loss (float32 for 16-bit input), differentiable; nonfinite as "
+        "hard_mining_cosine_loss. Deterministic.",
     ),
     "adc_loss_reference": (
         "(maps: 'torch.Tensor', p_hard: 'float' = 0.9999, p_lim: 'float' = 0.9995) -> 'torch.Tensor'",
@@ -182,6 +196,7 @@ RELEASED = {
     "0.1.0": "0bd807fd4f8449d4",
     "0.2.0": "256935837e0f7369",
     "0.3.0": "53b9ddb7bc97ed99",
+    "0.4.0": "0f9ebdeda76d76da",
 }
 
 

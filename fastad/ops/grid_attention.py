@@ -62,8 +62,8 @@ def window_mask(grid: tuple[int, int], window: int, device=None) -> torch.Tensor
     return ((ys[:, None] - ys[None]).abs() <= r) & ((xs[:, None] - xs[None]).abs() <= r)
 
 
-def _validate(q, k, v, grid, window, scale) -> tuple[int, int, float]:
-    check_qkv(q, k, v)
+def _validate(q, k, v, grid, window, scale, nonfinite="raise") -> tuple[int, int, float]:
+    check_qkv(q, k, v, nonfinite)
     if (
         not isinstance(grid, (tuple, list))
         or len(grid) != 2
@@ -110,7 +110,7 @@ def local_window_attention_reference(q, k, v, grid, window, scale=None):
     return _reference(q, k, v, grid, window, scale, only=True)
 
 
-def neighbour_masked_attention(q, k, v, grid, window, scale=None):
+def neighbour_masked_attention(q, k, v, grid, window, scale=None, *, nonfinite: str = "raise"):
     """Softmax attention in which no query attends to the keys inside its own ``window``.
 
     Args:
@@ -119,24 +119,26 @@ def neighbour_masked_attention(q, k, v, grid, window, scale=None):
         grid: (H, W) of the token grid.
         window: odd window side p (UniAD 7; RLR 11 / 7 / 5 on 64 / 32 / 16 grids).
         scale: score scale, default 1 / sqrt(head_dim) (nn.MultiheadAttention's).
+        nonfinite: 'raise' (ValueError for NaN/inf in q, k or v: a scan and one host read) or 'nan'
+            (no scan, no host read: NaN/inf reach the output; how the models train).
     Returns:
         (batch, heads, N, head_dim) in the input dtype; rows with no key left are 0. Differentiable
         with respect to q, k and v.
     """
-    return _grid_attention_dispatch(q, k, v, grid, window, scale, only=False)
+    return _grid_attention_dispatch(q, k, v, grid, window, scale, nonfinite, only=False)
 
 
-def local_window_attention(q, k, v, grid, window, scale=None):
+def local_window_attention(q, k, v, grid, window, scale=None, *, nonfinite: str = "raise"):
     """Softmax attention in which every query attends only to the keys inside its own ``window``.
 
     Same arguments and result as :func:`neighbour_masked_attention`; every query sees at least its
     own cell, so no row is empty.
     """
-    return _grid_attention_dispatch(q, k, v, grid, window, scale, only=True)
+    return _grid_attention_dispatch(q, k, v, grid, window, scale, nonfinite, only=True)
 
 
-def _grid_attention_dispatch(q, k, v, grid, window, scale, only: bool):
-    h, w, scale = _validate(q, k, v, grid, window, scale)
+def _grid_attention_dispatch(q, k, v, grid, window, scale, nonfinite, only: bool):
+    h, w, scale = _validate(q, k, v, grid, window, scale, nonfinite)
     if implementation(q, triton=True) == "triton" and q.shape[3] <= _max_head_dim(q.dtype):
         return torch.ops.fastad.grid_attention(q, k, v, h, w, window // 2, only, scale)[0]
     # PyTorch path: SDPA (a fused CPU kernel) with the dense boolean mask

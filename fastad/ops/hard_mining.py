@@ -11,18 +11,20 @@ test oracles.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
-from ._checks import check_same_device, check_tensor, compute_dtype
+from ._checks import check_nonfinite, check_same_device, check_tensor, compute_dtype
 from ._triton import max_programs, tl, triton
 from .dispatch import HAS_TRITON, implementation
 
 if HAS_TRITON:
     from ._triton import store_rounded
 from .. import distributed
-from .select import _check_q, _quantile, _values, quantile, quantile_reference, select_rank
+from .select import (_check_q, _finish, _quantile_rows, _select_rows, _values, quantile,
+                     quantile_reference, select_rank)
 
 __all__ = ["adc_loss", "adc_loss_reference", "hard_mining_cosine_loss", "hard_mining_cosine_loss_reference"]
 
@@ -57,47 +59,61 @@ def adc_loss_reference(maps: torch.Tensor, p_hard: float = 0.9999, p_lim: float 
 
 
 @torch.compiler.disable  # data-dependent thresholds: runs eagerly inside compiled code
-def adc_loss(maps: torch.Tensor, p_hard: float = 0.9999, p_lim: float = 0.9995, *, group=None) -> torch.Tensor:
+def adc_loss(maps: torch.Tensor, p_hard: float = 0.9999, p_lim: float = 0.9995, *, nonfinite: str = "raise",
+             group=None) -> torch.Tensor:
     """MiniMaxAD's adaptive contraction hard-mining loss (ADCLoss, the -fr variant).
 
     With S = ``maps``, sigma = std(S) (unbiased, whole batch) and tau = quantile(S, p_hard) - sigma**2:
     if fewer than ``numel * (1 - p_lim)`` points have S**2 >= tau, tau = quantile(S**2, p_lim) - sigma**2.
     The loss is the mean of S**2 over the points with S**2 >= tau; the others get no gradient.
 
+    Without ``group`` nothing is read by the host (with ``nonfinite='nan'``): both thresholds are
+    computed on the device and one pass counts and sums the tail of each, the branch is a select
+    on the device.
+
     Args:
         maps: (B, H, W) (any shape) floating map S, the summed per-level ``1 - cos`` of MiniMaxAD. 16-bit
             maps are computed in float32.
         p_hard: primary mining quantile, in (0, 1).
         p_lim: lower-bound mining quantile, in (0, 1).
+        nonfinite: 'raise' (ValueError when ``maps`` holds NaN/inf: one host read) or 'nan' (no host
+            read; the loss is NaN, and its gradient zero, when ``maps`` holds NaN/inf). Training uses
+            'nan': its device-side guard names the iteration.
         group: torch.distributed process group of a data-parallel step (None: this process): each
             rank passes its slice of the batch; sigma, both quantiles (distributed select) and the
             hard points' count are taken over the global batch, and the result is this rank's
             term such that the sum over ranks of (its share of the points) x (term) is the global
-            loss, like the per-sample means of the other losses (sigma from float64 sums there).
+            loss, like the per-sample means of the other losses (sigma from float64 sums there). That
+            path reads counts on the host (the collectives do anyway) and always raises on NaN/inf.
     Returns:
         0-d loss, float32 (float64 for float64 maps), differentiable with respect to ``maps``.
     """
     _check_adc(maps, p_hard, p_lim)
-    return _ADCLoss.apply(maps, p_hard, p_lim, group if distributed.active(group) else None)
+    check_nonfinite(nonfinite)
+    return _ADCLoss.apply(maps, p_hard, p_lim, nonfinite, group if distributed.active(group) else None)
 
 
 class _ADCLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, maps, p_hard, p_lim, group):
+    def forward(ctx, maps, p_hard, p_lim, nonfinite, group):
         flat = maps.detach().contiguous().view(-1)
         if group is not None:
             return _ADCLoss._forward_global(ctx, maps, flat, p_hard, p_lim, group)
         n = flat.numel()
-        var = torch.std(flat.to(compute_dtype(flat))).cpu() ** 2  # as the reference
-        # the quantile's first radix pass also rejects NaN/inf maps
-        tau = _quantile(flat, p_hard, square=False).cpu() - var
-        count, total = _square_tail(flat, tau)
-        if count < n * (1 - p_lim):
-            tau = _quantile(flat, p_lim, square=True).cpu() - var
-            count, total = _square_tail(flat, tau)
-        ctx.save_for_backward(flat)
-        ctx.tau, ctx.count, ctx.shape = tau, count, maps.shape
-        return (total / count).to(var.dtype).to(maps.device)
+        var = torch.std(flat.to(compute_dtype(flat))) ** 2  # as the reference
+        # both thresholds, unconditionally: choosing on the host would read the count back; the
+        # quantile's first radix pass also counts NaN/inf (S**2 is finite where S is)
+        q_hard, bad = _quantile_rows(flat.view(1, -1), p_hard, square=False)
+        q_lim, _ = _quantile_rows(flat.view(1, -1), p_lim, square=True)
+        taus = torch.cat([q_hard, q_lim]) - var
+        counts, totals = _square_tail(flat, taus)
+        # count < n * (1 - p_lim) for an integer count is count < ceil(n * (1 - p_lim))
+        low = counts[0] < math.ceil(n * (1 - p_lim))
+        tau, count, total = (torch.where(low, t[1], t[0]) for t in (taus, counts, totals))
+        loss = _finish((total / count).to(var.dtype).reshape(1), bad, nonfinite, "maps")[0]
+        ctx.save_for_backward(flat, tau, count)
+        ctx.shape = maps.shape
+        return loss
 
     @staticmethod
     def _forward_global(ctx, maps, flat, p_hard, p_lim, group):
@@ -109,52 +125,62 @@ class _ADCLoss(torch.autograd.Function):
         mean = sums[1] / n
         dev2 = ((values.double() - mean.to(values.device)) ** 2).sum().reshape(1).to(device)
         torch.distributed.all_reduce(dev2, group=group)
-        var = (dev2[0] / (n - 1)).to(values.dtype).cpu()  # unbiased, as torch.std
-        tau = quantile(values, p_hard, group=group).cpu() - var  # the select rejects NaN/inf on every rank
+        var = (dev2[0] / (n - 1)).to(values.dtype).to(values.device)  # unbiased, as torch.std
+        tau = quantile(values, p_hard, group=group) - var  # the select rejects NaN/inf on every rank
 
         def tail(tau):  # (global count, this rank's sum) of the hard points
-            count, total = _square_tail(flat, tau)
-            count = torch.tensor([count], dtype=torch.int64, device=device)
+            counts, totals = _square_tail(flat, tau.reshape(1))
+            count = counts.to(device)
             torch.distributed.all_reduce(count, group=group)
-            return int(count), total
+            return int(count), totals[0]
 
         count, total = tail(tau)
         if count < n * (1 - p_lim):
-            tau = quantile(_values(flat, True), p_lim, group=group).cpu() - var
+            tau = quantile(_values(flat, True), p_lim, group=group) - var
             count, total = tail(tau)
         share = flat.numel() / n  # the caller weights this rank's term by its share of the batch
-        ctx.save_for_backward(flat)
-        ctx.tau, ctx.count, ctx.shape = tau, count * share, maps.shape
-        return (total / (count * share)).to(var.dtype).to(maps.device)
+        weight = torch.tensor(count * share, dtype=torch.float64, device=flat.device)
+        ctx.save_for_backward(flat, tau, weight)
+        ctx.shape = maps.shape
+        return (total / weight).to(var.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        (flat,) = ctx.saved_tensors
-        scale = (grad / ctx.count).reshape(1)
+        flat, tau, count = ctx.saved_tensors
+        scale = (grad / count.to(grad.dtype)).reshape(1)
         if implementation(flat, triton=True) == "triton":
             out = torch.empty_like(flat)
             n = flat.numel()
             cfg = _ELEMENTWISE["adc_backward"]
-            _adc_backward_kernel[(triton.cdiv(n, cfg["BLOCK"]),)](flat, out, scale, n, float(ctx.tau), **cfg)
+            _adc_backward_kernel[(triton.cdiv(n, cfg["BLOCK"]),)](flat, out, scale, n, tau, **cfg)
         else:
             s = flat.to(scale.dtype)
-            out = torch.where(s * s >= ctx.tau.to(flat.device), 2 * s * scale, 0).to(flat.dtype)
-        return out.view(ctx.shape), None, None, None
+            out = torch.where(s * s >= tau, 2 * s * scale, 0).to(flat.dtype)
+        return out.view(ctx.shape), None, None, None, None
 
 
-def _square_tail(flat: torch.Tensor, tau: torch.Tensor) -> tuple[int, torch.Tensor]:
-    """(count, float64 sum) of S**2 over the points with S**2 >= tau (S**2 in the compute dtype)."""
+def _square_tail(flat: torch.Tensor, taus: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each of one or two thresholds ``taus`` (k,) on the device: (counts (k,) int64, float64 sums
+    (k,)) of S**2 over the points with S**2 >= tau (S**2 in the compute dtype), one read of ``flat``,
+    no host read."""
+    k = taus.numel()
     if implementation(flat, triton=True) == "triton":
         n = flat.numel()
         cfg = {**_ELEMENTWISE["square_tail"], **({} if flat.is_cuda else {"BLOCK": 65536})}
         grid = max(1, min(triton.cdiv(n, cfg["BLOCK"]), max_programs(flat)))
-        counts = torch.empty(grid, dtype=torch.int32, device=flat.device)
-        sums = torch.empty(grid, dtype=torch.float32, device=flat.device)
-        _square_tail_kernel[(grid,)](flat, n, float(tau), counts, sums, **cfg)
-        return int(counts.sum()), sums.double().sum().cpu()  # per-program partials: deterministic
-    s2 = flat.to(tau.dtype) ** 2
-    keep = s2 >= tau.to(flat.device)
-    return int(keep.sum()), s2[keep].double().sum().cpu()
+        counts = torch.empty((2, grid), dtype=torch.int32, device=flat.device)
+        sums = torch.empty((2, grid), dtype=torch.float32, device=flat.device)
+        two = taus.to(torch.float32).reshape(-1).expand(2).contiguous() if k == 1 else taus.to(torch.float32)
+        _square_tail_kernel[(grid,)](flat, n, two, counts, sums, **cfg)
+        # per-program partials summed in a fixed order: deterministic
+        return counts.sum(1, dtype=torch.int64)[:k], sums.double().sum(1)[:k]
+    s2 = flat.to(taus.dtype) ** 2
+    counts, sums = [], []
+    for tau in taus.reshape(-1):  # 0-d device tensors: no host read
+        keep = s2 >= tau
+        counts.append(keep.sum())
+        sums.append(torch.where(keep, s2, 0).double().sum())
+    return torch.stack(counts), torch.stack(sums)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -214,7 +240,8 @@ def hard_mining_cosine_loss_reference(enc_feats, dec_feats, p: float, factor: fl
 
 
 @torch.compiler.disable  # data-dependent thresholds: runs eagerly inside compiled code
-def hard_mining_cosine_loss(enc_feats, dec_feats, p: float, factor: float = 0.1, *, group=None) -> torch.Tensor:
+def hard_mining_cosine_loss(enc_feats, dec_feats, p: float, factor: float = 0.1, *, nonfinite: str = "raise",
+                            group=None) -> torch.Tensor:
     """Dinomaly's global cosine loss with hard mining (``global_cosine_hm_percent``).
 
     For each group: d = 1 - cos(a, b) along channels at every point (no gradient); thresh = the k-th
@@ -229,13 +256,18 @@ def hard_mining_cosine_loss(enc_feats, dec_feats, p: float, factor: float = 0.1,
             float64).
         p: hard-mining fraction in [0, 1); Dinomaly ramps it from 0 to 0.9. p = 0 down-weights nothing.
         factor: gradient multiplier of the easy points (Dinomaly: 0.1).
+        nonfinite: 'raise' (ValueError when the features give a NaN/inf point distance: one host
+            read per group) or 'nan' (no host read: the threshold stays on the device and the loss
+            is NaN). Training uses 'nan': its device-side guard names the iteration.
         group: torch.distributed process group of a data-parallel step (None: this process): each
             rank passes its slice of the batch; the threshold is taken over the global batch (a
-            distributed select); the result is this rank's mean, to be weighted by its share.
+            distributed select, which reads on the host and always raises on NaN/inf); the result
+            is this rank's mean, to be weighted by its share.
     Returns:
         0-d loss, differentiable with respect to ``dec_feats``.
     """
     pairs = _pairs(enc_feats, dec_feats)
+    check_nonfinite(nonfinite)
     batch = pairs[0][0].shape[0]
     if distributed.active(group):  # the threshold counts the points of the global batch
         total = torch.tensor([batch], device=distributed.collective_device(group))
@@ -243,13 +275,13 @@ def hard_mining_cosine_loss(enc_feats, dec_feats, p: float, factor: float = 0.1,
         batch = int(total)
     # validated before any pass over the features; k = int(B * H * W * (1 - p)) hard points per group
     ks = [_check_p(p, factor, batch * a[0, 0].numel()) for a, _ in pairs]
-    terms = [_HardMiningCosine.apply(a.detach(), b, k, factor, group) for (a, b), k in zip(pairs, ks)]
+    terms = [_HardMiningCosine.apply(a.detach(), b, k, factor, nonfinite, group) for (a, b), k in zip(pairs, ks)]
     return sum(terms) / len(terms)
 
 
 class _HardMiningCosine(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a, b, k, factor, group):
+    def forward(ctx, a, b, k, factor, nonfinite, group):
         bsz, c = a.shape[:2]
         a3, b3 = (t.reshape(bsz, c, -1) for t in (a, b))
         a3, b3 = (t if t.stride(2) == 1 else t.contiguous() for t in (a3, b3))  # the kernels read points contiguously
@@ -259,17 +291,20 @@ class _HardMiningCosine(torch.autograd.Function):
             n = torch.tensor([point_dist.numel()], device=distributed.collective_device(group))
             torch.distributed.all_reduce(n, group=group)
             thresh = select_rank(point_dist, int(n) - k, group=group)
-        else:
-            if not bool(torch.isfinite(point_dist).all()):
-                raise ValueError("enc_feats or dec_feats contains NaN or inf values; expected finite values")
-            thresh = select_rank(point_dist, point_dist.numel() - k)
+            bad = None
+        else:  # the select's first pass counts the NaN/inf distances: no separate check
+            thresh, bad = _select_rows(point_dist.reshape(1, -1), point_dist.numel() - k, square=False)
+            thresh = thresh[0]
         # per-sample global cosine from the per-point sums (float64 for the long reduction)
         dot_n, na_n, nb_n = dot.double().sum(1), na.double().sum(1).sqrt(), nb.double().sum(1).sqrt()
         na_n, nb_n = na_n.clamp_min(_COS_EPS), nb_n.clamp_min(_COS_EPS)
         cos_n = dot_n / (na_n * nb_n)
         ctx.save_for_backward(a3, b3, point_dist, thresh, cos_n, na_n, nb_n)
         ctx.factor, ctx.shape = factor, b.shape
-        return (1 - cos_n).mean().to(dot.dtype)
+        loss = (1 - cos_n).mean().to(dot.dtype)
+        if bad is None:
+            return loss
+        return _finish(loss.reshape(1), bad, nonfinite, "enc_feats or dec_feats (1 - cos at each point)")[0]
 
     @staticmethod
     def backward(ctx, grad):
@@ -289,7 +324,7 @@ class _HardMiningCosine(torch.autograd.Function):
             cdt = point_dist.dtype
             out = (coef_a[:, None, None] * a3.to(cdt) + coef_b[:, None, None] * b3.to(cdt)) * scale[:, None]
             out = out.to(b3.dtype)
-        return None, out.view(ctx.shape), None, None, None
+        return None, out.view(ctx.shape), None, None, None, None
 
 
 # constexprs and launch options of the CUDA launches (fastad.ops.compile_check compiles these)
@@ -324,27 +359,39 @@ if HAS_TRITON:
 
     # no scalar is specialised (no variants for a value of 1 or a multiple of 16): one compiled
     # variant per constexpr set, as fastad.ops.compile_check compiles them
-    @triton.jit(do_not_specialize=["n", "tau"])
-    def _square_tail_kernel(x_ptr, n, tau, count_ptr, sum_ptr, BLOCK: tl.constexpr):
+    @triton.jit(do_not_specialize=["n"])
+    def _square_tail_kernel(x_ptr, n, tau_ptr, count_ptr, sum_ptr, BLOCK: tl.constexpr):
+        """Per program: count and sum of x**2 >= tau for both thresholds tau_ptr[0], tau_ptr[1]."""
         pid = tl.program_id(0)
-        count = tl.zeros([BLOCK], dtype=tl.int32)
-        total = tl.zeros([BLOCK], dtype=tl.float32)
+        tau0 = tl.load(tau_ptr)
+        tau1 = tl.load(tau_ptr + 1)
+        count0 = tl.zeros([BLOCK], dtype=tl.int32)
+        count1 = tl.zeros([BLOCK], dtype=tl.int32)
+        total0 = tl.zeros([BLOCK], dtype=tl.float32)
+        total1 = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(pid * BLOCK, n, tl.num_programs(0) * BLOCK):
             offs = start + tl.arange(0, BLOCK)
             x = tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
             sq = x * x
-            keep = (offs < n) & (sq >= tau)
-            count += keep.to(tl.int32)
-            total += tl.where(keep, sq, 0.0)
-        tl.store(count_ptr + pid, tl.sum(count))
-        tl.store(sum_ptr + pid, tl.sum(total))
+            keep0 = (offs < n) & (sq >= tau0)
+            keep1 = (offs < n) & (sq >= tau1)
+            count0 += keep0.to(tl.int32)
+            count1 += keep1.to(tl.int32)
+            total0 += tl.where(keep0, sq, 0.0)
+            total1 += tl.where(keep1, sq, 0.0)
+        grid = tl.num_programs(0)
+        tl.store(count_ptr + pid, tl.sum(count0))
+        tl.store(count_ptr + grid + pid, tl.sum(count1))
+        tl.store(sum_ptr + pid, tl.sum(total0))
+        tl.store(sum_ptr + grid + pid, tl.sum(total1))
 
-    @triton.jit(do_not_specialize=["n", "tau"])
-    def _adc_backward_kernel(x_ptr, out_ptr, scale_ptr, n, tau, BLOCK: tl.constexpr):
+    @triton.jit(do_not_specialize=["n"])
+    def _adc_backward_kernel(x_ptr, out_ptr, scale_ptr, n, tau_ptr, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         m = offs < n
         x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
         scale = tl.load(scale_ptr).to(tl.float32)
+        tau = tl.load(tau_ptr).to(tl.float32)
         g = tl.where(x * x >= tau, 2 * x * scale, 0.0)
         store_rounded(out_ptr + offs, g, m)
 

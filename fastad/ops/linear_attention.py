@@ -27,33 +27,39 @@ def _phi(x: torch.Tensor) -> torch.Tensor:
 
 def linear_attention_reference(q, k, v, eps: float = 0.0):
     """Oracle of :func:`linear_attention`, written as Dinomaly's LinearAttention2 (einsums)."""
-    _validate_linear(q, k, v, eps)
+    _validate_linear(q, k, v, eps, "raise")
+    return _einsums(q, k, v, eps)
+
+
+def _einsums(q, k, v, eps):
     q, k = _phi(q), _phi(k)
     kv = torch.einsum("...sd,...se->...de", k, v)
     z = 1.0 / (torch.einsum("...nd,...d->...n", q, k.sum(dim=-2)) + eps)
     return torch.einsum("...de,...nd,...n->...ne", kv, q, z)
 
 
-def linear_attention(q, k, v, eps: float = 0.0):
+def linear_attention(q, k, v, eps: float = 0.0, *, nonfinite: str = "raise"):
     """Dinomaly's linear attention: phi(u) = elu(u) + 1 on q and k (no 1/sqrt(d) scale),
     out_i = phi(q_i)^T KV / (phi(q_i) . sum_s phi(k_s) + eps) with KV = sum_s phi(k_s) v_s^T per head.
 
     Args:
         q, k, v: (batch, heads, N, head_dim) float16, bfloat16, float32 or float64, one shape and dtype.
         eps: added to the denominator (Dinomaly: 0; its README suggests 1e-6 if the loss turns NaN).
+        nonfinite: 'raise' (ValueError for NaN/inf in q, k or v: a scan and one host read) or 'nan'
+            (no scan, no host read: NaN/inf reach the output; how the models train).
     Returns:
         (batch, heads, N, head_dim) in the input dtype, differentiable with respect to q, k and v.
     """
-    _validate_linear(q, k, v, eps)
+    _validate_linear(q, k, v, eps, nonfinite)
     if implementation(q, triton=True) == "triton" and q.shape[3] <= TRITON_MAX_HEAD_DIM:
         return torch.ops.fastad.linear_attention(q, k, v, float(eps))[0]
     # PyTorch path: the authors' einsums, in float32 for 16-bit inputs as the kernel computes
     cdt = compute_dtype(q)
-    return linear_attention_reference(q.to(cdt), k.to(cdt), v.to(cdt), eps).to(q.dtype)
+    return _einsums(q.to(cdt), k.to(cdt), v.to(cdt), eps).to(q.dtype)
 
 
-def _validate_linear(q, k, v, eps) -> None:
-    check_qkv(q, k, v)
+def _validate_linear(q, k, v, eps, nonfinite) -> None:
+    check_qkv(q, k, v, nonfinite)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps >= 0):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
 
@@ -130,8 +136,8 @@ def _linear_config(dtype: torch.dtype, d: int, cuda: bool) -> dict:
 if HAS_TRITON:
 
     @triton.jit
-    def _elu1(x):
-        return tl.where(x > 0, x + 1.0, tl.exp(tl.minimum(x, 0.0)))
+    def _elu1(x):  # NaN must stay NaN (as in elu): tl.minimum drops NaN unless told to propagate it
+        return tl.where(x > 0, x + 1.0, tl.exp(tl.minimum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)))
 
     # no scalar argument is specialised: one compiled variant per constexpr set (fastad.ops.compile_check)
     @triton.jit(do_not_specialize=["eps", "N", "D"])
@@ -192,7 +198,7 @@ if HAS_TRITON:
             dnum = do / den[:, None]
             dden = -tl.sum(dnum * num, 1) / den
             dpq = dot(dnum, tl.trans(kv), True) + dden[:, None] * ksum[None, :]
-            dq = dpq * tl.where(q > 0, 1.0, tl.exp(tl.minimum(q, 0.0)))
+            dq = dpq * tl.where(q > 0, 1.0, tl.exp(tl.minimum(q, 0.0, propagate_nan=tl.PropagateNan.ALL)))
             store_rounded(DQ + ptrs, dq, m)
             dkv += dot(tl.trans(pq), dnum, True)
             dksum += tl.sum(dden[:, None] * pq, 0)
@@ -205,5 +211,5 @@ if HAS_TRITON:
             v = load(V + ptrs, m, F32).to(tl.float32)
             pk = tl.where(m, _elu1(k), 0.0)
             dpk = dot(v, tl.trans(dkv), True) + dksum[None, :]
-            store_rounded(DK + ptrs, dpk * tl.where(k > 0, 1.0, tl.exp(tl.minimum(k, 0.0))), m)
+            store_rounded(DK + ptrs, dpk * tl.where(k > 0, 1.0, tl.exp(tl.minimum(k, 0.0, propagate_nan=tl.PropagateNan.ALL))), m)
             store_rounded(DV + ptrs, dot(pk, dkv, True), m)
