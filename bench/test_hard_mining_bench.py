@@ -52,7 +52,8 @@ _QUANTILE = {"fastad": quantile, "torch.quantile": quantile_reference, "torch.kt
 
 
 @pytest.mark.parametrize("impl", list(_QUANTILE))
-@pytest.mark.parametrize("shape, dim", [((2**20,), None), ((2**24,), None), ((2**26,), None), ((64, 2**16), 1)])
+@pytest.mark.parametrize("shape, dim", [((2**20,), None), ((2**24,), None), ((2**26,), None), ((64, 2**16), 1)],
+                         ids=["1048576", "16777216", "67108864", "64x65536"])
 def test_quantile(benchmark, impl, shape, dim):
     # one quantile of a whole tensor, or one per row (64 maps of 256 x 256: per-image thresholds)
     x = torch.rand(shape, generator=torch.Generator().manual_seed(0)).to(DEVICE) * 3

@@ -82,7 +82,7 @@ def test_cli_bench_runs_a_suite():
         capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "0"},
     )
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "2 passed" in out.stdout and "quantile 0.9999, 1M: fastad" in out.stdout
+    assert "3 passed" in out.stdout and "quantile 0.9999, 1M: fastad" in out.stdout  # fastad and two baselines
 
 
 def test_a_checkpoint_from_before_an_argument_existed_is_reused(tmp_path, capsys):
