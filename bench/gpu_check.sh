@@ -5,7 +5,8 @@
 # 2. runs the test suite (tests on every device are parametrised over cpu and cuda) -> tests.xml,
 # 3. runs every benchmark suite on CUDA (fastad vs the baselines, ratio tables) -> bench.json, bench.txt,
 # 4. writes REPORT_DIR/gpu_check.md: device, versions, per-test pass/fail, the benchmark table with
-#    achieved bandwidth against the device's peak where a benchmark records its bytes, the ratio tables.
+#    achieved bandwidth / TFLOP/s against the device's peak where a benchmark records its bytes / FLOPs,
+#    the ratio tables, and what the measuring dispatcher chose per shape (autotune.json).
 # Exits non-zero when the build fails, any test fails (a CUDA result that differs from its reference
 # is a failing test) or a benchmark fails. --dry-run prints the commands without running them;
 # --quick runs only the tests that touch the GPU (cuda-parametrised, GPU-only, the extension build:
@@ -45,6 +46,7 @@ status=0
 run "$py" -m pip install --no-build-isolation --no-deps -e . || { echo "gpu_check: building fastad._C failed" >&2; exit 1; }
 run "$py" -m pytest tests -q -p no:cacheprovider -rf "${select[@]}" --junitxml "$report_dir/tests.xml" || status=1
 export FASTAD_BENCH_DEVICE=cuda
+export FASTAD_AUTOTUNE_CACHE="$report_dir/autotune.json"  # the dispatcher's measured choices, for the report
 if [ "$dry" = 1 ]; then
   echo "+ $py -m pytest bench -s -q -p no:cacheprovider --benchmark-columns=min,mean,rounds --benchmark-json $report_dir/bench.json | tee $report_dir/bench.txt"
 else

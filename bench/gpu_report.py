@@ -1,5 +1,6 @@
 """Write ``gpu_check.md`` from what ``bench/gpu_check.sh`` left in a folder: ``tests.xml`` (pytest's
-JUnit XML), ``bench.json`` (pytest-benchmark) and ``bench.txt`` (the suites' printed ratio tables).
+JUnit XML), ``bench.json`` (pytest-benchmark), ``bench.txt`` (the suites' printed ratio tables) and
+``autotune.json`` (what fastad.ops.dispatch measured and chose while the benchmarks ran).
 
     python bench/gpu_report.py REPORT_DIR
 
@@ -63,20 +64,40 @@ def test_lines(path: Path) -> tuple[list[str], int]:
 
 
 def bench_lines(path: Path, peak: float | None) -> list[str]:
-    """One row per benchmark: min / mean seconds, rounds, and GB/s (% of the device's peak) where
-    the benchmark recorded the bytes it moves (``extra_info['bytes']``)."""
+    """One row per benchmark: min / mean seconds, rounds, GB/s (% of the device's peak) and the bandwidth
+    floor (the bytes at peak) where the benchmark recorded the bytes it must move (``extra_info['bytes']``),
+    TFLOP/s where it recorded its FLOPs (``extra_info['flops']``)."""
     if not path.exists():
         return [f"no benchmark results ({path} missing)"]
     data = json.loads(path.read_text())
-    rows = ["| benchmark | min (ms) | mean (ms) | rounds | GB/s | % of peak |", "|---|---|---|---|---|---|"]
+    rows = ["| benchmark | min (ms) | mean (ms) | rounds | GB/s | % of peak | TFLOP/s | floor (ms) |",
+            "|---|---|---|---|---|---|---|---|"]
     for b in data.get("benchmarks", []):
         s, info = b["stats"], b.get("extra_info", {})
-        gbs = pct = ""
+        gbs = pct = tflops = floor = ""
         if info.get("bytes"):
             rate = info["bytes"] / s["min"]
             gbs = f"{rate / 1e9:.0f}"
             pct = f"{100 * rate / peak:.0f}%" if peak else ""
-        rows.append(f"| {b['fullname'].split('::', 1)[-1]} | {1e3 * s['min']:.3f} | {1e3 * s['mean']:.3f} | {s['rounds']} | {gbs} | {pct} |")
+            floor = f"{1e3 * info['bytes'] / peak:.3f}" if peak else ""
+        if info.get("flops"):
+            tflops = f"{info['flops'] / s['min'] / 1e12:.1f}"
+        rows.append(f"| {b['fullname'].split('::', 1)[-1]} | {1e3 * s['min']:.3f} | {1e3 * s['mean']:.3f} | {s['rounds']} "
+                    f"| {gbs} | {pct} | {tflops} | {floor} |")
+    return rows
+
+
+def choice_lines(path: Path) -> list[str]:
+    """One row per (op, device, dtype, pass, shape key) the measuring dispatcher timed: its choice and the
+    time of every candidate."""
+    if not path.exists():
+        return [f"no dispatcher choices ({path} missing)"]
+    entries = json.loads(path.read_text()).get("entries", {})
+    rows = ["| op | device | dtype | pass | shape key | chosen | candidates (ms per call) |", "|---|---|---|---|---|---|---|"]
+    for key, e in sorted(entries.items()):
+        op, device, dtype, passes, *shape = key.split("|")
+        times = ", ".join(f"{n} {1e3 * t:.3f}" for n, t in sorted(e.get("seconds", {}).items(), key=lambda kv: kv[1]))
+        rows.append(f"| {op} | {device} | {dtype} | {passes} | {' x '.join(shape)} | {e.get('choice')} | {times} |")
     return rows
 
 
@@ -93,7 +114,8 @@ def main(argv=None) -> int:
     tests, failed = test_lines(folder / "tests.xml")
     text = "\n".join(["# fastad GPU check", "", *dev, "", "## Tests", "", *tests, "", "## Benchmarks (CUDA)", "",
                       *bench_lines(folder / "bench.json", peak), "", "## Ratio tables (baseline time / fastad time)", "",
-                      *ratio_lines(folder / "bench.txt"), ""])
+                      *ratio_lines(folder / "bench.txt"), "", "## What the dispatcher chose (measured on this device)", "",
+                      *choice_lines(folder / "autotune.json"), ""])
     (folder / "gpu_check.md").write_text(text)
     print(text)
     return failed

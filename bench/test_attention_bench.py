@@ -8,7 +8,11 @@ Masked attention (forward + backward) against ``F.scaled_dot_product_attention``
 28x28 (12 heads x 64, window 7). Linear attention (forward + backward) against Dinomaly's einsum
 ``LinearAttention2`` at batch 16, 12 heads, 789 tokens, 64 dims. On the CPU fastad runs its PyTorch
 path (the kernels are Triton); the numbers that matter are the GPU ones. On CUDA the peak memory of
-each case is recorded in ``extra_info``. The ratio table is printed at the end.
+each case is recorded in ``extra_info``, with its useful FLOPs (``flops``: 4 N K d per head and
+pass for K attended keys, the backward counted as 2.5 forwards; bench/gpu_report.py turns them into
+TFLOP/s) and, for linear attention, the bytes it must move (``bytes``). ``fastad`` is the op as users
+call it (on CUDA the measuring dispatcher picks the faster of the Triton kernels and the PyTorch
+path); ``fastad_kernels`` (CUDA only) forces the Triton kernels. The ratio table is printed at the end.
 """
 import os
 
@@ -17,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from fastad.ops import linear_attention, linear_attention_reference, local_window_attention, neighbour_masked_attention
-from fastad.ops import window_mask
+from fastad.ops import dispatch, window_mask
 
 DEVICE = os.environ.get("FASTAD_BENCH_DEVICE", "cpu")
 BATCH = int(os.environ.get("FASTAD_BENCH_BATCH", "4" if DEVICE == "cuda" else "1"))
@@ -49,14 +53,34 @@ def _timed(benchmark, fn, inputs):
     return out
 
 
-@pytest.mark.parametrize("impl", ["fastad", "sdpa_dense_mask"])
+FASTAD = ["fastad", "fastad_kernels"] if DEVICE == "cuda" else ["fastad"]
+
+
+def _kernels(fn):
+    """``fn`` with the Triton kernels forced (no measuring dispatcher)."""
+    def forced(*args):
+        with dispatch.kernels(triton=True):
+            return fn(*args)
+    return forced
+
+
+def _flops(n: int, keys: int, dim: int, heads: int) -> float:
+    """Useful FLOPs of attention forward + backward: 4 N K d per head forward, 2.5x that backward."""
+    return 3.5 * 4 * n * keys * dim * heads * BATCH
+
+
+@pytest.mark.parametrize("impl", [*FASTAD, "sdpa_dense_mask"])
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("side,heads,dim,window", GRIDS)
 def test_masked_attention(benchmark, impl, kind, side, heads, dim, window):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(BATCH, heads, side * side, dim, generator=g).to(DEVICE).requires_grad_() for _ in range(3))
-    if impl == "fastad":
+    inside = window_mask((side, side), window, "cpu")
+    keys = int(inside.sum()) if kind == "local" else int((~inside).sum())  # attended (query, key) pairs
+    benchmark.extra_info["flops"] = _flops(1, keys, dim, heads)
+    if impl.startswith("fastad"):
         fn = lambda a, b, c: KINDS[kind](a, b, c, (side, side), window)  # noqa: E731
+        fn = _kernels(fn) if impl == "fastad_kernels" else fn
     else:
         inside = window_mask((side, side), window, DEVICE)
         allowed = inside if kind == "local" else ~inside
@@ -66,11 +90,14 @@ def test_masked_attention(benchmark, impl, kind, side, heads, dim, window):
     _times[(f"{kind} {side}x{side} w{window}", impl)] = benchmark.stats.stats.min
 
 
-@pytest.mark.parametrize("impl", ["fastad", "dinomaly_einsum"])
+@pytest.mark.parametrize("impl", [*FASTAD, "dinomaly_einsum"])
 def test_linear_attention(benchmark, impl):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(16, 12, 789, 64, generator=g).to(DEVICE).requires_grad_() for _ in range(3))
-    out = _timed(benchmark, linear_attention if impl == "fastad" else linear_attention_reference, (q, k, v))
+    # forward reads q, k, v and writes out; backward reads q, k, v, dout and writes dq, dk, dv
+    benchmark.extra_info.update(bytes=11 * q.numel() * q.element_size(), flops=3 * 4 * q.numel() * q.shape[-1])
+    fn = {"fastad": linear_attention, "fastad_kernels": _kernels(linear_attention)}.get(impl, linear_attention_reference)
+    out = _timed(benchmark, fn, (q, k, v))
     assert out.shape == q.shape
     _times[("linear 16x12x789x64", impl)] = benchmark.stats.stats.min
 
@@ -79,10 +106,10 @@ def teardown_module(module):
     lines = ["", f"attention speed-up of fastad on {DEVICE} (batch {BATCH} for the masked cases), fwd+bwd min times:"]
     for case in dict.fromkeys(c for c, _ in _times):
         impls = {i: t for (c, i), t in _times.items() if c == case}
-        if "fastad" in impls and len(impls) == 2:
-            ((base, t_base),) = ((i, t) for i, t in impls.items() if i != "fastad")
-            lines.append(
-                f"  {case}: fastad {impls['fastad'] * 1e3:.2f} ms, {base} {t_base * 1e3:.2f} ms, "
-                f"{t_base / impls['fastad']:.2f}x"
-            )
+        if "fastad" not in impls:
+            continue
+        for base, t_base in impls.items():
+            if base != "fastad":
+                lines.append(f"  {case}: fastad {impls['fastad'] * 1e3:.2f} ms, {base} {t_base * 1e3:.2f} ms, "
+                             f"{t_base / impls['fastad']:.2f}x")
     print("\n".join(lines))

@@ -1,5 +1,8 @@
 """Nearest-reference matching (ADPretrain/ResAD residual features): fastad vs the authors' way
-(normalise, one dense (N x M) similarity matrix, argmax), on 8-shot banks of ViT-sized tokens."""
+(normalise, one dense (N x M) similarity matrix, argmax: the float32 GEMM + argmax a user would write),
+on 8-shot banks of ViT-sized tokens. ``extra_info['flops']`` is the GEMM's 2 N M C (bench/gpu_report.py
+prints TFLOP/s). On CUDA the measuring dispatcher picks between the extension and the float64 reference,
+both float64-exact."""
 import os
 
 import pytest
@@ -32,3 +35,4 @@ def test_nearest_cosine(benchmark, impl, n, m, c):
 
     out = benchmark.pedantic(fn, rounds=3, iterations=1, warmup_rounds=1)
     assert out.shape == x.shape
+    benchmark.extra_info.update(device=DEVICE, flops=2 * n * m * c)

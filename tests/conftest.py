@@ -1,5 +1,6 @@
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,11 @@ import torch
 if not torch.cuda.is_available():
     # Triton kernels run on the CPU through the interpreter; this must precede the first triton import.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# the fixed dispatch rule: every test runs the kernels it names whatever the load (a measured choice
+# depends on timing); tests/test_dispatch.py turns measuring on, with its cache in a file of this run
+os.environ["FASTAD_AUTOTUNE"] = "0"
+os.environ["FASTAD_AUTOTUNE_CACHE"] = os.path.join(tempfile.mkdtemp(prefix="fastad-autotune-"), "autotune.json")
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"

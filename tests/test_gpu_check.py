@@ -40,7 +40,12 @@ def test_report_lists_failures_and_bandwidth(tmp_path):
         {"fullname": "bench/test_hard_mining_bench.py::test_quantile[16777216-fastad]",
          "stats": {"min": 0.001, "mean": 0.0012, "rounds": 5}, "extra_info": {"bytes": 2e9}},
         {"fullname": "bench/test_hard_mining_bench.py::test_quantile[16777216-torch.quantile]",
-         "stats": {"min": 0.01, "mean": 0.011, "rounds": 5}, "extra_info": {}}]}))
+         "stats": {"min": 0.01, "mean": 0.011, "rounds": 5}, "extra_info": {}},
+        {"fullname": "bench/test_attention_bench.py::test_masked_attention[28-fastad]",
+         "stats": {"min": 0.002, "mean": 0.002, "rounds": 5}, "extra_info": {"flops": 4e12}}]}))
+    (tmp_path / "autotune.json").write_text(json.dumps({"format": "fastad-autotune", "entries": {
+        "quantile|NVIDIA H100|float32|fwd|1|16777216|False": {"choice": "triton",
+                                                              "seconds": {"reference": 2e-3, "triton": 5e-4}}}}))
     (tmp_path / "bench.txt").write_text("noise\n| case | ratio |\n|---|---|\n| quantile | 10.0x |\n")
     proc = subprocess.run([sys.executable, str(ROOT / "bench/gpu_report.py"), str(tmp_path)], capture_output=True, text=True,
                           cwd=ROOT, timeout=300)
@@ -50,3 +55,6 @@ def test_report_lists_failures_and_bandwidth(tmp_path):
     assert "**FAILURE** `tests.test_attention::test_grad[cuda]`: AssertionError: error 1e-2 > 2 x PyTorch's 1e-3" in report
     assert "| test_quantile[16777216-fastad] | 1.000 | 1.200 | 5 | 2000 |" in report
     assert "| quantile | 10.0x |" in report and "noise" not in report
+    assert "| test_masked_attention[28-fastad] | 2.000 | 2.000 | 5 |  |  | 2000.0 |  |" in report
+    # what the measuring dispatcher chose, fastest candidate first
+    assert "| quantile | NVIDIA H100 | float32 | fwd | 1 x 16777216 x False | triton | triton 0.500, reference 2.000 |" in report

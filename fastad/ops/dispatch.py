@@ -2,29 +2,55 @@
 
 Each op has up to three implementations: a compiled kernel of the extension ``fastad._C`` (C++ on the
 CPU, CUDA on the GPU: ``greedy_coreset``, ``nearest_reference``; ``knn_rescore`` CPU only), Triton
-kernels (attention, quantile, hard-mining losses) and its pure-PyTorch reference.
-:func:`implementation` chooses, in this order:
+kernels (attention, quantile, hard-mining losses) and its PyTorch path (SDPA, einsums,
+``torch.quantile`` / ``kthvalue``, or the op's reference). An implementation *can run* on a tensor when:
 
-1. ``'extension'`` when the op has one, it is enabled and ``fastad._C`` was built for the tensor's device
-   (otherwise one warning per device type, since the reference is much slower);
-2. ``'triton'`` when the op has Triton kernels, they are enabled, and they can run on the tensor: a CUDA
-   tensor, or a CPU tensor under Triton's interpreter (``TRITON_INTERPRET=1`` set before ``triton`` is
-   first imported), of a 16- or 32-bit float dtype (the kernels compute in float32, so float64 keeps to
-   PyTorch);
-3. ``'reference'`` otherwise (or the op's PyTorch fast path: SDPA, einsums, ``torch.quantile``).
+- ``'extension'``: the op has one, it is enabled and ``fastad._C`` was built for the tensor's device
+  (otherwise one warning per device type, since the reference is much slower);
+- ``'triton'``: the op has Triton kernels for the input (head dims, dtypes), they are enabled, and
+  they can run on the tensor: a CUDA tensor, or a CPU tensor under Triton's interpreter
+  (``TRITON_INTERPRET=1`` set before ``triton`` is first imported), of a 16- or 32-bit float dtype
+  (the kernels compute in float32, so float64 keeps to PyTorch);
+- ``'reference'``: always.
 
-``with fastad.ops.dispatch.kernels(triton=False):`` runs a block on the PyTorch paths (e.g. to
-compare, or where the interpreter is too slow); :data:`settings` holds the current switches.
+**The fixed rule** (:func:`implementation`) takes the first that can run, in that order.
+
+**The measuring rule** (:func:`run`, on CUDA): the first call of an op per (shape bucket, dtype,
+device name, forward only or forward + backward) times every implementation that can run,
+synchronised (one warm-up call, then the best of three rounds of five), and keeps the fastest, in
+memory and in a small JSON file (:func:`cache_path`) that later processes read; a corrupt file, or
+one written by another fastad / torch / Triton version, is ignored and rewritten. Only
+implementations with the op's documented exactness compete, so the choice never changes a result
+beyond it: quantile / select_rank are bit-identical to ``torch.quantile`` / ``kthvalue`` on every
+path; nearest_reference's paths are float64-exact with the lowest index on ties; the attention ops
+and losses agree within the rounding of their float32 accumulation. No measuring (the fixed rule,
+or a choice already measured) while a CUDA graph is captured, under ``torch.compile`` tracing, under
+``torch.cuda.set_sync_debug_mode`` (measuring synchronises), with ``FASTAD_AUTOTUNE=0`` in the
+environment, and inside a :func:`kernels` block that names a kernel family: ``kernels(triton=False)``
+forces the PyTorch paths, ``kernels(triton=True)`` the Triton kernels wherever they can run.
+The greedy coreset and the feature bank keep the fixed rule: they run once per fit and only the
+extension reaches their bandwidth floor, so timing them would cost more than it could gain.
+
+:data:`settings` holds the current switches; :func:`choices` lists what was measured.
 """
 from __future__ import annotations
 
+import functools
+import json
+import math
 import os
+import tempfile
+import time
 import warnings
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
+from pathlib import Path
+from typing import TypeVar
 
 import torch
 
-__all__ = ["CUDA_COMPILED", "HAS_EXTENSION", "HAS_TRITON", "TRITON_INTERPRET", "implementation", "kernels", "require_triton", "settings"]
+__all__ = ["AUTOTUNED_DEVICE_TYPES", "CUDA_COMPILED", "HAS_EXTENSION", "HAS_TRITON", "TRITON_INTERPRET", "bucket",
+           "cache_path", "choices", "current", "forced", "implementation", "kernels", "require_triton", "run", "settings"]
 
 try:
     from fastad import _C  # noqa: F401  (importing registers torch.ops.fastad.*)
@@ -44,18 +70,33 @@ except ImportError:  # pragma: no cover - triton is a Linux dependency of fastad
     HAS_TRITON = False
 
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-settings = {"extension": True, "triton": True}
+# extension / triton: the kernel families; autotune: the measuring rule (FASTAD_AUTOTUNE=0: off)
+settings = {"extension": True, "triton": True, "autotune": os.environ.get("FASTAD_AUTOTUNE", "1") != "0"}
+# device types on which run() measures (the CPU paths are chosen by the fixed rule; tests add "cpu")
+AUTOTUNED_DEVICE_TYPES = {"cuda"}
+_ORDER = ("extension", "triton", "reference")
+_FORMAT = "fastad-autotune"
 _warned: set[str] = set()
+_state: dict = {"forced": None}  # the implementation the running op was given (None: outside run)
+_choices: dict[str, dict] = {}  # measured: key -> {"choice": name, "seconds": {name: s}}
+_loaded: list[bool] = [False]
+T = TypeVar("T")
 
 
 @contextmanager
-def kernels(*, extension: bool | None = None, triton: bool | None = None):
-    """Enable or disable the extension / Triton kernels inside a ``with`` block (None: unchanged)."""
+def kernels(*, extension: bool | None = None, triton: bool | None = None, autotune: bool | None = None):
+    """Enable or disable the extension / Triton kernels, or the measuring rule, inside a ``with`` block
+    (None: unchanged). Naming ``extension`` or ``triton`` also turns measuring off in the block (unless
+    ``autotune`` says otherwise), so the block runs exactly the kernels it asks for."""
     saved = dict(settings)
     if extension is not None:
         settings["extension"] = bool(extension)
     if triton is not None:
         settings["triton"] = bool(triton)
+    if autotune is not None:
+        settings["autotune"] = bool(autotune)
+    elif extension is not None or triton is not None:
+        settings["autotune"] = False
     try:
         yield settings
     finally:
@@ -69,24 +110,234 @@ def _extension_runs(device: torch.device) -> bool:
         _warned.add(device.type)
         why = f"fastad._C could not be imported ({_EXTENSION_ERROR})" if not HAS_EXTENSION else "fastad._C was built without CUDA"
         warnings.warn(f"{why}: fastad ops on {device.type} run their PyTorch reference implementations (slow). "
-                      "Rebuild with `pip install --no-build-isolation -e .`.", RuntimeWarning, stacklevel=4)
+                      "Rebuild with `pip install --no-build-isolation -e .`.", RuntimeWarning, stacklevel=5)
     return False
 
 
+def _triton_runs(t: torch.Tensor) -> bool:
+    return settings["triton"] and HAS_TRITON and t.dtype != torch.float64 and (
+        t.is_cuda or (TRITON_INTERPRET and t.device.type == "cpu"))
+
+
+def _runnable(t: torch.Tensor, extension: bool, triton: bool) -> list[str]:
+    """The implementations that can run on ``t``, in the fixed rule's order (the reference last)."""
+    names = ["extension"] if extension and settings["extension"] and _extension_runs(t.device) else []
+    if triton and _triton_runs(t):
+        names.append("triton")
+    return names + ["reference"]
+
+
 def implementation(t: torch.Tensor, *, extension: bool = False, triton: bool = False) -> str:
-    """``'extension'``, ``'triton'`` or ``'reference'`` for an op with the named kernels, applied to ``t``
-    (the rule in the module docstring)."""
-    if extension and settings["extension"] and _extension_runs(t.device):
-        return "extension"
-    if triton and settings["triton"] and HAS_TRITON and t.dtype != torch.float64:
-        if t.is_cuda or (TRITON_INTERPRET and t.device.type == "cpu"):
-            return "triton"
-    return "reference"
+    """``'extension'``, ``'triton'`` or ``'reference'`` for a branch of an op with the named kernels,
+    applied to ``t``: inside :func:`run` (or :func:`forced`) the implementation given to the op when it
+    can run on ``t`` (else the reference), otherwise the fixed rule (module docstring)."""
+    names = _runnable(t, extension, triton)
+    given = _state["forced"]
+    if given is None:
+        return names[0]
+    return given if given in names else "reference"
+
+
+def current() -> str | None:
+    """The implementation given to the op running now (None outside :func:`run` / :func:`forced`);
+    an autograd function saves it at forward time and runs its backward under :func:`forced` with it."""
+    return _state["forced"]
+
+
+class forced:
+    """``with forced(name):`` every :func:`implementation` inside answers ``name`` where it can run (else
+    ``'reference'``), and nested ops do not measure; ``forced(None)`` changes nothing."""
+
+    def __init__(self, name: str | None):
+        if name is not None and name not in _ORDER:
+            raise ValueError(f"implementation must be one of {_ORDER} or None, got {name!r}")
+        self.name = name
+
+    def __enter__(self):
+        self.saved = _state["forced"]
+        if self.name is not None:
+            _state["forced"] = self.name
+        return self.name
+
+    def __exit__(self, *exc):
+        _state["forced"] = self.saved
+        return False
+
+
+def bucket(n: int) -> int:
+    """The shape bucket of a size: the next power of two (1 for n <= 1)."""
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def run(op: str, t: torch.Tensor, fn: Callable[[], T], *, extension: bool = False, triton: bool = False,
+        key: Sequence = (), grad_inputs: Sequence[torch.Tensor] = ()) -> T:
+    """Run ``fn()`` (the op's body; its branches ask :func:`implementation`) on the implementation
+    chosen for ``op`` applied to ``t`` (the measuring rule of the module docstring).
+
+    Args:
+        op: the op's name (part of the cache key).
+        t: the tensor whose device and dtype decide (the op's main input).
+        fn: runs the op once and returns its result; it must have no side effects.
+        extension, triton: which kernel families the op has for this input.
+        key: ints or strings describing the shape (sizes already bucketed with :func:`bucket`).
+        grad_inputs: tensors the op is differentiable in: when one requires grad (and grad is
+            enabled) the measurement times forward + backward (``torch.autograd.grad`` of the
+            outputs into them), as training runs the op.
+    Returns:
+        ``fn()``'s result, computed under :func:`forced` with the chosen implementation.
+    """
+    if _state["forced"] is not None or torch.compiler.is_compiling():
+        return fn()  # nested in an op that was given its implementation, or traced: the fixed rule
+    names = _runnable(t, extension, triton)
+    if len(names) == 1:
+        name = names[0]
+    else:
+        backward = torch.is_grad_enabled() and any(g.requires_grad for g in grad_inputs)
+        name = _choose(op, t, names, fn, key, [g for g in grad_inputs if g.requires_grad] if backward else [])
+    with forced(name):
+        return fn()
+
+
+def _choose(op, t, names, fn, key, grads) -> str:
+    if not settings["autotune"] or t.device.type not in AUTOTUNED_DEVICE_TYPES:
+        return names[0]
+    device_name = _device_name(t.device)
+    entry = "|".join([op, device_name, str(t.dtype).removeprefix("torch."), "fwd+bwd" if grads else "fwd",
+                      *map(str, key)])
+    if not _loaded[0]:
+        _loaded[0] = True
+        _choices.update(_read_cache())
+    known = _choices.get(entry)
+    if known is not None and known.get("choice") in names:
+        return known["choice"]
+    if not _may_measure(t):
+        return names[0]
+    seconds = {}
+    for name in names:  # the fixed rule's first: an error of the op itself surfaces from it
+        try:
+            seconds[name] = _measure(_timed(name, fn, grads), t.device, name)
+        except Exception as exc:  # noqa: BLE001 - a candidate that fails (e.g. out of memory) does not compete
+            if name == names[0]:
+                raise
+            warnings.warn(f"fastad: {op} on {device_name}: the {name} implementation failed while being "
+                          f"measured ({type(exc).__name__}: {exc}); it is not used for this shape", RuntimeWarning,
+                          stacklevel=3)
+    choice = min(seconds, key=lambda n: (seconds[n], names.index(n)))
+    _choices[entry] = {"choice": choice, "seconds": seconds}
+    _write_cache(entry, _choices[entry])
+    return choice
+
+
+@functools.lru_cache(maxsize=None)
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def _may_measure(t: torch.Tensor) -> bool:
+    """False while measuring would break what runs: a CUDA graph capture, or sync debug mode."""
+    return not (t.is_cuda and (torch.cuda.is_current_stream_capturing() or torch.cuda.get_sync_debug_mode() != 0))
+
+
+def _timed(name: str, fn: Callable, grads: list[torch.Tensor]) -> Callable[[], None]:
+    def call():
+        with forced(name):
+            out = fn()
+            if grads:
+                outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,))
+                        if isinstance(o, torch.Tensor) and o.requires_grad]
+                torch.autograd.grad(outs, grads, [torch.ones_like(o) for o in outs], allow_unused=True)
+    return call
+
+
+def _measure(fn: Callable[[], None], device: torch.device, name: str) -> float:
+    """Seconds per call of ``fn`` on ``device``: one warm-up call (Triton compiles there), then the best
+    of three rounds of five calls, synchronised (CUDA events on CUDA). ``name``: the implementation (for
+    tests, which replace this timer)."""
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        best = math.inf
+        for _ in range(3):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(5):
+                fn()
+            end.record()
+            end.synchronize()
+            best = min(best, start.elapsed_time(end) / 5e3)
+        return best
+    best = math.inf
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(5):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / 5)
+    return best
+
+
+def choices() -> dict[str, dict]:
+    """What the measuring rule chose: cache key (op|device|dtype|fwd or fwd+bwd|shape key) ->
+    {"choice": implementation, "seconds": {implementation: seconds per call}} (a copy)."""
+    return json.loads(json.dumps(_choices))
+
+
+def cache_path() -> Path:
+    """The measured choices' file: ``$FASTAD_AUTOTUNE_CACHE``, else ``$XDG_CACHE_HOME/fastad/autotune.json``,
+    else ``~/.cache/fastad/autotune.json``."""
+    if os.environ.get("FASTAD_AUTOTUNE_CACHE"):
+        return Path(os.environ["FASTAD_AUTOTUNE_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fastad" / "autotune.json"
+
+
+def _header() -> dict:
+    from fastad import __version__
+
+    return {"format": _FORMAT, "fastad": __version__, "torch": torch.__version__,
+            "triton": triton.__version__ if HAS_TRITON else None}
+
+
+def _read_cache(quiet: bool = False) -> dict[str, dict]:
+    """The entries of the cache file, or {} when it is missing, corrupt or foreign (rewritten at the next
+    measurement; ``quiet``: no warning)."""
+    path = cache_path()
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        if not quiet:
+            warnings.warn(f"fastad: ignoring the unreadable autotune cache {path} ({exc}); it will be rewritten",
+                          RuntimeWarning, stacklevel=4)
+        return {}
+    entries = data.get("entries") if isinstance(data, dict) else None
+    if not isinstance(entries, dict) or any(data.get(k) != v for k, v in _header().items()):
+        return {}  # another format or versions: the timings may no longer hold
+    return {k: v for k, v in entries.items()
+            if isinstance(v, dict) and v.get("choice") in _ORDER and isinstance(v.get("seconds"), dict)}
+
+
+def _write_cache(entry: str, value: dict) -> None:
+    """Merge one entry into the cache file (atomic replace; another process's entries kept)."""
+    path = cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        entries = _read_cache(quiet=True)
+        entries[entry] = value
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".autotune-", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump({**_header(), "entries": entries}, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError as exc:
+        if "cache-write" not in _warned:
+            _warned.add("cache-write")
+            warnings.warn(f"fastad: could not write the autotune cache {path} ({exc}); choices are kept in memory "
+                          "only", RuntimeWarning, stacklevel=4)
 
 
 def require_triton(t: torch.Tensor) -> None:
     """Raise unless the Triton kernels can run on ``t`` (the custom ops' entry check)."""
-    if implementation(t, triton=True) != "triton":
+    if not _triton_runs(t):
         raise RuntimeError("fastad's Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1 on the CPU) of a 16- or "
                            "32-bit float dtype, with Triton enabled; call the public op, which takes the PyTorch path otherwise")
 

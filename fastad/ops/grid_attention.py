@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from ._checks import check_qkv
 from ._triton import tl, triton
+from . import dispatch
 from .dispatch import HAS_TRITON, implementation, require_triton
 
 if HAS_TRITON:
@@ -139,7 +140,14 @@ def local_window_attention(q, k, v, grid, window, scale=None, *, nonfinite: str 
 
 def _grid_attention_dispatch(q, k, v, grid, window, scale, nonfinite, only: bool):
     h, w, scale = _validate(q, k, v, grid, window, scale, nonfinite)
-    if implementation(q, triton=True) == "triton" and q.shape[3] <= _max_head_dim(q.dtype):
+    op = "local_window_attention" if only else "neighbour_masked_attention"
+    key = (dispatch.bucket(q.shape[0] * q.shape[1]), h, w, window, q.shape[3])
+    return dispatch.run(op, q, lambda: _grid_attention_on(q, k, v, h, w, window, scale, only),
+                        triton=q.shape[3] <= _max_head_dim(q.dtype), key=key, grad_inputs=(q, k, v))
+
+
+def _grid_attention_on(q, k, v, h, w, window, scale, only: bool):
+    if implementation(q, triton=True) == "triton":
         return torch.ops.fastad.grid_attention(q, k, v, h, w, window // 2, only, scale)[0]
     # PyTorch path: SDPA (a fused CPU kernel) with the dense boolean mask
     keep, empty = _allowed_keys(h, w, window, only, q.device)

@@ -18,6 +18,7 @@ import torch
 
 from ._checks import check_nonfinite, check_same_device, check_tensor, compute_dtype
 from ._triton import max_programs, tl, triton
+from . import dispatch
 from .dispatch import HAS_TRITON, implementation
 
 if HAS_TRITON:
@@ -90,7 +91,10 @@ def adc_loss(maps: torch.Tensor, p_hard: float = 0.9999, p_lim: float = 0.9995, 
     """
     _check_adc(maps, p_hard, p_lim)
     check_nonfinite(nonfinite)
-    return _ADCLoss.apply(maps, p_hard, p_lim, nonfinite, group if distributed.active(group) else None)
+    if distributed.active(group):
+        return _ADCLoss.apply(maps, p_hard, p_lim, nonfinite, group)
+    return dispatch.run("adc_loss", maps, lambda: _ADCLoss.apply(maps, p_hard, p_lim, nonfinite, None), triton=True,
+                        key=(dispatch.bucket(maps.numel()),), grad_inputs=(maps,))
 
 
 class _ADCLoss(torch.autograd.Function):
@@ -112,7 +116,7 @@ class _ADCLoss(torch.autograd.Function):
         tau, count, total = (torch.where(low, t[1], t[0]) for t in (taus, counts, totals))
         loss = _finish((total / count).to(var.dtype).reshape(1), bad, nonfinite, "maps")[0]
         ctx.save_for_backward(flat, tau, count)
-        ctx.shape = maps.shape
+        ctx.shape, ctx.impl = maps.shape, dispatch.current()
         return loss
 
     @staticmethod
@@ -141,11 +145,16 @@ class _ADCLoss(torch.autograd.Function):
         share = flat.numel() / n  # the caller weights this rank's term by its share of the batch
         weight = torch.tensor(count * share, dtype=torch.float64, device=flat.device)
         ctx.save_for_backward(flat, tau, weight)
-        ctx.shape = maps.shape
+        ctx.shape, ctx.impl = maps.shape, None
         return (total / weight).to(var.dtype)
 
     @staticmethod
     def backward(ctx, grad):
+        with dispatch.forced(ctx.impl):  # the forward's implementation
+            return _ADCLoss._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad):
         flat, tau, count = ctx.saved_tensors
         scale = (grad / count.to(grad.dtype)).reshape(1)
         if implementation(flat, triton=True) == "triton":
@@ -275,8 +284,17 @@ def hard_mining_cosine_loss(enc_feats, dec_feats, p: float, factor: float = 0.1,
         batch = int(total)
     # validated before any pass over the features; k = int(B * H * W * (1 - p)) hard points per group
     ks = [_check_p(p, factor, batch * a[0, 0].numel()) for a, _ in pairs]
-    terms = [_HardMiningCosine.apply(a.detach(), b, k, factor, nonfinite, group) for (a, b), k in zip(pairs, ks)]
-    return sum(terms) / len(terms)
+    if distributed.active(group):
+        terms = [_HardMiningCosine.apply(a.detach(), b, k, factor, nonfinite, group) for (a, b), k in zip(pairs, ks)]
+        return sum(terms) / len(terms)
+
+    def loss():
+        terms = [_HardMiningCosine.apply(a.detach(), b, k, factor, nonfinite, None) for (a, b), k in zip(pairs, ks)]
+        return sum(terms) / len(terms)
+
+    key = tuple(dispatch.bucket(n) for _, b in pairs for n in (b.shape[0], b.shape[1], b[0, 0].numel()))
+    return dispatch.run("hard_mining_cosine_loss", pairs[0][1], loss, triton=True, key=key,
+                        grad_inputs=[b for _, b in pairs])
 
 
 class _HardMiningCosine(torch.autograd.Function):
@@ -300,7 +318,7 @@ class _HardMiningCosine(torch.autograd.Function):
         na_n, nb_n = na_n.clamp_min(_COS_EPS), nb_n.clamp_min(_COS_EPS)
         cos_n = dot_n / (na_n * nb_n)
         ctx.save_for_backward(a3, b3, point_dist, thresh, cos_n, na_n, nb_n)
-        ctx.factor, ctx.shape = factor, b.shape
+        ctx.factor, ctx.shape, ctx.impl = factor, b.shape, dispatch.current()
         loss = (1 - cos_n).mean().to(dot.dtype)
         if bad is None:
             return loss
@@ -308,6 +326,11 @@ class _HardMiningCosine(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        with dispatch.forced(ctx.impl):  # the forward's implementation
+            return _HardMiningCosine._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad):
         a3, b3, point_dist, thresh, cos_n, na_n, nb_n = ctx.saved_tensors
         bsz = a3.shape[0]
         # d(1 - cos_n)/db = -a / (|a||b|) + cos_n * b / |b|^2, times grad / B

@@ -9,6 +9,7 @@ import torch
 
 from ._checks import check_qkv, compute_dtype
 from ._triton import tl, triton
+from . import dispatch
 from .dispatch import HAS_TRITON, implementation, require_triton
 
 if HAS_TRITON:
@@ -51,7 +52,13 @@ def linear_attention(q, k, v, eps: float = 0.0, *, nonfinite: str = "raise"):
         (batch, heads, N, head_dim) in the input dtype, differentiable with respect to q, k and v.
     """
     _validate_linear(q, k, v, eps, nonfinite)
-    if implementation(q, triton=True) == "triton" and q.shape[3] <= TRITON_MAX_HEAD_DIM:
+    key = (dispatch.bucket(q.shape[0] * q.shape[1]), dispatch.bucket(q.shape[2]), q.shape[3])
+    return dispatch.run("linear_attention", q, lambda: _linear_attention_on(q, k, v, eps),
+                        triton=q.shape[3] <= TRITON_MAX_HEAD_DIM, key=key, grad_inputs=(q, k, v))
+
+
+def _linear_attention_on(q, k, v, eps):
+    if implementation(q, triton=True) == "triton":
         return torch.ops.fastad.linear_attention(q, k, v, float(eps))[0]
     # PyTorch path: the authors' einsums, in float32 for 16-bit inputs as the kernel computes
     cdt = compute_dtype(q)

@@ -17,6 +17,7 @@ import torch
 
 from .. import distributed
 from ._checks import check_same_device, check_tensor
+from . import dispatch
 from .dispatch import implementation
 from .grid_attention import window_mask
 
@@ -108,7 +109,13 @@ def nearest_reference(x: torch.Tensor, bank: torch.Tensor, *, metric: str = "l2"
 
 
 def _search(x, bank, metric, window):
-    """(float64 values, indices), both x.shape[:-1], of validated inputs."""
+    """(float64 values, indices), both x.shape[:-1], of validated inputs (both paths float64-exact)."""
+    c = bank.shape[-1]
+    key = (dispatch.bucket(x.numel() // c), dispatch.bucket(bank.numel() // c), c, metric, window or 0)
+    return dispatch.run("nearest_reference", x, lambda: _search_on(x, bank, metric, window), extension=True, key=key)
+
+
+def _search_on(x, bank, metric, window):
     c = bank.shape[-1]
     lead = x.shape[:-1]
     if implementation(x, extension=True) != "extension":

@@ -45,6 +45,7 @@ import torch
 from .. import distributed
 from ._checks import check_nonfinite, check_tensor, compute_dtype
 from ._triton import max_programs, tl, triton
+from . import dispatch
 from .dispatch import HAS_TRITON, implementation
 
 __all__ = ["quantile", "quantile_reference", "select_rank", "select_rank_reference"]
@@ -164,7 +165,13 @@ def _quantile(flat: torch.Tensor, q: float, square: bool, nonfinite: str = "rais
 
 
 def _select_rows(rows: torch.Tensor, rank: int, square: bool):
-    """(value (R,), NaN/inf count (R,)) of the rank-th smallest of each row of ``rows`` (or its square)."""
+    """(value (R,), NaN/inf count (R,)) of the rank-th smallest of each row of ``rows`` (or its square),
+    on the implementation :func:`fastad.ops.dispatch.run` picks (both paths are bit-identical)."""
+    key = (dispatch.bucket(rows.shape[0]), dispatch.bucket(rows.shape[1]), square)
+    return dispatch.run("select_rank", rows, lambda: _select_rows_on(rows, rank, square), triton=True, key=key)
+
+
+def _select_rows_on(rows: torch.Tensor, rank: int, square: bool):
     if implementation(rows, triton=True) == "triton":
         state, bad = _radix_select(rows, rank, square, nxt=False)
         return _radix_values(state, nxt=False)[:, 0], bad
@@ -173,7 +180,13 @@ def _select_rows(rows: torch.Tensor, rank: int, square: bool):
 
 
 def _quantile_rows(rows: torch.Tensor, q: float, square: bool):
-    """(quantile (R,), NaN/inf count (R,)) of each row of ``rows`` (or its square)."""
+    """(quantile (R,), NaN/inf count (R,)) of each row of ``rows`` (or its square), on the implementation
+    :func:`fastad.ops.dispatch.run` picks (both paths are bit-identical)."""
+    key = (dispatch.bucket(rows.shape[0]), dispatch.bucket(rows.shape[1]), square)
+    return dispatch.run("quantile", rows, lambda: _quantile_rows_on(rows, q, square), triton=True, key=key)
+
+
+def _quantile_rows_on(rows: torch.Tensor, q: float, square: bool):
     if implementation(rows, triton=True) != "triton":
         v = _values(rows, square)
         try:
