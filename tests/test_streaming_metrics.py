@@ -68,8 +68,10 @@ def test_single_metrics_equal_compute_metrics():
             metric.update(scores[s], labels[s])
         for metric in pixel.values():
             metric.update(maps[s], masks[s])
+    # the result's dtype follows the input: float64 scores give the float64 value, float32 maps it rounded
     for k, metric in {**image, **pixel}.items():
-        assert float(metric.compute()) == want[k], k
+        got, dtype = metric.compute(), scores.dtype if k.startswith("image") else maps.dtype
+        assert got.dtype == dtype and float(got) == float(torch.tensor(want[k], dtype=dtype)), k
 
 
 def test_image_only_and_state_is_one_compact_copy():
@@ -117,7 +119,7 @@ def _rank(rank, world, data):
     m.update(scores[share], labels[share], maps[share], masks[share], has_mask=has_mask[share])
     auroc.update(maps[share], masks[share])
     # compute() syncs through torchmetrics' all_gather over the default (gloo) group
-    return {k: float(v) for k, v in m.compute().items()}, float(auroc.compute())
+    return {k: float(v) for k, v in m.compute().items()}, auroc.compute()
 
 
 def test_two_ranks_sync_through_torchmetrics():
@@ -125,8 +127,9 @@ def test_two_ranks_sync_through_torchmetrics():
     data = _data(5, n=11)
     want = compute_metrics(data[0].float(), *data[1:4], has_mask=data[4])
     all_pixels = compute_metrics(data[0].float(), *data[1:4])["pixel_auroc"]  # AUROC() has no has_mask
-    for got, pixel_auroc in distributed.spawn(_rank, 2, data):
-        assert got == want and pixel_auroc == all_pixels
+    for got, pixel_auroc in distributed.spawn(_rank, 2, data):  # AUROC() of float32 maps: float32
+        assert got == want and pixel_auroc.dtype == torch.float32
+        assert float(pixel_auroc) == float(torch.tensor(all_pixels, dtype=torch.float32))
 
 
 def test_without_torchmetrics_same_numbers():

@@ -58,6 +58,7 @@ class RankedScores:
 
     def __init__(self, scores: torch.Tensor, labels: torch.Tensor):
         s, y = _check(scores, labels)
+        self.scores = s  # flat, not copied
         keys, self.order = torch.sort(_descending_keys(s), stable=True)  # integer keys: a radix sort
         self.labels = y[self.order]
         # last index of every run of tied scores: a threshold between runs
@@ -66,7 +67,7 @@ class RankedScores:
         self.ends = torch.nonzero(last).reshape(-1)
         self.n_pos = int(self.labels.sum())
         self.n_neg = self.labels.numel() - self.n_pos
-        self._counts = None
+        self._counts = self._tp = None
 
     def counts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(true positives, false positives) at the thresholds, float64, leading 0 (computed once).
@@ -77,7 +78,7 @@ class RankedScores:
         the number of anomalous samples.
         """
         if self._counts is None:
-            tp = torch.cumsum(self.labels, 0, dtype=torch.float64)[self.ends]
+            tp = self._true_positives()
             n = (self.ends + 1).double()
             adds_pos = torch.ones_like(tp, dtype=torch.bool)  # does threshold i add an anomalous sample?
             adds_pos[1:] = tp[1:] != tp[:-1]
@@ -89,6 +90,18 @@ class RankedScores:
             zero = tp.new_zeros(1)
             self._counts = torch.cat([zero, tp]), torch.cat([zero, n - tp])
         return self._counts
+
+    def curve(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(true positives, false positives) float64 and the threshold (the score, in its dtype) at every
+        distinct score, highest first: predicting "anomalous" for scores >= threshold[i] gives tp[i]
+        and fp[i] (no leading 0, nothing merged: the points torchmetrics' curves are drawn from)."""
+        tp = self._true_positives()
+        return tp, (self.ends + 1).double() - tp, self.scores[self.order[self.ends]]
+
+    def _true_positives(self) -> torch.Tensor:
+        if self._tp is None:
+            self._tp = torch.cumsum(self.labels, 0, dtype=torch.float64)[self.ends]
+        return self._tp
 
     def _need_both(self, what: str) -> None:
         if self.n_pos == 0 or self.n_neg == 0:
@@ -110,12 +123,19 @@ class RankedScores:
 
     def f1_max(self) -> float:
         """Largest F1 score over all thresholds."""
+        return self.f1_max_threshold()[0]
+
+    def f1_max_threshold(self) -> tuple[float, torch.Tensor]:
+        """(largest F1 score over all thresholds, the threshold giving it: a 0-d tensor holding that score
+        in the scores' dtype; anomalous = score >= threshold). Equal F1 at several thresholds: the
+        lowest of them (anomalib's argmax over its ascending thresholds)."""
         if self.n_pos == 0:
             raise ValueError("F1-max needs at least one anomalous sample")
-        tp, fp = self.counts()
-        tp, fp = tp[1:], fp[1:]
+        tp, fp, thresholds = self.curve()
         f1 = 2 * tp / (2 * tp + fp + (self.n_pos - tp))
-        return float(f1.max())
+        best = f1.max()
+        i = int(torch.nonzero(f1 == best).reshape(-1)[-1])  # highest first: the last is the lowest threshold
+        return float(best), thresholds[i].clone()
 
 
 def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:

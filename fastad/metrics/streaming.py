@@ -56,9 +56,10 @@ def _empty(state) -> bool:
 
 
 def _scores(preds: torch.Tensor, name: str) -> torch.Tensor:
-    if not isinstance(preds, torch.Tensor) or not preds.is_floating_point():
+    """Floating or bool (thresholded predictions: 0 / 1) ``preds`` as a finite float32 copy."""
+    if not isinstance(preds, torch.Tensor) or not (preds.is_floating_point() or preds.dtype == torch.bool):
         got = preds.dtype if isinstance(preds, torch.Tensor) else type(preds).__name__
-        raise TypeError(f"{name} must be a floating torch.Tensor, got {got}")
+        raise TypeError(f"{name} must be a floating (or bool) torch.Tensor, got {got}")
     if not bool(torch.isfinite(preds).all()):
         raise ValueError(f"{name} contains NaN or inf values; expected finite scores")
     # a float32 copy: never a view that would keep the caller's larger tensor (or graph) alive
@@ -80,7 +81,21 @@ def _maps(preds: torch.Tensor, target: torch.Tensor, what: str) -> tuple[torch.T
     return p, t.to(p.device)
 
 
-class _Ranked(_Metric):
+class _DtypeFollowsInput:
+    """compute() in float64 once a float64 batch was given, else float32 (as torchmetrics users expect)."""
+
+    _result_dtype = torch.float32
+
+    def _saw(self, preds: torch.Tensor) -> None:
+        if preds.dtype == torch.float64:
+            self._result_dtype = torch.float64
+
+    def reset(self):
+        super().reset()
+        self._result_dtype = torch.float32
+
+
+class _Ranked(_DtypeFollowsInput, _Metric):
     """Scores and labels of any shape, flattened: AUROC, AP, F1-max."""
 
     is_differentiable = False
@@ -94,10 +109,12 @@ class _Ranked(_Metric):
 
     def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
         """Add a batch: ``preds`` floating scores of any shape (image scores (B,), maps (B, H, W) or
-        (B, 1, H, W)); ``target`` the same number of elements, bool or {0, 1}."""
+        (B, 1, H, W)), or bool predictions (as 0 / 1); ``target`` the same number of elements, bool or
+        {0, 1}."""
         p, t = _scores(preds, "preds").reshape(-1), binary_labels(target, "target").reshape(-1)
         if p.numel() != t.numel():
             raise ValueError(f"preds ({p.numel()} elements) and target ({t.numel()}) differ in size")
+        self._saw(preds)
         self.preds.append(p)
         self.target.append(t.to(p.device))
 
@@ -108,8 +125,8 @@ class _Ranked(_Metric):
         return RankedScores(p, t)
 
     def compute(self) -> torch.Tensor:
-        """The metric over every batch so far: float64 0-d tensor."""
-        return torch.tensor(self._value(self._ranked()), dtype=torch.float64)
+        """The metric over every batch so far: 0-d tensor, float64 if a batch was float64, else float32."""
+        return torch.tensor(self._value(self._ranked()), dtype=self._result_dtype)
 
 
 class AUROC(_Ranked):
@@ -127,13 +144,19 @@ class AveragePrecision(_Ranked):
 
 
 class F1Max(_Ranked):
-    """Best F1 score over all thresholds (anomalib's F1Max)."""
+    """Best F1 score over all thresholds (anomalib's F1Max). After :meth:`compute`, ``threshold`` is the
+    score giving it (0-d tensor, the result's dtype; anomalous = score >= threshold; equal F1 at several
+    thresholds: the lowest)."""
+
+    threshold: torch.Tensor
 
     def _value(self, r: RankedScores) -> float:
-        return r.f1_max()
+        value, threshold = r.f1_max_threshold()
+        self.threshold = threshold.to(self._result_dtype)
+        return value
 
 
-class AUPRO(_Metric):
+class AUPRO(_DtypeFollowsInput, _Metric):
     """Normalised area under the per-region-overlap curve up to ``fpr_limit`` (see :func:`~fastad.metrics.aupro`).
 
     ``update(preds, target)``: anomaly maps (B, H, W) or (B, 1, H, W), floating; masks of the same
@@ -155,17 +178,18 @@ class AUPRO(_Metric):
 
     def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
         p, t = _maps(preds, target, "AUPRO")
+        self._saw(preds)
         self.preds.append(p)
         self.target.append(t)
 
     def compute(self) -> torch.Tensor:
-        """AUPRO over every batch so far: float64 0-d tensor."""
+        """AUPRO over every batch so far: 0-d tensor, float64 if a batch was float64, else float32."""
         from .aupro import aupro
 
         p, t = _cat(self.preds), _cat(self.target)
         if p.numel() == 0:
             raise ValueError("AUPRO.compute() before any update()")
-        return torch.tensor(aupro(p, t, self.fpr_limit), dtype=torch.float64)
+        return torch.tensor(aupro(p, t, float(self.fpr_limit)), dtype=self._result_dtype)
 
 
 class AnomalyMetrics(_Metric):

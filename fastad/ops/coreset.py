@@ -190,9 +190,15 @@ def greedy_coreset(
             "features contain NaN or inf values (or values so large that the projection overflows float32); "
             "expected finite values"
         )
-    values = selection_values(projected, precision)
-    starts = starting_points(n, num_starts, seed)
-    if implementation(projected, extension=True) == "extension":
+    return select_greedy(selection_values(projected, precision), starting_points(n, num_starts, seed), k)
+
+
+def select_greedy(values: torch.Tensor, starts: torch.Tensor, k: int) -> torch.Tensor:
+    """Steps 2-3 of the selection on given values: (N, d) float16/float32 finite ``values``, (S,) int64
+    ``starts`` (the initial distance is the mean distance to those rows) -> (k,) int64 indices, k <= N,
+    on the extension where it runs (else :func:`greedy_coreset_reference`). The starts themselves are
+    not marked as selected."""
+    if implementation(values, extension=True) == "extension":
         if values.is_cuda:  # the CUDA kernel reads float32: the same (rounded) values
             values = values.float()
         return torch.ops.fastad.kcenter_greedy(values, starts.to(values.device), k)
