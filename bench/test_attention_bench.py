@@ -11,8 +11,11 @@ path (the kernels are Triton); the numbers that matter are the GPU ones. On CUDA
 each case is recorded in ``extra_info``, with its useful FLOPs (``flops``: 4 N K d per head and
 pass for K attended keys, the backward counted as 2.5 forwards; bench/gpu_report.py turns them into
 TFLOP/s) and, for linear attention, the bytes it must move (``bytes``). ``fastad`` is the op as users
-call it (on CUDA the measuring dispatcher picks the faster of the Triton kernels and the PyTorch
-path); ``fastad_kernels`` (CUDA only) forces the Triton kernels. The ratio table is printed at the end.
+call it (on CUDA the measuring dispatcher picks the fastest of the Triton kernels, FlexAttention and
+the PyTorch path); ``fastad_kernels`` (CUDA only) forces the Triton kernels, ``flex`` (CUDA only)
+fastad's FlexAttention path (compiled ``flex_attention``, the window rule as its ``mask_mod``, a cached
+``BlockMask``). ``sdpa_unmasked`` is dense attention without a mask: the ceiling for the neighbour mask
+(a dense flash kernel). The ratio table is printed at the end.
 """
 import os
 
@@ -53,13 +56,13 @@ def _timed(benchmark, fn, inputs):
     return out
 
 
-FASTAD = ["fastad", "fastad_kernels"] if DEVICE == "cuda" else ["fastad"]
+FASTAD = ["fastad", "fastad_kernels", "flex"] if DEVICE == "cuda" else ["fastad"]
 
 
-def _kernels(fn):
-    """``fn`` with the Triton kernels forced (no measuring dispatcher)."""
+def _kernels(fn, **paths):
+    """``fn`` with one path forced (no measuring dispatcher): the Triton kernels by default."""
     def forced(*args):
-        with dispatch.kernels(triton=True):
+        with dispatch.kernels(**(paths or {"triton": True})):
             return fn(*args)
     return forced
 
@@ -69,7 +72,7 @@ def _flops(n: int, keys: int, dim: int, heads: int) -> float:
     return 3.5 * 4 * n * keys * dim * heads * BATCH
 
 
-@pytest.mark.parametrize("impl", [*FASTAD, "sdpa_dense_mask"])
+@pytest.mark.parametrize("impl", [*FASTAD, "sdpa_dense_mask", "sdpa_unmasked"])
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("side,heads,dim,window", GRIDS)
 def test_masked_attention(benchmark, impl, kind, side, heads, dim, window):
@@ -78,9 +81,11 @@ def test_masked_attention(benchmark, impl, kind, side, heads, dim, window):
     inside = window_mask((side, side), window, "cpu")
     keys = int(inside.sum()) if kind == "local" else int((~inside).sum())  # attended (query, key) pairs
     benchmark.extra_info["flops"] = _flops(1, keys, dim, heads)
-    if impl.startswith("fastad"):
+    if impl.startswith("fastad") or impl == "flex":
         fn = lambda a, b, c: KINDS[kind](a, b, c, (side, side), window)  # noqa: E731
-        fn = _kernels(fn) if impl == "fastad_kernels" else fn
+        fn = {"fastad_kernels": _kernels(fn), "flex": _kernels(fn, triton=False, flex=True)}.get(impl, fn)
+    elif impl == "sdpa_unmasked":
+        fn = F.scaled_dot_product_attention
     else:
         inside = window_mask((side, side), window, DEVICE)
         allowed = inside if kind == "local" else ~inside
@@ -97,6 +102,8 @@ def test_linear_attention(benchmark, impl):
     # forward reads q, k, v and writes out; backward reads q, k, v, dout and writes dq, dk, dv
     benchmark.extra_info.update(bytes=11 * q.numel() * q.element_size(), flops=3 * 4 * q.numel() * q.shape[-1])
     fn = {"fastad": linear_attention, "fastad_kernels": _kernels(linear_attention)}.get(impl, linear_attention_reference)
+    if impl == "flex":
+        pytest.skip("linear attention has no FlexAttention path")
     out = _timed(benchmark, fn, (q, k, v))
     assert out.shape == q.shape
     _times[("linear 16x12x789x64", impl)] = benchmark.stats.stats.min

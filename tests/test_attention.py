@@ -206,3 +206,35 @@ def test_nonfinite_nan_skips_the_scan(path, device, monkeypatch):
         assert torch.isnan(op(x[0], bad, x[2], nonfinite="nan")[0, 1]).any(), name
         with pytest.raises(ValueError, match="nonfinite must be one of"):
             op(*x, nonfinite="skip")
+
+
+# ----------------------------------------------------------------------------------------------------
+# the FlexAttention path (a candidate of the measuring dispatcher on CUDA)
+
+
+@pytest.mark.parametrize("kind", list(MASKED))
+@pytest.mark.parametrize("grid,window", GRIDS + [((16, 16), 5), ((28, 28), 7)])
+def test_flex_mask_is_the_window_rule(kind, grid, window):
+    # the mask_mod and block mask on the CPU, through FlexAttention's eager (dense, forward-only) path:
+    # the same attention as the dense reference, empty rows (no key left) 0
+    from fastad.ops.grid_attention import flex_grid_attention
+
+    fn, ref = MASKED[kind]
+    g = torch.Generator().manual_seed(sum(grid) + window)
+    q, k, v = (torch.randn(2, 3, grid[0] * grid[1], 16, generator=g) for _ in range(3))
+    got = flex_grid_attention(q, k, v, *grid, window, 0.25, kind == "local", compiled=False)
+    want = ref(q.double(), k.double(), v.double(), grid, window, 0.25)
+    assert_close_to_oracle(got, want, ref(q, k, v, grid, window, 0.25), what=f"flex {kind} {grid} w{window}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (FlexAttention has no CPU backward)")
+@pytest.mark.parametrize("kind", list(MASKED))
+@pytest.mark.parametrize("grid,window", [((5, 7), 3), ((4, 4), 7), ((16, 16), 5), ((28, 28), 7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flex_path_forward_and_backward_on_cuda(kind, grid, window, dtype):
+    from fastad.ops import dispatch
+
+    fn, ref = MASKED[kind]
+    q, k, v = _qkv((2, 3, grid[0] * grid[1], 32), dtype, "cuda")
+    with dispatch.kernels(triton=False, flex=True):
+        _compare(fn, ref, q, k, v, grid, window)

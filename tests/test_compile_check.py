@@ -34,15 +34,19 @@ def _kernels() -> dict:
 
 def test_the_checked_configurations_are_every_one_the_ops_launch():
     checked = configs()
-    assert len({c.key() for c in checked}) == len(checked) == 239
+    assert len({c.key() for c in checked}) == len(checked) == 192
     # the tiles stop growing at grid width 64: a wider sweep finds nothing new
     assert {c.key() for c in configs(max_width=1024)} == {c.key() for c in checked}
     by_kernel = {k: sum(c.kernel == k for c in checked) for k in {c.kernel for c in checked}}
-    assert by_kernel["grid_attention._fwd_kernel"] == 2 * (11 + 11 + 8)  # kinds x tiles of float16, bfloat16, float32
+    # local: tiles of float16, bfloat16, float32 by grid width; neighbour mask: flat 64-token key
+    # tiles, one per head-dim tile (32-token at 128)
+    assert by_kernel["grid_attention._fwd_kernel"] == (11 + 11 + 8) + (4 + 4 + 3)
     assert by_kernel["select._radix_hist_kernel"] == 3 * 3 * 2 and by_kernel["linear_attention._linear_bwd_kernel"] == 3 * 3
     # the device-side pick: one 11-bit variant, the last pass with and without the next value
     assert by_kernel["select._radix_pick_kernel"] == 3 and by_kernel["select._radix_next_kernel"] == 3 * 2
     assert by_kernel["select._radix_values_kernel"] == 2
+    # the kNN / nearest re-scoring: 16 .. 256 candidates per query, l2 and cosine
+    assert by_kernel["feature_bank._pair_kernel"] == 5 * 2
 
 
 def test_every_kernel_is_checked_and_specialises_no_scalar():

@@ -284,7 +284,7 @@ CASES = ["quantile", "select_rank", "adc_loss", "hard_mining_cosine_loss", "line
 @pytest.mark.parametrize("case", CASES)
 def test_every_choice_gives_the_documented_results_on_cuda_or_the_interpreter(case):
     x = _x(20000, seed=3)
-    names = {"nearest_reference": dispatch._runnable(x, True, False)}.get(case, dispatch._runnable(x, False, True))
+    names = {"nearest_reference": dispatch._runnable(x, True, True)}.get(case, dispatch._runnable(x, False, True))
     if len(names) < 2:
         pytest.skip(f"only {names} can run here")
     for name in names:
@@ -349,3 +349,32 @@ def test_cuda_measures_once_and_never_under_sync_debug(tmp_path, monkeypatch):
     (entry,) = dispatch.choices().values()
     assert set(entry["seconds"]) == {"triton", "reference"} and all(s > 0 for s in entry["seconds"].values())
     assert (tmp_path / "autotune.json").exists()
+
+
+def test_flex_is_measured_but_the_fixed_rule_takes_it_only_when_asked(tuner, monkeypatch):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from fastad.ops import grid_attention
+
+    if not dispatch.HAS_FLEX:
+        pytest.skip("this torch has no FlexAttention")
+    # as on CUDA: FlexAttention runs (here eagerly, forward only: no gradients below)
+    monkeypatch.setattr(dispatch, "_flex_runs", lambda t: dispatch.settings["flex"] is not False)
+    monkeypatch.setattr(grid_attention, "_compiled_flex", lambda: flex_attention)
+    x = _x().cpu()
+    assert dispatch._runnable(x, False, True, flex=True)[-2:] == ["reference", "flex"]
+    with dispatch.kernels(autotune=False):
+        assert dispatch.implementation(x, flex=True) == "reference"  # FASTAD_AUTOTUNE=0: as before
+    with dispatch.kernels(triton=False):
+        assert dispatch.implementation(x, triton=True, flex=True) == "reference"  # "the PyTorch paths"
+    with dispatch.kernels(triton=False, flex=True):
+        assert dispatch.implementation(x, triton=True, flex=True) == "flex"
+    with dispatch.kernels(flex=False):
+        assert "flex" not in dispatch._runnable(x, False, True, flex=True)
+    # measured: FlexAttention wins when it is the fastest, and gives the op's result
+    timer = tuner(triton=3e-3, reference=2e-3, flex=1e-3)
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 35, 16, generator=g) for _ in range(3))
+    got = neighbour_masked_attention(q, k, v, (5, 7), 3)
+    assert timer.calls[-1] == "flex" and list(dispatch.choices().values())[-1]["choice"] == "flex"
+    torch.testing.assert_close(got, neighbour_masked_attention_reference(q, k, v, (5, 7), 3))

@@ -1,10 +1,22 @@
 import pytest
 import torch
 
+from conftest import skip_unless_runs
+
 from fastad.ops import FeatureBank, dispatch, knn_rescore, knn_rescore_reference
 from fastad.ops import feature_bank
 
 GEMMS = ["bfloat16", "float32"]
+
+
+@pytest.fixture(params=["extension", "triton"])
+def rescore(request, monkeypatch):
+    """Runs a test through the C++ re-scoring (the CPU's) and through the top-k + Triton re-scoring
+    (CUDA's; here under the interpreter)."""
+    if request.param == "triton":
+        skip_unless_runs("triton", "cpu")
+        monkeypatch.setitem(dispatch.settings, "extension", False)
+    return request.param
 
 
 def _brute(q, b, k):
@@ -24,7 +36,7 @@ def _assert_exact(d, i, q, b, k):
 
 
 @pytest.mark.parametrize("n,q,k", [(1, 1, 1), (100, 7, 3), (3000, 513, 9)])
-def test_torch_backend_exact(n, q, k):
+def test_torch_backend_exact(n, q, k, rescore):
     bank = FeatureBank(32)
     data = torch.randn(n, 32)
     bank.add(data[: n // 2 + 1])
@@ -36,7 +48,7 @@ def test_torch_backend_exact(n, q, k):
 
 @pytest.mark.parametrize("gemm", GEMMS)
 @pytest.mark.parametrize("n,q,k,dim", [(1, 1, 1, 1), (37, 5, 37, 3), (1000, 300, 1, 130), (2500, 64, 9, 1024)])
-def test_exact_with_either_gemm_on_offset_clustered_data(gemm, n, q, k, dim):
+def test_exact_with_either_gemm_on_offset_clustered_data(gemm, n, q, k, dim, rescore):
     # PatchCore-like: non-negative features far from the origin (the bound grows with |q| |y|), in
     # tight clusters, queries near bank rows
     g = torch.Generator().manual_seed(n + dim)
@@ -63,7 +75,7 @@ def test_the_result_does_not_depend_on_the_gemm_or_the_blocks():
 
 
 @pytest.mark.parametrize("gemm", GEMMS)
-def test_duplicates_and_exact_ties_go_to_the_lower_index(gemm):
+def test_duplicates_and_exact_ties_go_to_the_lower_index(gemm, rescore):
     # small integers: every distance is exact in every precision, and many tie
     g = torch.Generator().manual_seed(5)
     rows = torch.randint(0, 4, (40, 16), generator=g).float()
@@ -77,7 +89,7 @@ def test_duplicates_and_exact_ties_go_to_the_lower_index(gemm):
 
 
 @pytest.mark.parametrize("scale", [1e-30, 1e25])
-def test_extreme_scales_stay_exact(scale):
+def test_extreme_scales_stay_exact(scale, rescore):
     # tiny values (bfloat16 products flushed to zero) and huge ones (|q| |y| beyond the bfloat16/float32
     # GEMM's range: that chunk runs in float64)
     g = torch.Generator().manual_seed(7)
@@ -110,7 +122,7 @@ def _rescore_case(q, m, c, k, dtype, seed):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
 @pytest.mark.parametrize("q,m,c,k", [(1, 1, 1, 1), (3, 9, 5, 9), (17, 1023, 33, 1), (64, 300, 130, 7)])
-def test_knn_rescore_matches_its_reference_and_the_exact_search(dtype, q, m, c, k):
+def test_knn_rescore_matches_its_reference_and_the_exact_search(dtype, q, m, c, k, rescore):
     score, slack, x, y, k = _rescore_case(q, m, c, k, dtype, q * m)
     d, i = knn_rescore(score, slack, x, y, k)
     rd, ri = knn_rescore_reference(score, slack, x, y, k)
@@ -120,7 +132,7 @@ def test_knn_rescore_matches_its_reference_and_the_exact_search(dtype, q, m, c, 
     assert bool(((d - rd).abs() <= bound).all()) and bool(((d - wd).abs() <= bound).all())
 
 
-def test_knn_rescore_takes_only_the_candidates_the_slack_allows():
+def test_knn_rescore_takes_only_the_candidates_the_slack_allows(rescore):
     # with no slack only the best-scoring column is a candidate, even when the score ranks wrongly
     x, y = torch.zeros(1, 2), torch.tensor([[1.0, 0.0], [2.0, 0.0], [3.0, 0.0]])
     wrong = torch.tensor([[0.0, 1.0, 0.0]])  # names column 1, the true nearest is column 0
@@ -128,6 +140,33 @@ def test_knn_rescore_takes_only_the_candidates_the_slack_allows():
     assert i.tolist() == [[1]] and d.tolist() == [[4.0]]
     d, i = knn_rescore(wrong, torch.ones(1, dtype=torch.float64), x, y, 1)
     assert i.tolist() == [[0]] and d.tolist() == [[1.0]]
+
+
+@pytest.mark.parametrize("k", [1, 20, 241, 300])  # 241 and up: k + 15 > 256, the reference re-scoring
+def test_knn_rescore_with_more_candidates_than_the_first_round(k, rescore):
+    # 400 rows in 8 tight groups: every query has ~50 rows within the slack (more than k + 15)
+    g = torch.Generator().manual_seed(9)
+    y = torch.randn(8, 12, generator=g).repeat(50, 1) + 1e-3 * torch.randn(400, 12, generator=g)
+    x = y[:30] + 1e-3 * torch.randn(30, 12, generator=g)
+    exact = -(torch.cdist(x.double(), y.double(), compute_mode="donot_use_mm_for_euclid_dist").pow(2)) / 2
+    score, slack = exact.float(), torch.full((30,), 0.01, dtype=torch.float64)
+    d, i = knn_rescore(score, slack, x, y, k)
+    rd, ri = knn_rescore_reference(score, slack, x, y, k)
+    assert torch.equal(i, ri) and bool(((d - rd).abs() <= rd * 2 * 12 * 2.0**-53).all())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("k", [1, 9, 250])
+def test_cuda_search_is_the_float64_search(k):
+    # on CUDA: the float32 GEMM's candidates, the top-k + Triton re-scoring (the reference past k = 241)
+    g = torch.Generator().manual_seed(11)
+    centres = 10 + 5 * torch.rand(40, 256, generator=g)
+    data = centres[torch.randint(40, (5000,), generator=g)] + 0.05 * torch.rand(5000, 256, generator=g)
+    queries = data[torch.randint(5000, (700,), generator=g)] + 0.01 * torch.randn(700, 256, generator=g)
+    bank = FeatureBank(256, device="cuda")
+    bank.add(data.cuda())
+    d, i = bank.search(queries.cuda(), k)
+    _assert_exact(d.cpu(), i.cpu(), queries, data, k)
 
 
 def test_knn_rescore_errors():

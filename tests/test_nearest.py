@@ -1,8 +1,22 @@
 import pytest
 import torch
-from conftest import DEVICES
+from conftest import DEVICES, skip_unless_runs
 
-from fastad.ops import nearest_reference, nearest_reference_reference
+from fastad.ops import dispatch, nearest_reference, nearest_reference_reference
+
+
+@pytest.fixture(params=["extension", "gemm"])
+def search(request, monkeypatch):
+    """Runs a global-search test through the extension (C++ / CUDA kernel) and through the GEMM path
+    (a GEMM's candidates re-scored in float64 by Triton: the fixed rule's choice on CUDA)."""
+    if request.param == "gemm":
+        monkeypatch.setitem(dispatch.settings, "extension", False)
+    return request.param
+
+
+def _runs(search, device="cpu"):
+    if search == "gemm":  # Triton on CPU tensors needs the interpreter
+        skip_unless_runs("triton", device)
 
 
 def _check(x, bank, device, **kw):
@@ -19,7 +33,8 @@ def _check(x, bank, device, **kw):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
 @pytest.mark.parametrize("shape,m", [((1, 1), 1), ((37, 5), 2049), ((300, 1030), 700), ((2, 3, 17), 31), ((513, 64), 4100)])
-def test_global_matches_reference(device, metric, shape, m):
+def test_global_matches_reference(device, metric, shape, m, search):
+    _runs(search, device)
     x = torch.randn(*shape)
     bank = torch.randn(m, shape[-1])
     _check(x, bank, device, metric=metric)
@@ -55,7 +70,8 @@ def test_window_equal_to_whole_grid_is_global_per_position():
     assert torch.equal(i.reshape(-1), j)
 
 
-def test_ties_pick_lowest_index_and_zero_vectors():
+def test_ties_pick_lowest_index_and_zero_vectors(search):
+    _runs(search)
     bank = torch.randn(10, 6)
     bank = torch.cat([bank, bank])  # every entry twice
     x = bank[[3, 12, 7]] + 1e-3
@@ -67,13 +83,53 @@ def test_ties_pick_lowest_index_and_zero_vectors():
     assert i.tolist() == [0, 0] and v.abs().max() == 0
 
 
-def test_cosine_is_scale_invariant_and_l2_is_not():
+def test_cosine_is_scale_invariant_and_l2_is_not(search):
+    _runs(search)
     x = torch.randn(50, 12)
     bank = torch.randn(80, 12)
     scaled = bank * torch.rand(80, 1) * 10
     assert torch.equal(nearest_reference(x, bank, metric="cosine")[1], nearest_reference(x, scaled, metric="cosine")[1])
     ref = torch.cdist(x, bank).argmin(1)
     assert torch.equal(nearest_reference(x, bank)[1], ref)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("copies", [3, 40])  # 40: more candidates than the re-scoring's first round takes
+def test_gemm_path_is_exact_where_float32_cannot_tell(metric, copies, search):
+    _runs(search)
+    # bank rows closer to each other than float32 resolves (cosines within ~1e-9 of 1, distances
+    # within 1e-6 relative): the GEMM's scores tie or misorder, the float64 re-scoring decides
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(5, 96, generator=g)
+    base = x[[0, 1, 0, 2, 3, 4, 1]].repeat(copies, 1)
+    bank = base + 1e-4 * torch.randn(base.shape, generator=g) * base.abs().mean()
+    bank[::7] *= 1 + torch.rand(bank[::7].shape[0], 1, generator=g)  # scaled copies: equal cosines
+    bank = torch.cat([bank, bank[:9]])  # exact duplicates: the lower index wins
+    v, i, r = nearest_reference(x, bank, metric=metric)
+    ev, ei, er = nearest_reference_reference(x, bank, metric=metric)
+    assert torch.equal(i, ei) and torch.equal(r, er)
+    torch.testing.assert_close(v.double(), ev, rtol=2.0**-23, atol=0)
+
+
+@pytest.mark.parametrize("precision", ["highest", "high", "medium"])
+def test_gemm_path_bound_follows_the_matmul_precision(precision, search, monkeypatch):
+    _runs(search)
+    # TF32 / bfloat16 float32 GEMMs (set by the user for speed) widen the candidate bound: same answer
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: precision)
+    g = torch.Generator().manual_seed(8)
+    x, bank = torch.randn(200, 64, generator=g), torch.randn(900, 64, generator=g)
+    for metric in ("l2", "cosine"):
+        _, i, r = nearest_reference(x, bank, metric=metric)
+        _, ei, er = nearest_reference_reference(x, bank, metric=metric)
+        assert torch.equal(i, ei) and torch.equal(r, er), (precision, metric)
+
+
+def test_the_fixed_rule_takes_the_gemm_path_for_global_search_on_cuda():
+    x = torch.randn(3, 4)
+    assert dispatch._runnable(x, True, True, prefer="triton")[-1] == "reference"
+    if dispatch.TRITON_INTERPRET and dispatch.HAS_EXTENSION:
+        assert dispatch._runnable(x, True, True, prefer="triton") == ["triton", "extension", "reference"]
+        assert dispatch._runnable(x, True, True) == ["extension", "triton", "reference"]
 
 
 def test_schema_and_fake_kernel():
@@ -100,3 +156,18 @@ def test_schema_and_fake_kernel():
 def test_bad_input(kw, err, match):
     with pytest.raises(err, match=match):
         nearest_reference(**kw)
+
+
+@pytest.mark.parametrize("scale", [1e-38, 1e-20, 1e30, 5e37])
+def test_extreme_scales_stay_exact(scale, search):
+    # tiny and huge features, the bank holding near-copies of the queries: at 5e37 in 256 dims |x| is
+    # ~8e38, past float32's range, and so is x.b (the GEMM path: cosine scales each query by a power of
+    # two to a norm near 1; l2 runs such chunks in float64, FeatureBank's rule)
+    _runs(search)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 256, generator=g).clamp(-3, 3) * scale
+    bank = torch.cat([torch.randn(50, 256, generator=g).clamp(-3, 3) * scale, x.flip(0) * 0.999])
+    for metric in ("l2", "cosine"):
+        _, i, r = nearest_reference(x, bank, metric=metric)
+        _, ei, er = nearest_reference_reference(x, bank, metric=metric)
+        assert torch.equal(i, ei) and torch.equal(r, er), (metric, scale)

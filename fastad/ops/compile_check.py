@@ -63,7 +63,7 @@ HOT = frozenset({
     "grid_attention._fwd_kernel", "grid_attention._bwd_dq_kernel", "grid_attention._bwd_dkdv_kernel",
     "linear_attention._linear_fwd_kernel", "linear_attention._linear_bwd_kernel",
     "select._radix_hist_kernel", "select._radix_next_kernel", "hard_mining._square_tail_kernel", "hard_mining._adc_backward_kernel",
-    "hard_mining._point_stats_kernel", "hard_mining._cosine_grad_kernel",
+    "hard_mining._point_stats_kernel", "hard_mining._cosine_grad_kernel", "feature_bank._pair_kernel",
 })
 
 
@@ -101,7 +101,8 @@ def configs(max_width: int = 129) -> list[Config]:
     three radix passes of x and x^2. Pointer dtypes are those each launch site passes."""
     import importlib
 
-    ga, la, se, hm = (importlib.import_module(f"fastad.ops.{m}") for m in ("grid_attention", "linear_attention", "select", "hard_mining"))
+    ga, la, se, hm, fb = (importlib.import_module(f"fastad.ops.{m}")
+                          for m in ("grid_attention", "linear_attention", "select", "hard_mining", "feature_bank"))
     seen: dict[tuple, Config] = {}
 
     def add(kernel, pointers: dict, cfg: dict, floats=()):
@@ -113,7 +114,7 @@ def configs(max_width: int = 129) -> list[Config]:
     for dtype, dt in zip((torch.float16, torch.bfloat16, torch.float32), DTYPES):
         qkv = dict(Q=dt, K=dt, V=dt)
         for d, w, only in itertools.product(range(1, ga._max_head_dim(dtype) + 1), range(1, max_width + 1), (False, True)):
-            cfg = {"ONLY": only, **ga._config(dtype, d, w, cuda=True)}
+            cfg = {"ONLY": only, **ga._config(dtype, d, w, cuda=True, only=only)}
             add("grid_attention._fwd_kernel", {**qkv, "O": dt, "LSE": "fp32"}, cfg, ["scale"])
             add("grid_attention._bwd_dq_kernel", {**qkv, "DO": dt, "LSE": "fp32", "DELTA": "fp32", "DQ": dt}, cfg, ["scale"])
             add("grid_attention._bwd_dkdv_kernel", {**qkv, "DO": dt, "LSE": "fp32", "DELTA": "fp32", "DK": dt, "DV": dt}, cfg, ["scale"])
@@ -138,6 +139,10 @@ def configs(max_width: int = 129) -> list[Config]:
         add("select._radix_pick_kernel", dict(hist_ptr="i32", state_ptr="i32"), se._pick_config(p, nxt))
     for nxt in (False, True):
         add("select._radix_values_kernel", dict(state_ptr="i32", out_ptr="fp32"), se._values_config(nxt))
+    # the kNN / nearest re-scoring reads float32 rows whatever the input dtype; k up to the Triton limit
+    for k, cosine in itertools.product(range(1, fb._TOP_MAX - fb._TOP_EXTRA + 1), (False, True)):
+        add("feature_bank._pair_kernel", dict(x_ptr="fp32", y_ptr="fp32", col_ptr="i64", xn_ptr="fp64", yn_ptr="fp64",
+                                              out_ptr="fp64"), {"COSINE": cosine, **fb._top_config(k)})
     return list(seen.values())
 
 

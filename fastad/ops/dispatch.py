@@ -2,8 +2,10 @@
 
 Each op has up to three implementations: a compiled kernel of the extension ``fastad._C`` (C++ on the
 CPU, CUDA on the GPU: ``greedy_coreset``, ``nearest_reference``; ``knn_rescore`` CPU only), Triton
-kernels (attention, quantile, hard-mining losses) and its PyTorch path (SDPA, einsums,
-``torch.quantile`` / ``kthvalue``, or the op's reference). An implementation *can run* on a tensor when:
+kernels (attention, quantile, hard-mining losses; for ``knn_rescore`` and the global
+``nearest_reference`` the GEMM path: a cuBLAS GEMM's candidates, ``torch.topk``, a Triton float64
+re-scoring) and its PyTorch path (SDPA, einsums, ``torch.quantile`` / ``kthvalue``, or the op's
+reference). An implementation *can run* on a tensor when:
 
 - ``'extension'``: the op has one, it is enabled and ``fastad._C`` was built for the tensor's device
   (otherwise one warning per device type, since the reference is much slower);
@@ -11,9 +13,16 @@ kernels (attention, quantile, hard-mining losses) and its PyTorch path (SDPA, ei
   they can run on the tensor: a CUDA tensor, or a CPU tensor under Triton's interpreter
   (``TRITON_INTERPRET=1`` set before ``triton`` is first imported), of a 16- or 32-bit float dtype
   (the kernels compute in float32, so float64 keeps to PyTorch);
+- ``'flex'``: the op has a FlexAttention path (``torch.nn.attention.flex_attention``, compiled, with a
+  cached block mask: the window attention ops), it is not disabled, and the tensor is a 16- or 32-bit
+  float CUDA tensor (FlexAttention has no CPU backward). It competes in the measuring rule; the fixed
+  rule takes it only inside ``kernels(flex=True)`` (so ``FASTAD_AUTOTUNE=0`` and ``kernels(triton=False)``
+  keep their meaning);
 - ``'reference'``: always.
 
-**The fixed rule** (:func:`implementation`) takes the first that can run, in that order.
+**The fixed rule** (:func:`implementation`) takes the first that can run, in that order, except
+where an op passes ``prefer='triton'`` (the global ``nearest_reference`` on CUDA: the GEMM path first,
+since the extension's float64 warp per query reuses no bank row).
 
 **The measuring rule** (:func:`run`, on CUDA): the first call of an op per (shape bucket, dtype,
 device name, forward only or forward + backward) times every implementation that can run,
@@ -50,7 +59,8 @@ from typing import TypeVar
 import torch
 
 __all__ = ["AUTOTUNED_DEVICE_TYPES", "CUDA_COMPILED", "HAS_EXTENSION", "HAS_TRITON", "TRITON_INTERPRET", "bucket",
-           "cache_path", "choices", "current", "forced", "implementation", "kernels", "require_triton", "run", "settings"]
+           "HAS_FLEX", "cache_path", "choices", "current", "describe", "forced", "implementation", "kernels",
+           "require_triton", "run", "settings"]
 
 try:
     from fastad import _C  # noqa: F401  (importing registers torch.ops.fastad.*)
@@ -69,12 +79,20 @@ try:
 except ImportError:  # pragma: no cover - triton is a Linux dependency of fastad
     HAS_TRITON = False
 
+try:
+    from torch.nn.attention import flex_attention as _flex  # noqa: F401  (torch >= 2.5)
+
+    HAS_FLEX = True
+except ImportError:  # pragma: no cover - older torch
+    HAS_FLEX = False
+
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# extension / triton: the kernel families; autotune: the measuring rule (FASTAD_AUTOTUNE=0: off)
-settings = {"extension": True, "triton": True, "autotune": os.environ.get("FASTAD_AUTOTUNE", "1") != "0"}
+# extension / triton / flex: the kernel families; autotune: the measuring rule (FASTAD_AUTOTUNE=0: off)
+# (flex: None = measured only, True = also the fixed rule's, False = never)
+settings = {"extension": True, "triton": True, "flex": None, "autotune": os.environ.get("FASTAD_AUTOTUNE", "1") != "0"}
 # device types on which run() measures (the CPU paths are chosen by the fixed rule; tests add "cpu")
 AUTOTUNED_DEVICE_TYPES = {"cuda"}
-_ORDER = ("extension", "triton", "reference")
+_ORDER = ("extension", "triton", "flex", "reference")
 _FORMAT = "fastad-autotune"
 _warned: set[str] = set()
 _state: dict = {"forced": None}  # the implementation the running op was given (None: outside run)
@@ -84,18 +102,19 @@ T = TypeVar("T")
 
 
 @contextmanager
-def kernels(*, extension: bool | None = None, triton: bool | None = None, autotune: bool | None = None):
-    """Enable or disable the extension / Triton kernels, or the measuring rule, inside a ``with`` block
-    (None: unchanged). Naming ``extension`` or ``triton`` also turns measuring off in the block (unless
+def kernels(*, extension: bool | None = None, triton: bool | None = None, flex: bool | None = None,
+            autotune: bool | None = None):
+    """Enable or disable the extension / Triton / FlexAttention paths, or the measuring rule, inside a
+    ``with`` block (None: unchanged). Naming a path also turns measuring off in the block (unless
     ``autotune`` says otherwise), so the block runs exactly the kernels it asks for."""
     saved = dict(settings)
-    if extension is not None:
-        settings["extension"] = bool(extension)
-    if triton is not None:
-        settings["triton"] = bool(triton)
+    named = {"extension": extension, "triton": triton, "flex": flex}
+    for family, on in named.items():
+        if on is not None:
+            settings[family] = bool(on)
     if autotune is not None:
         settings["autotune"] = bool(autotune)
-    elif extension is not None or triton is not None:
+    elif any(on is not None for on in named.values()):
         settings["autotune"] = False
     try:
         yield settings
@@ -119,19 +138,33 @@ def _triton_runs(t: torch.Tensor) -> bool:
         t.is_cuda or (TRITON_INTERPRET and t.device.type == "cpu"))
 
 
-def _runnable(t: torch.Tensor, extension: bool, triton: bool) -> list[str]:
-    """The implementations that can run on ``t``, in the fixed rule's order (the reference last)."""
+def _flex_runs(t: torch.Tensor) -> bool:
+    return settings["flex"] is not False and HAS_FLEX and t.is_cuda and t.dtype in (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _runnable(t: torch.Tensor, extension: bool, triton: bool, prefer: str | None = None, flex: bool = False) -> list[str]:
+    """The implementations that can run on ``t``, in the fixed rule's order (``prefer`` first where it can
+    run; then the reference; after it a FlexAttention path the fixed rule does not take: measured only)."""
     names = ["extension"] if extension and settings["extension"] and _extension_runs(t.device) else []
     if triton and _triton_runs(t):
-        names.append("triton")
-    return names + ["reference"]
+        names.insert(0 if prefer == "triton" else len(names), "triton")
+    flex = flex and _flex_runs(t)
+    if flex and settings["flex"]:
+        names.append("flex")
+    names.append("reference")
+    if flex and settings["flex"] is None:
+        names.append("flex")
+    return names
 
 
-def implementation(t: torch.Tensor, *, extension: bool = False, triton: bool = False) -> str:
+def implementation(t: torch.Tensor, *, extension: bool = False, triton: bool = False, prefer: str | None = None,
+                   flex: bool = False) -> str:
     """``'extension'``, ``'triton'`` or ``'reference'`` for a branch of an op with the named kernels,
     applied to ``t``: inside :func:`run` (or :func:`forced`) the implementation given to the op when it
-    can run on ``t`` (else the reference), otherwise the fixed rule (module docstring)."""
-    names = _runnable(t, extension, triton)
+    can run on ``t`` (else the reference), otherwise the fixed rule (module docstring; ``prefer='triton'``
+    puts the Triton path before the extension, for an op whose extension is known to be the slower;
+    ``flex``: the op has a FlexAttention path)."""
+    names = _runnable(t, extension, triton, prefer, flex)
     given = _state["forced"]
     if given is None:
         return names[0]
@@ -170,7 +203,8 @@ def bucket(n: int) -> int:
 
 
 def run(op: str, t: torch.Tensor, fn: Callable[[], T], *, extension: bool = False, triton: bool = False,
-        key: Sequence = (), grad_inputs: Sequence[torch.Tensor] = ()) -> T:
+        key: Sequence = (), grad_inputs: Sequence[torch.Tensor] = (), prefer: str | None = None,
+        flex: bool = False) -> T:
     """Run ``fn()`` (the op's body; its branches ask :func:`implementation`) on the implementation
     chosen for ``op`` applied to ``t`` (the measuring rule of the module docstring).
 
@@ -178,7 +212,8 @@ def run(op: str, t: torch.Tensor, fn: Callable[[], T], *, extension: bool = Fals
         op: the op's name (part of the cache key).
         t: the tensor whose device and dtype decide (the op's main input).
         fn: runs the op once and returns its result; it must have no side effects.
-        extension, triton: which kernel families the op has for this input.
+        extension, triton, flex: which kernel families the op has for this input.
+        prefer: as :func:`implementation`: the fixed rule's first choice where it can run.
         key: ints or strings describing the shape (sizes already bucketed with :func:`bucket`).
         grad_inputs: tensors the op is differentiable in: when one requires grad (and grad is
             enabled) the measurement times forward + backward (``torch.autograd.grad`` of the
@@ -188,7 +223,7 @@ def run(op: str, t: torch.Tensor, fn: Callable[[], T], *, extension: bool = Fals
     """
     if _state["forced"] is not None or torch.compiler.is_compiling():
         return fn()  # nested in an op that was given its implementation, or traced: the fixed rule
-    names = _runnable(t, extension, triton)
+    names = _runnable(t, extension, triton, prefer, flex)
     if len(names) == 1:
         name = names[0]
     else:
@@ -333,6 +368,23 @@ def _write_cache(entry: str, value: dict) -> None:
             _warned.add("cache-write")
             warnings.warn(f"fastad: could not write the autotune cache {path} ({exc}); choices are kept in memory "
                           "only", RuntimeWarning, stacklevel=4)
+
+
+def describe(device: torch.device | str) -> str:
+    """One line naming ``device`` and the kernel families that can run there, e.g. ``'cuda:0 (NVIDIA
+    H200): extension (C++/CUDA), Triton, FlexAttention, PyTorch; measuring dispatcher on'``."""
+    device = torch.device(device)
+    probe = torch.empty(0, device=device)
+    families = ["extension (C++)" if device.type == "cpu" else "extension (CUDA)"] if (
+        settings["extension"] and ((device.type == "cpu" and HAS_EXTENSION) or (device.type == "cuda" and CUDA_COMPILED))) else []
+    if _triton_runs(probe):
+        families.append("Triton (interpreted)" if device.type == "cpu" else "Triton")
+    if _flex_runs(probe):
+        families.append("FlexAttention")
+    families.append("PyTorch")
+    name = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
+    tuned = settings["autotune"] and device.type in AUTOTUNED_DEVICE_TYPES
+    return f"{name}: {', '.join(families)}; {'measuring dispatcher' if tuned else 'fixed rule'}"
 
 
 def require_triton(t: torch.Tensor) -> None:

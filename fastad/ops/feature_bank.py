@@ -32,7 +32,8 @@ import torch
 
 from .. import distributed
 from ._checks import check_same_device, check_tensor
-from .dispatch import implementation
+from ._triton import tl, triton
+from .dispatch import HAS_TRITON, bucket, implementation
 
 __all__ = ["FeatureBank", "knn_rescore", "knn_rescore_reference"]
 
@@ -41,6 +42,18 @@ _QUERY_ROWS = 4096  # queries per GEMM at most: 4096 beat 1024 and 10k+ rows (2-
 _GEMMS = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 _U = 2.0 ** -8  # unit roundoff of bfloat16, the coarsest GEMM the candidate bound allows for
 _PAIR_ELEMENTS = 1 << 22  # pairs x dim per chunk of the PyTorch re-scoring
+_TOP_EXTRA = 15  # the Triton re-scoring takes the k + 15 best scores (rounded up to a power of two) per query
+_TOP_MAX = 256  # ... at most: a larger k takes the PyTorch re-scoring
+_EPS = 1e-12  # F.normalize's eps: a zero vector has cosine 0 with everything
+
+
+def operand_roundoff(dtype: torch.dtype) -> float:
+    """Unit roundoff of the operands of a GEMM in ``dtype`` as torch runs it: bfloat16 2^-8; float32 by
+    ``torch.get_float32_matmul_precision()``: 'highest' 2^-24, 'high' 2^-11 (TF32, or bfloat16 x3 which
+    is finer), 'medium' 2^-8 (bfloat16); float64 2^-24 (float32 rows, exact products)."""
+    if dtype == torch.float32:
+        return {"highest": 2.0 ** -24, "high": 2.0 ** -11}.get(torch.get_float32_matmul_precision(), _U)
+    return 2.0 ** -24 if dtype == torch.float64 else _U
 
 
 def _cpu_has_bf16_dot() -> bool:
@@ -60,19 +73,99 @@ CPU_HAS_BF16_DOT = _cpu_has_bf16_dot()
 def knn_rescore_reference(score: torch.Tensor, slack: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                           k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Oracle of :func:`knn_rescore` in PyTorch (candidates in float64, their distances in pair chunks)."""
-    s = score.double()
-    threshold = s.topk(k, 1).values[:, -1] - slack
-    qi, bi = (s >= threshold.unsqueeze(1)).nonzero(as_tuple=True)
+    return _candidates_reference(score, slack, x, y, k)
+
+
+def _pair_values(x, y, qi, bi, metric, norms):
+    """float64 l2: |x[qi] - y[bi]|^2; cosine: x[qi].y[bi] / (norms[0][qi] norms[1][bi]); in pair chunks."""
     d = torch.empty(qi.shape[0], dtype=torch.float64, device=x.device)
     step = max(1, _PAIR_ELEMENTS // max(1, x.shape[1]))
     for p in range(0, qi.shape[0], step):
-        d[p : p + step] = (x[qi[p : p + step]].double() - y[bi[p : p + step]].double()).pow(2).sum(1)
-    for key in ("distance", "query"):  # nonzero lists pairs by (query, column): now by (query, distance, column)
-        order = torch.sort(d if key == "distance" else qi, stable=True).indices
-        qi, bi, d = qi[order], bi[order], d[order]
+        a, b = x[qi[p : p + step]].double(), y[bi[p : p + step]].double()
+        if metric == "l2":
+            d[p : p + step] = (a - b).pow(2).sum(1)
+        else:
+            d[p : p + step] = (a * b).sum(1) / (norms[0][qi[p : p + step]] * norms[1][bi[p : p + step]])
+    return d
+
+
+def _candidates_reference(score, slack, x, y, k, metric="l2", norms=None):
+    """The candidates of :func:`knn_rescore` (columns scoring >= k-th best - slack) re-scored exactly by
+    ``metric``: l2 (squared distance, smallest first) or cosine (``norms``: (Q,) and (M,) float64 row
+    norms clamped at eps; largest first); (Q, k) float64 values and int64 columns, lower column on ties."""
+    s = score.double()
+    threshold = s.topk(k, 1).values[:, -1] - slack
+    qi, bi = (s >= threshold.unsqueeze(1)).nonzero(as_tuple=True)
+    d = _pair_values(x, y, qi, bi, metric, norms)
+    key = d if metric == "l2" else -d
+    for by in ("distance", "query"):  # nonzero lists pairs by (query, column): now by (query, value, column)
+        order = torch.sort(key if by == "distance" else qi, stable=True).indices
+        qi, bi, d, key = qi[order], bi[order], d[order], key[order]
     counts = torch.bincount(qi, minlength=score.shape[0])  # >= k each: the k best scores pass
     pos = (torch.cumsum(counts, 0) - counts).unsqueeze(1) + torch.arange(k, device=qi.device)
     return d[pos], bi[pos]
+
+
+def _top_config(k: int) -> dict:
+    """Launch configuration of the Triton re-scoring for ``k`` neighbours: BLOCK_K candidates per query
+    (k + 15 rounded up to a power of two), BLOCK_C channels per step (1024 float64 values a tile)."""
+    block_k = bucket(k + _TOP_EXTRA)
+    return dict(BLOCK_K=block_k, BLOCK_C=max(4, 1024 // block_k), num_warps=4, num_stages=2)
+
+
+def _candidates_top(score, slack, x, y, k, metric="l2", norms=None):
+    """:func:`_candidates_reference` with no nonzero and no data-sized host work: the ``BLOCK_K`` best
+    scores of each query (``torch.topk``) re-scored in float64 by one Triton launch, those outside the
+    bound masked. A query with more candidates than that (its BLOCK_K-th best score is still inside the
+    bound: near-duplicates, or a loose bound) is re-done by the reference: one host read per call says
+    whether any is. x, y float32 contiguous; score's columns = y's rows."""
+    q, m = score.shape
+    cfg = _top_config(k)
+    c = min(m, cfg["BLOCK_K"])
+    top, cols = score.topk(c, dim=1)  # descending scores
+    top = top.double()
+    inside = top >= (top[:, k - 1] - slack).unsqueeze(1)
+    more = inside[:, -1] & (c < m)
+    cols, order = torch.sort(cols, dim=1)  # by column: the stable sort below keeps the lower column first
+    inside = inside.gather(1, order)
+    values = torch.empty(q, c, dtype=torch.float64, device=x.device)
+    xn, yn = norms if metric == "cosine" else (values, values)  # (unused pointers for l2)
+    _pair_kernel[(q,)](x, y, cols, xn, yn, values, x.shape[1], c, COSINE=metric == "cosine", **cfg)
+    key = torch.where(inside, values if metric == "l2" else -values, torch.inf)
+    best = torch.sort(key, dim=1, stable=True).indices[:, :k]
+    values, cols = values.gather(1, best), cols.gather(1, best)
+    if bool(more.any()):  # the one host read
+        rows = more.nonzero().reshape(-1)
+        norm_rows = None if norms is None else (norms[0][rows], norms[1])
+        values[rows], cols[rows] = _candidates_reference(score[rows], slack[rows], x[rows], y, k, metric, norm_rows)
+    return values, cols
+
+
+if HAS_TRITON:
+
+    @triton.jit(do_not_specialize=["C", "K"])
+    def _pair_kernel(x_ptr, y_ptr, col_ptr, xn_ptr, yn_ptr, out_ptr, C, K,
+                     COSINE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+        """Query row r (one program) against its K candidate rows col[r, :]: float64 |x - y|^2, or the
+        float64 dot over the norms (COSINE), from float32 rows."""
+        r = tl.program_id(0).to(tl.int64)
+        ks = tl.arange(0, BLOCK_K)
+        km = ks < K
+        cols = tl.load(col_ptr + r * K + ks, mask=km, other=0)
+        acc = tl.zeros([BLOCK_K], dtype=tl.float64)
+        for c0 in range(0, C, BLOCK_C):
+            cs = c0 + tl.arange(0, BLOCK_C)
+            cm = cs < C
+            xv = tl.load(x_ptr + r * C + cs, mask=cm, other=0.0).to(tl.float64)
+            yv = tl.load(y_ptr + cols[:, None] * C + cs[None, :], mask=km[:, None] & cm[None, :], other=0.0).to(tl.float64)
+            if COSINE:
+                acc += tl.sum(xv[None, :] * yv, axis=1)
+            else:
+                d = xv[None, :] - yv
+                acc += tl.sum(d * d, axis=1)
+        if COSINE:
+            acc = acc / (tl.load(xn_ptr + r) * tl.load(yn_ptr + cols, mask=km, other=1.0))
+        tl.store(out_ptr + r * K + ks, acc, mask=km)
 
 
 def knn_rescore(score: torch.Tensor, slack: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
@@ -92,7 +185,10 @@ def knn_rescore(score: torch.Tensor, slack: torch.Tensor, x: torch.Tensor, y: to
         k: 1 <= k <= M.
     Returns:
         (Q, k) float64 squared distances, ascending, and (Q, k) int64 columns of ``y``. The C++
-        kernel on the CPU, :func:`knn_rescore_reference` elsewhere; the same values.
+        kernel on the CPU; on CUDA the k + 15 best scores per query (``torch.topk``) re-scored by a
+        Triton kernel, with the reference for any query that has more candidates (one host read per
+        call); :func:`knn_rescore_reference` elsewhere. The same columns, and values up to the order
+        of a float64 sum.
     """
     check_tensor("score", score, ndim=2)
     check_tensor("slack", slack, ndim=1)
@@ -113,9 +209,13 @@ def knn_rescore(score: torch.Tensor, slack: torch.Tensor, x: torch.Tensor, y: to
 
 
 def _knn_rescore(score, slack, x, y, k):
-    """knn_rescore of checked inputs (x, y float32)."""
-    if x.device.type == "cpu" and implementation(x, extension=True) == "extension":
+    """knn_rescore of checked inputs (x, y float32): the C++ kernel on the CPU, the top-k candidates and a
+    Triton re-scoring on CUDA (no nonzero), else the reference."""
+    name = implementation(x, extension=x.device.type == "cpu", triton=k + _TOP_EXTRA <= _TOP_MAX)
+    if name == "extension":
         return torch.ops.fastad.knn_rescore(score.contiguous(), slack.contiguous(), x.contiguous(), y.contiguous(), k)
+    if name == "triton":
+        return _candidates_top(score, slack, x.contiguous(), y.contiguous(), k)
     return knn_rescore_reference(score, slack, x, y, k)
 
 
@@ -308,10 +408,12 @@ class FeatureBank:
         mean, y_max, k_max = self._stats()
         # score = q.y - (y.mean + |y|^2 / 2) = (|q - mean|^2 - |q - b|^2) / 2, one GEMM of x = [q, 1, 1]
         # and [y, -hi, -lo]. |computed - exact| <= c (|q| |y| + |hi + lo|): the rounding of both
-        # operands to bfloat16 and of the output, float32 accumulation of dim + 2 terms, the hi/lo
-        # split (5% covers the second-order terms); tiny: products flushed to zero
+        # operands to the GEMM's precision u (bfloat16, TF32 or float32: operand_roundoff) and of the
+        # output, float32 accumulation of dim + 2 terms, the hi/lo split (5% covers the second-order
+        # terms); tiny: products flushed to zero
+        u = operand_roundoff(dtype)
         gamma = (dim + 2) * 2.0 ** -24
-        c = 1.05 * (3 * _U + 8 * _U * _U + 3 * gamma)
+        c = 1.05 * (3 * u + 8 * u * u + 3 * gamma)
         tiny = (dim + 4) * 2.0 ** -125
         values, indices = [], []
         for qs in range(0, q.shape[0], rows):

@@ -11,12 +11,17 @@ The window of the query at grid cell (i, j) holds the key cells (i', j') with |i
 same (H, W) grid, flattened row-major: N = H * W.
 
 The Triton kernels are flash-attention style (online softmax, the log-sum-exp saved for a backward
-pass that recomputes the probabilities). Each block of queries (or, backward, of keys) walks the
-band of grid rows and columns its windows can reach: the whole grid for the neighbour mask, only the
-window for local attention, so that one costs O(N p^2 d) instead of O(N^2 d). The mask itself is
-computed from indices. The ``*_reference`` functions build the dense mask as the authors' code does.
+pass that recomputes the probabilities). Local attention: each block of queries (or, backward, of
+keys) walks only the band of grid rows and columns its windows can reach, one grid row per tile, so
+that it costs O(N p^2 d) instead of O(N^2 d). Neighbour mask: flat 64-token tiles over the whole
+sequence (grid rows need not fit a tile), each classified from its grid rows: a tile outside every
+window of the block is all allowed and runs without the mask, the few that meet the window band get
+the mask. The mask itself is computed from indices. The ``*_reference`` functions build the dense mask as the authors' code does.
 Off the kernels (:mod:`fastad.ops.dispatch`) the ops run PyTorch's ``scaled_dot_product_attention``
-with the dense boolean mask: the same results, at the baselines' speed and memory.
+with the dense boolean mask: the same results, at the baselines' speed and memory. On CUDA a third
+candidate of the measuring dispatcher is FlexAttention (compiled ``flex_attention`` with the window
+rule as its ``mask_mod`` and a cached ``BlockMask``: tiles outside the band are skipped, tiles wholly
+inside it run without the mask).
 """
 from __future__ import annotations
 
@@ -142,16 +147,68 @@ def _grid_attention_dispatch(q, k, v, grid, window, scale, nonfinite, only: bool
     h, w, scale = _validate(q, k, v, grid, window, scale, nonfinite)
     op = "local_window_attention" if only else "neighbour_masked_attention"
     key = (dispatch.bucket(q.shape[0] * q.shape[1]), h, w, window, q.shape[3])
-    return dispatch.run(op, q, lambda: _grid_attention_on(q, k, v, h, w, window, scale, only),
-                        triton=q.shape[3] <= _max_head_dim(q.dtype), key=key, grad_inputs=(q, k, v))
+    kinds = dict(triton=q.shape[3] <= _max_head_dim(q.dtype), flex=_flex_head_dim(q.shape[3]))
+    return dispatch.run(op, q, lambda: _grid_attention_on(q, k, v, h, w, window, scale, only, kinds),
+                        key=key, grad_inputs=(q, k, v), **kinds)
 
 
-def _grid_attention_on(q, k, v, h, w, window, scale, only: bool):
-    if implementation(q, triton=True) == "triton":
+def _grid_attention_on(q, k, v, h, w, window, scale, only: bool, kinds):
+    name = implementation(q, **kinds)
+    if name == "triton":
         return torch.ops.fastad.grid_attention(q, k, v, h, w, window // 2, only, scale)[0]
+    if name == "flex":
+        return flex_grid_attention(q, k, v, h, w, window, scale, only)
     # PyTorch path: SDPA (a fused CPU kernel) with the dense boolean mask
     keep, empty = _allowed_keys(h, w, window, only, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale).masked_fill(empty, 0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# FlexAttention: PyTorch's compiled block-sparse flash kernel with the window rule as its mask_mod
+
+
+def _flex_head_dim(d: int) -> bool:
+    """Head dims the FlexAttention path takes: powers of two from 16 to 128 (its tiled kernel's)."""
+    return 16 <= d <= 128 and d & (d - 1) == 0
+
+
+def _window_mask_mod(w: int, radius: int, only: bool):
+    """FlexAttention ``mask_mod`` of the window rule on a row-major grid ``w`` wide: True where query
+    token ``qi`` may attend key token ``ki`` (inside its window for local attention, outside for the
+    neighbour mask)."""
+    def mask_mod(b, h, qi, ki):
+        inside = ((qi // w - ki // w).abs() <= radius) & ((qi % w - ki % w).abs() <= radius)
+        return inside if only else ~inside
+    return mask_mod
+
+
+@functools.lru_cache(maxsize=32)
+def _block_mask(h: int, w: int, window: int, only: bool, device):
+    """The cached ``BlockMask`` of a (grid, window, kind) on ``device``: which (query block, key block)
+    tiles hold no allowed pair (skipped), only allowed pairs (no mask evaluated) or both."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    n = h * w
+    return create_block_mask(_window_mask_mod(w, window // 2, only), None, None, n, n, device=device)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_grid_attention(q, k, v, h: int, w: int, window: int, scale: float, only: bool, *, compiled: bool = True):
+    """:func:`neighbour_masked_attention` (``only=False``) / :func:`local_window_attention` (``only=True``)
+    through FlexAttention: q, k, v (batch, heads, N = h*w, d) of one floating dtype -> (batch, heads, N, d);
+    a query with no key left gives 0 (FlexAttention's rule for an empty row, and fastad's).
+    ``compiled=False`` runs FlexAttention's eager (dense, forward-only on the CPU) implementation, for
+    tests of the mask off the GPU."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    fn = _compiled_flex() if compiled else flex_attention
+    return fn(q, k, v, block_mask=_block_mask(h, w, window, only, q.device), scale=scale)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -167,7 +224,7 @@ def _grid_attention(
     b, nh, n, d = q.shape
     o = torch.empty_like(q)
     lse = torch.empty((b, nh, n), dtype=torch.float32, device=q.device)
-    cfg = _config(q.dtype, d, w, q.is_cuda)
+    cfg = _config(q.dtype, d, w, q.is_cuda, only)
     grid = (triton.cdiv(n, cfg["BLOCK_M"]), b * nh)
     _fwd_kernel[grid](q, k, v, o, lse, scale, n, d, h, w, radius, ONLY=only, **cfg)
     return o, lse
@@ -188,7 +245,7 @@ def _grid_attention_backward(
     b, nh, n, d = q.shape
     delta = (do.float() * o.float()).sum(-1)  # rowsum(dO * O), FlashAttention-2's D
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    cfg = _config(q.dtype, d, w, q.is_cuda)
+    cfg = _config(q.dtype, d, w, q.is_cuda, only)
     grid = (triton.cdiv(n, cfg["BLOCK_M"]), b * nh)
     _bwd_dq_kernel[grid](q, k, v, do, lse, delta, dq, scale, n, d, h, w, radius, ONLY=only, **cfg)
     _bwd_dkdv_kernel[grid](q, k, v, do, lse, delta, dk, dv, scale, n, d, h, w, radius, ONLY=only, **cfg)
@@ -237,11 +294,12 @@ _CUDA_TILES = {
 }
 
 
-def _config(dtype: torch.dtype, d: int, w: int, cuda: bool) -> dict:
-    """Constexprs and launch options for head dim ``d`` on a grid ``w`` wide (fastad.ops.compile_check
-    compiles every CUDA one)."""
+def _config(dtype: torch.dtype, d: int, w: int, cuda: bool, only: bool = True) -> dict:
+    """Constexprs and launch options for head dim ``d`` on a grid ``w`` wide, local (``only``) or
+    neighbour-masked attention (fastad.ops.compile_check compiles every CUDA one)."""
     block_d = max(16, triton.next_power_of_2(d))
-    block_n = max(16, min(64, triton.next_power_of_2(w)))  # one grid row (or a part) per key block
+    # local: one grid row (or a part) per key block; neighbour mask: flat 64-token key blocks
+    block_n = max(16, min(64, triton.next_power_of_2(w))) if only else 64
     # float32 products (no TF32) for float32 inputs, like the reference; bfloat16 tiles are also
     # widened under the interpreter, whose bfloat16 tl.dot is wrong
     f32 = dtype == torch.float32 or (dtype == torch.bfloat16 and not cuda)
@@ -284,6 +342,55 @@ if HAS_TRITON:
         return (~inside) & valid
 
     @triton.jit
+    def _flat_tile(A, B, base, n0, N, D, offs_d, dm, BLOCK_N: tl.constexpr, F32: tl.constexpr):
+        """Rows of A and B for the tokens n0 .. n0 + BLOCK_N - 1 (cut at N)."""
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        valid = offs_n < N
+        ptrs = base + offs_n[:, None] * D + offs_d[None, :]
+        mask = valid[:, None] & dm[None, :]
+        return load(A + ptrs, mask, F32), load(B + ptrs, mask, F32), offs_n, valid
+
+    @triton.jit
+    def _neighbour_masked(s, rows_m, cols_m, offs_n, valid, first, last, n0, N, W, R, BLOCK_N: tl.constexpr):
+        """Scores (BLOCK_M, BLOCK_N) of the tokens first..last against the flat tile n0.. under the
+        neighbour mask, -inf where not allowed. A tile whose grid rows are more than R from every row
+        of the block is outside all their windows: every pair is allowed, no mask is evaluated."""
+        n1 = tl.minimum(n0 + BLOCK_N, N) - 1
+        if (n1 // W < first // W - R) | (n0 // W > last // W + R):
+            out = tl.where(valid[None, :], s, float("-inf"))
+        else:
+            ok = _allowed(rows_m, cols_m, offs_n // W, offs_n % W, valid[None, :], R, False)
+            out = tl.where(ok, s, float("-inf"))
+        return out
+
+    @triton.jit
+    def _fwd_step(s, v, m_i, l_i, acc, F32: tl.constexpr):
+        """One online-softmax step of masked scores s (-inf: not allowed) against the value tile v."""
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, F32)
+        return m_new, l_i, acc
+
+    @triton.jit
+    def _dq_step(s, k, v, do, lse, delta, F32: tl.constexpr):
+        """dS K of one key tile for the dq pass (s: masked scores, -inf: not allowed)."""
+        p = tl.exp(s - lse[:, None])
+        ds = p * (dot(do, tl.trans(v), F32) - delta[:, None])
+        return dot(ds.to(k.dtype), k, F32)
+
+    @triton.jit
+    def _dkdv_step(st, q, do, v, lse_ptr, delta_ptr, offs_q, cq, F32: tl.constexpr):
+        """(dS^T Q, P^T dO) of one query tile for the dk / dv pass (st: masked transposed scores)."""
+        lse = tl.load(lse_ptr + offs_q, mask=cq, other=float("inf"))
+        delta = tl.load(delta_ptr + offs_q, mask=cq, other=0.0)
+        pt = tl.exp(st - lse[None, :])
+        dst = pt * (dot(v, tl.trans(do), F32) - delta[None, :])
+        return dot(dst.to(q.dtype), q, F32), dot(pt.to(do.dtype), do, F32)
+
+    @triton.jit
     def _row_tile(A, B, base, r, c0, c_hi, W, D, offs_d, dm, BLOCK_N: tl.constexpr, F32: tl.constexpr):
         """Rows of A and B for the grid cells (r, c0 .. c0 + BLOCK_N - 1), cut at column c_hi."""
         cols = c0 + tl.arange(0, BLOCK_N)
@@ -314,20 +421,21 @@ if HAS_TRITON:
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        r_lo, r_hi, c_lo, c_hi = _band(first, tl.minimum(first + BLOCK_M, N) - 1, H, W, R, ONLY)
-        for kr in range(r_lo, r_hi + 1):
-            for c0 in range(c_lo, c_hi + 1, BLOCK_N):
-                k, v, cols_n, cn = _row_tile(K, V, base, kr, c0, c_hi, W, D, offs_d, dm, BLOCK_N, F32)
+        last = tl.minimum(first + BLOCK_M, N) - 1
+        if ONLY:
+            r_lo, r_hi, c_lo, c_hi = _band(first, last, H, W, R, ONLY)
+            for kr in range(r_lo, r_hi + 1):
+                for c0 in range(c_lo, c_hi + 1, BLOCK_N):
+                    k, v, cols_n, cn = _row_tile(K, V, base, kr, c0, c_hi, W, D, offs_d, dm, BLOCK_N, F32)
+                    s = dot(q, tl.trans(k), F32) * scale
+                    ok = _allowed(rows_m, cols_m, kr + tl.zeros([BLOCK_N], dtype=tl.int32), cols_n, cn[None, :], R, ONLY)
+                    m_i, l_i, acc = _fwd_step(tl.where(ok, s, float("-inf")), v, m_i, l_i, acc, F32)
+        else:
+            for n0 in range(0, N, BLOCK_N):
+                k, v, offs_n, cn = _flat_tile(K, V, base, n0, N, D, offs_d, dm, BLOCK_N, F32)
                 s = dot(q, tl.trans(k), F32) * scale
-                ok = _allowed(rows_m, cols_m, kr + tl.zeros([BLOCK_N], dtype=tl.int32), cols_n, cn[None, :], R, ONLY)
-                s = tl.where(ok, s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet
-                p = tl.exp(s - m_safe[:, None])
-                alpha = tl.exp(m_i - m_safe)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, F32)
-                m_i = m_new
+                s = _neighbour_masked(s, rows_m, cols_m, offs_n, cn, first, last, n0, N, W, R, BLOCK_N)
+                m_i, l_i, acc = _fwd_step(s, v, m_i, l_i, acc, F32)
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
         store_rounded(O + base + offs_m[:, None] * D + offs_d[None, :], out, mm[:, None] & dm[None, :])
@@ -353,16 +461,21 @@ if HAS_TRITON:
         rows_m = offs_m // W
         cols_m = offs_m % W
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        r_lo, r_hi, c_lo, c_hi = _band(first, tl.minimum(first + BLOCK_M, N) - 1, H, W, R, ONLY)
-        for kr in range(r_lo, r_hi + 1):
-            for c0 in range(c_lo, c_hi + 1, BLOCK_N):
-                k, v, cols_n, cn = _row_tile(K, V, base, kr, c0, c_hi, W, D, offs_d, dm, BLOCK_N, F32)
+        last = tl.minimum(first + BLOCK_M, N) - 1
+        if ONLY:
+            r_lo, r_hi, c_lo, c_hi = _band(first, last, H, W, R, ONLY)
+            for kr in range(r_lo, r_hi + 1):
+                for c0 in range(c_lo, c_hi + 1, BLOCK_N):
+                    k, v, cols_n, cn = _row_tile(K, V, base, kr, c0, c_hi, W, D, offs_d, dm, BLOCK_N, F32)
+                    s = dot(q, tl.trans(k), F32) * scale
+                    ok = _allowed(rows_m, cols_m, kr + tl.zeros([BLOCK_N], dtype=tl.int32), cols_n, cn[None, :], R, ONLY)
+                    dq += _dq_step(tl.where(ok, s, float("-inf")), k, v, do, lse, delta, F32)
+        else:
+            for n0 in range(0, N, BLOCK_N):
+                k, v, offs_n, cn = _flat_tile(K, V, base, n0, N, D, offs_d, dm, BLOCK_N, F32)
                 s = dot(q, tl.trans(k), F32) * scale
-                ok = _allowed(rows_m, cols_m, kr + tl.zeros([BLOCK_N], dtype=tl.int32), cols_n, cn[None, :], R, ONLY)
-                p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
-                dp = dot(do, tl.trans(v), F32)
-                ds = p * (dp - delta[:, None])
-                dq += dot(ds.to(k.dtype), k, F32)
+                s = _neighbour_masked(s, rows_m, cols_m, offs_n, cn, first, last, n0, N, W, R, BLOCK_N)
+                dq += _dq_step(s, k, v, do, lse, delta, F32)
         store_rounded(DQ + base + offs_m[:, None] * D + offs_d[None, :], dq * scale, qd_mask)
 
     @triton.jit(do_not_specialize=_SCALARS)
@@ -385,21 +498,28 @@ if HAS_TRITON:
         cols_k = offs_k % W
         dk = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        r_lo, r_hi, c_lo, c_hi = _band(first, tl.minimum(first + BLOCK_M, N) - 1, H, W, R, ONLY)
-        for qr in range(r_lo, r_hi + 1):
-            for c0 in range(c_lo, c_hi + 1, BLOCK_N):
-                q, do, cols_q, cq = _row_tile(Q, DO, base, qr, c0, c_hi, W, D, offs_d, dm, BLOCK_N, F32)
-                offs_q = qr * W + cols_q
-                lse = tl.load(LSE + bh * N + offs_q, mask=cq, other=float("inf"))
-                delta = tl.load(DELTA + bh * N + offs_q, mask=cq, other=0.0)
-                # transposed scores: keys x queries
+        last = tl.minimum(first + BLOCK_M, N) - 1
+        if ONLY:
+            r_lo, r_hi, c_lo, c_hi = _band(first, last, H, W, R, ONLY)
+            for qr in range(r_lo, r_hi + 1):
+                for c0 in range(c_lo, c_hi + 1, BLOCK_N):
+                    q, do, cols_q, cq = _row_tile(Q, DO, base, qr, c0, c_hi, W, D, offs_d, dm, BLOCK_N, F32)
+                    offs_q = qr * W + cols_q
+                    # transposed scores: keys x queries
+                    st = dot(k, tl.trans(q), F32) * scale
+                    ok = _allowed(rows_k, cols_k, qr + tl.zeros([BLOCK_N], dtype=tl.int32), cols_q, cq[None, :], R, ONLY)
+                    ddk, ddv = _dkdv_step(tl.where(ok, st, float("-inf")), q, do, v, LSE + bh * N, DELTA + bh * N,
+                                          offs_q, cq, F32)
+                    dk += ddk
+                    dv += ddv
+        else:
+            for n0 in range(0, N, BLOCK_N):
+                q, do, offs_q, cq = _flat_tile(Q, DO, base, n0, N, D, offs_d, dm, BLOCK_N, F32)
                 st = dot(k, tl.trans(q), F32) * scale
-                ok = _allowed(rows_k, cols_k, qr + tl.zeros([BLOCK_N], dtype=tl.int32), cols_q, cq[None, :], R, ONLY)
-                pt = tl.where(ok, tl.exp(st - lse[None, :]), 0.0)
-                dv += dot(pt.to(do.dtype), do, F32)
-                dpt = dot(v, tl.trans(do), F32)
-                dst = pt * (dpt - delta[None, :])
-                dk += dot(dst.to(q.dtype), q, F32)
+                st = _neighbour_masked(st, rows_k, cols_k, offs_q, cq, first, last, n0, N, W, R, BLOCK_N)
+                ddk, ddv = _dkdv_step(st, q, do, v, LSE + bh * N, DELTA + bh * N, offs_q, cq, F32)
+                dk += ddk
+                dv += ddv
         store_rounded(DK + base + offs_k[:, None] * D + offs_d[None, :], dk * scale, kd_mask)
         store_rounded(DV + base + offs_k[:, None] * D + offs_d[None, :], dv, kd_mask)
 

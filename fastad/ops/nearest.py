@@ -19,6 +19,7 @@ from .. import distributed
 from ._checks import check_same_device, check_tensor
 from . import dispatch
 from .dispatch import implementation
+from .feature_bank import FeatureBank, _candidates_top, operand_roundoff
 from .grid_attention import window_mask
 
 __all__ = ["nearest_reference", "nearest_reference_reference"]
@@ -109,16 +110,22 @@ def nearest_reference(x: torch.Tensor, bank: torch.Tensor, *, metric: str = "l2"
 
 
 def _search(x, bank, metric, window):
-    """(float64 values, indices), both x.shape[:-1], of validated inputs (both paths float64-exact)."""
+    """(float64 values, indices), both x.shape[:-1], of validated inputs (every path float64-exact)."""
     c = bank.shape[-1]
     key = (dispatch.bucket(x.numel() // c), dispatch.bucket(bank.numel() // c), c, metric, window or 0)
-    return dispatch.run("nearest_reference", x, lambda: _search_on(x, bank, metric, window), extension=True, key=key)
+    # global search on CUDA: the GEMM path first (the extension's float64 warp per query reuses no bank row)
+    kinds = dict(extension=True, triton=window is None, prefer="triton" if x.is_cuda else None)
+    return dispatch.run("nearest_reference", x, lambda: _search_on(x, bank, metric, window, kinds), key=key, **kinds)
 
 
-def _search_on(x, bank, metric, window):
+def _search_on(x, bank, metric, window, kinds):
     c = bank.shape[-1]
     lead = x.shape[:-1]
-    if implementation(x, extension=True) != "extension":
+    name = implementation(x, **kinds)
+    if name == "triton":
+        v, i = _search_gemm(x.reshape(-1, c), bank.reshape(-1, c), metric)
+        return v.reshape(lead), i.reshape(lead)
+    if name != "extension":
         v, i, _ = nearest_reference_reference(x, bank, metric=metric, window=window)
         return v, i
     xf, bf = x.float().contiguous(), bank.float().contiguous()
@@ -126,6 +133,47 @@ def _search_on(x, bank, metric, window):
         xf, bf = xf.reshape(-1, c), bf.reshape(-1, c)
     values, indices = torch.ops.fastad.nearest_reference(xf, bf, _METRICS[metric], window or 0)
     return values.reshape(lead), indices.reshape(lead)
+
+
+_GEMM_ELEMENTS = 1 << 24  # queries x bank rows per score block of the GEMM path
+
+
+def _search_gemm(x: torch.Tensor, bank: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global search from a GEMM: (N, C) x and (M, C) bank, 16/32-bit floats -> (N,) float64 values and
+    int64 indices, the float64 answer of the float32 rows. l2: :class:`FeatureBank`'s exact search
+    (candidates from a GEMM with a rigorous bound, re-scored in float64). Cosine: one GEMM of the rows
+    against the bank normalised in float64 and rounded to float32 (a query's own norm is one positive
+    factor of its row: it changes no ranking, so queries are only scaled by a power of two to a norm
+    near 1, exactly, against overflow), then every bank row scoring within twice the bound of the
+    best re-scored as ``x.b / (|x| |b|)`` in float64 (Triton)."""
+    q, b = x.float().contiguous(), bank.float().contiguous()
+    if metric == "l2":
+        fb = FeatureBank(b.shape[1], device=b.device)
+        fb.add(b)
+        d, i = fb._search_torch(q, 1)  # squared distances, float64
+        return d[:, 0].sqrt(), i[:, 0]
+    c = q.shape[1]
+    qn = torch.linalg.vector_norm(q, dim=1, dtype=torch.float64).clamp_min(_EPS)
+    bn = torch.linalg.vector_norm(b, dim=1, dtype=torch.float64).clamp_min(_EPS)
+    b_unit = (b / bn.unsqueeze(1)).float()
+    # power-of-two row scales (exact in float32) that bring every query's norm into [1, 2)
+    scales = torch.exp2(-torch.floor(torch.log2(qn)).clamp(-126, 126))
+    # score = q'.b_unit (q' = the scaled q) vs the exact q'.b/|b|: |b_unit - b/|b|| <= u32 + d64
+    # (rounding to float32, the float64 norm's error); the GEMM adds (2u + u^2 + gamma_C) |q'| |b_unit|
+    # (operands rounded to u: operand_roundoff, float32 accumulation in any order); tiny: subnormal
+    # components of q' or b_unit; 5% for second-order terms
+    u32, d64, u = 2.0 ** -24, (c + 4) * 2.0 ** -53, operand_roundoff(torch.float32)
+    e = 1.05 * ((u32 + d64) + (2 * u + u * u + c * 2.0 ** -24) * (1 + 2.0 ** -21))
+    tiny = 4 * (c + 1) * 2.0 ** -149
+    rows = max(1, min(4096, _GEMM_ELEMENTS // b.shape[0]))
+    values, indices = [], []
+    for s in range(0, q.shape[0], rows):
+        qc, nc, sc = q[s : s + rows], qn[s : s + rows], scales[s : s + rows]
+        score = (qc * sc.float().unsqueeze(1)) @ b_unit.t()
+        v, i = _candidates_top(score, 2 * (e * nc * sc + tiny), qc, b, 1, "cosine", (nc, bn))
+        values.append(v[:, 0])
+        indices.append(i[:, 0])
+    return torch.cat(values), torch.cat(indices)
 
 
 def _sharded(x, bank, metric, window, group):
