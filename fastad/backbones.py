@@ -69,14 +69,33 @@ def efficientnet_lite0_state_dict(path: str | None = None) -> dict[str, torch.Te
     return out
 
 
+def _refuse_download(url, *args, **kwargs):
+    raise FileNotFoundError(f"fastad never downloads (asked for {url})")
+
+
 @contextmanager
 def _offline():
-    """Hugging Face / timm may read their local cache but never the network."""
+    """Hugging Face / timm may read their local caches but never the network: the hub's offline switch
+    (its environment variables are read once, when huggingface_hub is imported, so the module constant
+    is set too) and torch.hub's download refused (timm's URL weights)."""
+    import torch.hub
+
     saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     os.environ["HF_HUB_OFFLINE"] = os.environ["TRANSFORMERS_OFFLINE"] = "1"
     try:
+        import huggingface_hub.constants as hub_constants
+    except ImportError:  # pragma: no cover - timm depends on huggingface_hub
+        hub_constants = None
+    saved_hub = getattr(hub_constants, "HF_HUB_OFFLINE", None)
+    if hub_constants is not None:
+        hub_constants.HF_HUB_OFFLINE = True
+    saved_download, torch.hub.download_url_to_file = torch.hub.download_url_to_file, _refuse_download
+    try:
         yield
     finally:
+        torch.hub.download_url_to_file = saved_download
+        if hub_constants is not None:
+            hub_constants.HF_HUB_OFFLINE = saved_hub
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

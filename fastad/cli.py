@@ -431,6 +431,8 @@ def run(args) -> int:
     ctx = distributed.init(args.device)
     group = distributed.world() if ctx.world > 1 else None
     args.device = str(ctx.device)
+    if ctx.rank == 0:
+        print(f"device {_device_line(ctx.device)}", flush=True)
     shard = _parse_shard(args.shard)
     if shard and ctx.world > 1:
         raise UsageError("--shard I/N splits the jobs between separate commands (Slurm arrays); under torchrun use "
@@ -584,6 +586,10 @@ def pretrain(args) -> int:
     from .faults import check_writable
     from .models import load_checkpoint
 
+    from .distributed import resolve_device
+
+    args.device = str(resolve_device(args.device))
+    print(f"device {_device_line(args.device)}", flush=True)
     kwargs, applied = _with_recipe("adpretrain", args.data, "pretrain", _runtime_args(args, _model_args(args.set)),
                                    args.no_recipe)
     print(f"recipe: {_recipe_line(applied)}", flush=True)
@@ -618,8 +624,17 @@ def bench(args, extra: list[str]) -> int:
         import pytest
     except ImportError:
         raise SystemExit("fastad bench needs pytest and pytest-benchmark: pip install 'fastad[test]'") from None
-    os.environ["FASTAD_BENCH_DEVICE"] = args.device
+    from .distributed import resolve_device
+
+    os.environ["FASTAD_BENCH_DEVICE"] = resolve_device(args.device).type
     return int(pytest.main([str(folder), "-s", "-q", "-p", "no:cacheprovider", "--benchmark-columns=min,mean,rounds", *extra]))
+
+
+def _device_line(device) -> str:
+    """The device a run uses and the kernel families that run there (fastad.ops.dispatch.describe)."""
+    from .ops import dispatch
+
+    return dispatch.describe(device)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -675,7 +690,7 @@ def main(argv=None) -> int:
                         "--data-opt test_good=0.3 (imagefolder, list)")
     r.add_argument("--setting", default="separate", choices=["separate", "unified"],
                    help="one model per class, or one model for all classes (multi-class)")
-    r.add_argument("--device", default="cpu")
+    r.add_argument("--device", default="auto", help="auto (CUDA when torch sees a GPU, else cpu), cpu, cuda or cuda:N")
     r.add_argument("--batch-size", type=int, default=16)
     r.add_argument("--num-workers", type=int, default=0)
     r.add_argument("--coreset-ratio", type=float, default=None, help="PatchCore coreset fraction (default 0.1)")
@@ -711,7 +726,7 @@ def main(argv=None) -> int:
     p.add_argument("--data-opt", action="append", default=[], metavar="KEY=VALUE", help="loader option, as for run")
     p.add_argument("--out", required=True, help="checkpoint file (.safetensors), resumed if it exists")
     p.add_argument("--checkpoint-every", type=int, default=500)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N, as for run")
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="ADPretrain argument, repeatable")
     p.add_argument("--no-recipe", action="store_true", help="the model's defaults instead of the authors' pretraining "
@@ -721,7 +736,7 @@ def main(argv=None) -> int:
     m.add_argument("out", help="the --out folder of those runs")
     b = sub.add_parser("bench", help="run the kernel benchmarks (source checkout) and print ratio tables; "
                        "other arguments go to pytest, e.g. -k quantile")
-    b.add_argument("--device", default="cpu", help="cpu or cuda")
+    b.add_argument("--device", default="auto", help="auto (cuda when torch sees a GPU), cpu or cuda")
     args, extra = parser.parse_known_args(argv)
     if args.command == "bench":
         return bench(args, extra)

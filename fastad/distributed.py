@@ -56,18 +56,26 @@ def _launcher_env() -> tuple[int, int, int, int] | None:
     return None
 
 
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``'auto'``: CUDA when torch sees a GPU, else the CPU; any other name as ``torch.device`` takes it."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 def init(device: str | torch.device = "cpu") -> Context:
     """Join the process group described by the launcher's environment (torchrun: RANK, WORLD_SIZE,
     LOCAL_RANK, MASTER_ADDR/PORT; Slurm: SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID with MASTER_ADDR
     and MASTER_PORT exported), once; without a launcher a one-process context.
 
     Args:
-        device: ``'cpu'`` (gloo) or ``'cuda'`` (NCCL; each process takes ``cuda:LOCAL_RANK``).
+        device: ``'cpu'`` (gloo), ``'cuda'`` (NCCL; each process takes ``cuda:LOCAL_RANK``) or
+            ``'auto'`` (:func:`resolve_device`).
     Returns:
         the :class:`Context`. Torch's CPU threads are set to cores / processes per machine unless
         ``OMP_NUM_THREADS`` is set, so that processes on one machine do not oversubscribe it.
     """
-    device = torch.device(device)
+    device = resolve_device(device)
     env = _launcher_env()
     if env is None and dist.is_available() and dist.is_initialized():  # a group made by the caller (tests)
         r, w = dist.get_rank(), dist.get_world_size()

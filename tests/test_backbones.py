@@ -47,10 +47,47 @@ def test_feature_extractor_is_frozen_and_shaped():
     assert [tuple(o.shape) for o in out] == [(2, 24, 16, 24), (2, 40, 8, 12), (2, 112, 4, 6)]
 
 
-def test_missing_weights_never_download(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HOME", str(tmp_path))  # empty cache
+@pytest.fixture
+def no_network(tmp_path, monkeypatch):
+    """Empty weight caches, and every socket connection or name lookup refused and recorded."""
+    import socket
+
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch_hub"))
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args[:2])
+        raise OSError("network access attempted (refused by the test)")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    return attempts
+
+
+# every timm name fastad's models and backbones take (Dinomaly's DINOv2 encoders, PaDiM / PatchCore's
+# WideResNet / ResNet, ADPretrain's DINOv2 backbones), with HF-hub and URL pretrained configurations
+TIMM_NAMES = ["vit_small_patch14_reg4_dinov2", "vit_base_patch14_reg4_dinov2", "vit_large_patch14_reg4_dinov2",
+              "wide_resnet50_2", "resnet18", "vit_base_patch14_dinov2.lvd142m", "efficientnet_b4"]
+
+
+@pytest.mark.parametrize("name", TIMM_NAMES)
+def test_missing_weights_never_download(name, no_network):
+    # huggingface_hub reads HF_HUB_OFFLINE when imported: setting the variable later is not enough
     with pytest.raises(FileNotFoundError, match="never downloads"):
-        FeatureExtractor("resnet18", (1, 2))
+        FeatureExtractor(name, (1, 2)) if "vit" not in name else create_classifier(name)
+    assert no_network == []
+
+
+def test_a_run_without_weights_is_one_line_and_no_request(no_network, capsys):
+    from conftest import cli_error
+
+    line = cli_error(capsys, ["run", "--model", "dinomaly", "--no-cache"])
+    assert "never downloads" in line and no_network == []
 
 
 def test_channels_last_cpu_path_matches_float64():

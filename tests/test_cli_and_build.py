@@ -14,7 +14,32 @@ def test_cli_run_default(tmp_path, capsys):
     assert main(["run", "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "results.json").read_text())
     assert res[0]["class"] == "synthetic" and res[0]["image_auroc"] > 0.9
-    assert "image AUROC" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "image AUROC" in out
+    # --device auto (the default): the first line names the device it chose and the kernels that run there
+    first = out.splitlines()[0]
+    if torch.cuda.is_available():
+        assert first.startswith("device cuda:0 (") and "extension (CUDA)" in first and "PyTorch" in first
+    else:
+        assert first.startswith("device cpu: ") and "PyTorch" in first
+        assert ("extension (C++)" in first) == fastad.ops.dispatch.HAS_EXTENSION
+
+
+def test_device_auto_follows_what_torch_sees(monkeypatch):
+    from fastad.distributed import resolve_device
+
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu") and resolve_device("cuda:1") == torch.device("cuda", 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_device_auto_runs_on_the_gpu(tmp_path, capsys):
+    assert main(["run", "--out", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.startswith("device cuda:0 (")
 
 
 def test_extension_is_built():
