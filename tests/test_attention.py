@@ -103,7 +103,8 @@ def test_masked_attention_gradcheck(path):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape", [(2, 3, 37, 16), (1, 2, 5, 20), (2, 12, 70, 64), (1, 1, 1, 8)])
+# (1, 1, 300, 16) and (1, 2, 130, 32): the sequence split into chunks (their partial sums added)
+@pytest.mark.parametrize("shape", [(2, 3, 37, 16), (1, 2, 5, 20), (2, 12, 70, 64), (1, 1, 1, 8), (1, 1, 300, 16), (1, 2, 130, 32)])
 @pytest.mark.parametrize("eps", [0.0, 1e-6])
 def test_linear_attention_matches_reference(path, device, shape, eps):
     skip_unless_runs(path, device)

@@ -34,14 +34,14 @@ def _kernels() -> dict:
 
 def test_the_checked_configurations_are_every_one_the_ops_launch():
     checked = configs()
-    assert len({c.key() for c in checked}) == len(checked) == 192
+    assert len({c.key() for c in checked}) == len(checked) == 210
     # the tiles stop growing at grid width 64: a wider sweep finds nothing new
     assert {c.key() for c in configs(max_width=1024)} == {c.key() for c in checked}
     by_kernel = {k: sum(c.kernel == k for c in checked) for k in {c.kernel for c in checked}}
     # local: tiles of float16, bfloat16, float32 by grid width; neighbour mask: flat 64-token key
     # tiles, one per head-dim tile (32-token at 128)
     assert by_kernel["grid_attention._fwd_kernel"] == (11 + 11 + 8) + (4 + 4 + 3)
-    assert by_kernel["select._radix_hist_kernel"] == 3 * 3 * 2 and by_kernel["linear_attention._linear_bwd_kernel"] == 3 * 3
+    assert by_kernel["select._radix_hist_kernel"] == 3 * 3 * 2 and by_kernel["linear_attention._linear_dq_kernel"] == 3 * 3
     # the device-side pick: one 11-bit variant, the last pass with and without the next value
     assert by_kernel["select._radix_pick_kernel"] == 3 and by_kernel["select._radix_next_kernel"] == 3 * 2
     assert by_kernel["select._radix_values_kernel"] == 2
@@ -83,11 +83,11 @@ import json, sys
 from fastad.ops.compile_check import _c, check, failures
 broken = [
     # tl.arange needs a power of two
-    _c("linear_attention._linear_fwd_kernel", dict(Q="fp32", K="fp32", V="fp32", O="fp32", KV="fp32", KSUM="fp32"),
+    _c("linear_attention._linear_out_kernel", dict(Q="fp32", O="fp32", KV="fp32", KSUM="fp32"),
        dict(BLOCK_N=16, BLOCK_D=24, F32=True), ["eps"], num_warps=8),
     # 64-token float32 tiles over 4 warps: the backward does not fit in registers
-    _c("linear_attention._linear_bwd_kernel",
-       dict(Q="fp32", K="fp32", V="fp32", DO="fp32", KV="fp32", KSUM="fp32", DQ="fp32", DK="fp32", DV="fp32"),
+    _c("linear_attention._linear_dq_kernel",
+       dict(Q="fp32", DO="fp32", DQ="fp32", KV="fp32", KSUM="fp32", DKV="fp32", DKSUM="fp32"),
        dict(BLOCK_N=64, BLOCK_D=64, F32=True), ["eps"], num_warps=4),
     # fine
     _c("hard_mining._adc_backward_kernel", dict(x_ptr="fp16", out_ptr="fp16", scale_ptr="fp32", tau_ptr="fp32"), dict(BLOCK=1024)),

@@ -61,7 +61,8 @@ TARGETS = {
 SPILL_LIMIT = 128  # bytes of spill stores per thread: 32 registers
 HOT = frozenset({
     "grid_attention._fwd_kernel", "grid_attention._bwd_dq_kernel", "grid_attention._bwd_dkdv_kernel",
-    "linear_attention._linear_fwd_kernel", "linear_attention._linear_bwd_kernel",
+    "linear_attention._linear_state_kernel", "linear_attention._linear_out_kernel",
+    "linear_attention._linear_dq_kernel", "linear_attention._linear_dkdv_kernel",
     "select._radix_hist_kernel", "select._radix_next_kernel", "hard_mining._square_tail_kernel", "hard_mining._adc_backward_kernel",
     "hard_mining._point_stats_kernel", "hard_mining._cosine_grad_kernel", "feature_bank._pair_kernel",
 })
@@ -120,8 +121,11 @@ def configs(max_width: int = 129) -> list[Config]:
             add("grid_attention._bwd_dkdv_kernel", {**qkv, "DO": dt, "LSE": "fp32", "DELTA": "fp32", "DK": dt, "DV": dt}, cfg, ["scale"])
         for d in range(1, la.TRITON_MAX_HEAD_DIM + 1):
             cfg = la._linear_config(dtype, d, cuda=True)
-            add("linear_attention._linear_fwd_kernel", dict(**qkv, O=dt, KV="fp32", KSUM="fp32"), cfg, ["eps"])
-            add("linear_attention._linear_bwd_kernel", dict(**qkv, DO=dt, KV="fp32", KSUM="fp32", DQ=dt, DK=dt, DV=dt), cfg, ["eps"])
+            state = dict(KV="fp32", KSUM="fp32")
+            add("linear_attention._linear_state_kernel", dict(K=dt, V=dt, **state), cfg)
+            add("linear_attention._linear_out_kernel", dict(Q=dt, O=dt, **state), cfg, ["eps"])
+            add("linear_attention._linear_dq_kernel", dict(Q=dt, DO=dt, DQ=dt, DKV="fp32", DKSUM="fp32", **state), cfg, ["eps"])
+            add("linear_attention._linear_dkdv_kernel", dict(K=dt, V=dt, DK=dt, DV=dt, DKV="fp32", DKSUM="fp32"), cfg)
         for p, square in itertools.product(range(len(se._PASSES)), (False, True)):
             add("select._radix_hist_kernel", dict(x_ptr=dt, hist_ptr="i32", bad_ptr="i32", state_ptr="i32"),
                 se._hist_config(p, square, cuda=True))

@@ -1,6 +1,10 @@
-"""Dinomaly's linear attention (``LinearAttention2``: kernel feature map elu + 1): one fused Triton
-kernel per (batch, head) forward and one backward, the d x d state kept in registers. Off the kernels
-(:mod:`fastad.ops.dispatch`) it runs the authors' einsums."""
+"""Dinomaly's linear attention (``LinearAttention2``: kernel feature map elu + 1) in Triton, the d x d
+state kept in registers. The sequence of each (batch, head) is split into chunks so that every
+launch has a few waves of programs (a program per (batch, head) left most SMs idle at Dinomaly's
+16 x 12 heads): forward, one launch sums each chunk's phi(k)^T v and phi(k), a fixed-order sum adds
+the chunks, one launch writes the outputs; backward, one launch per chunk for dq and the chunk's part
+of dKV, a sum, one launch for dk and dv. Off the kernels (:mod:`fastad.ops.dispatch`) it runs the
+authors' einsums."""
 from __future__ import annotations
 
 import math
@@ -8,7 +12,7 @@ import math
 import torch
 
 from ._checks import check_qkv, compute_dtype
-from ._triton import tl, triton
+from ._triton import max_programs, tl, triton
 from . import dispatch
 from .dispatch import HAS_TRITON, implementation, require_triton
 
@@ -79,10 +83,14 @@ def _linear_attention(
     _require_kernel(q)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     b, nh, n, d = q.shape
+    cfg, chunk = _linear_config(q.dtype, d, q.is_cuda), _linear_chunk(b * nh, n, q)
+    grid = (b * nh, triton.cdiv(n, chunk))
     out = torch.empty_like(q)
-    kv = torch.empty((b, nh, d, d), dtype=torch.float32, device=q.device)
-    ksum = torch.empty((b, nh, d), dtype=torch.float32, device=q.device)
-    _linear_fwd_kernel[(b * nh,)](q, k, v, out, kv, ksum, eps, n, d, **_linear_config(q.dtype, d, q.is_cuda))
+    kv = torch.empty((b * nh, grid[1], d, d), dtype=torch.float32, device=q.device)
+    ksum = torch.empty((b * nh, grid[1], d), dtype=torch.float32, device=q.device)
+    _linear_state_kernel[grid](k, v, kv, ksum, n, d, chunk, **cfg)
+    kv, ksum = _sum_chunks(kv).reshape(b, nh, d, d), _sum_chunks(ksum).reshape(b, nh, d)
+    _linear_out_kernel[grid](q, out, kv, ksum, eps, n, d, chunk, **cfg)
     return out, kv, ksum
 
 
@@ -98,9 +106,16 @@ def _linear_attention_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _require_kernel(q)
     do, q, k, v = do.contiguous(), q.contiguous(), k.contiguous(), v.contiguous()
+    kv, ksum = kv.contiguous(), ksum.contiguous()
     b, nh, n, d = q.shape
+    cfg, chunk = _linear_config(q.dtype, d, q.is_cuda), _linear_chunk(b * nh, n, q)
+    grid = (b * nh, triton.cdiv(n, chunk))
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    _linear_bwd_kernel[(b * nh,)](q, k, v, do, kv, ksum, dq, dk, dv, eps, n, d, **_linear_config(q.dtype, d, q.is_cuda))
+    dkv = torch.empty((b * nh, grid[1], d, d), dtype=torch.float32, device=q.device)
+    dksum = torch.empty((b * nh, grid[1], d), dtype=torch.float32, device=q.device)
+    _linear_dq_kernel[grid](q, do, kv, ksum, dq, dkv, dksum, eps, n, d, chunk, **cfg)
+    dkv, dksum = _sum_chunks(dkv), _sum_chunks(dksum)
+    _linear_dkdv_kernel[grid](k, v, dkv, dksum, dk, dv, n, d, chunk, **cfg)
     return dq, dk, dv
 
 
@@ -130,6 +145,22 @@ def _require_kernel(q: torch.Tensor) -> None:
                          "call fastad.ops.linear_attention, which takes the einsum path for larger heads")
 
 
+_MIN_CHUNK = 64  # tokens per program at least: below that the d x d partial sums cost more than they spread
+
+
+def _linear_chunk(bh: int, n: int, t: torch.Tensor) -> int:
+    """Tokens per program: the n tokens of each of the ``bh`` (batch, head) pairs split into as many
+    chunks (of at least 64 tokens, a multiple of the 16-token tile) as a few waves of the GPU's SMs
+    need (:func:`max_programs`); one chunk when bh alone fills them."""
+    chunks = max(1, min(n // _MIN_CHUNK, triton.cdiv(max_programs(t), bh)))
+    return triton.cdiv(triton.cdiv(n, chunks), 16) * 16
+
+
+def _sum_chunks(parts: torch.Tensor) -> torch.Tensor:
+    """(bh, chunks, ...) float32 partial sums -> (bh, ...), in chunk order (deterministic)."""
+    return parts[:, 0] if parts.shape[1] == 1 else parts.sum(1)
+
+
 def _linear_config(dtype: torch.dtype, d: int, cuda: bool) -> dict:
     """Constexprs and launch options for head dim ``d`` (fastad.ops.compile_check compiles every CUDA one):
     16-token tiles over 8 warps keep the state and the tiles in registers (no spill at d = 64)."""
@@ -146,19 +177,27 @@ if HAS_TRITON:
     def _elu1(x):  # NaN must stay NaN (as in elu): tl.minimum drops NaN unless told to propagate it
         return tl.where(x > 0, x + 1.0, tl.exp(tl.minimum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)))
 
-    # no scalar argument is specialised: one compiled variant per constexpr set (fastad.ops.compile_check)
-    @triton.jit(do_not_specialize=["eps", "N", "D"])
-    def _linear_fwd_kernel(
-        Q, K, V, O, KV, KSUM, eps, N, D,
+    # no scalar argument is specialised: one compiled variant per constexpr set (fastad.ops.compile_check).
+    # Grid: (batch x heads, chunks); program (bh, c) takes the tokens [c CHUNK, (c + 1) CHUNK) of bh.
+
+    @triton.jit
+    def _elu1_grad(x):
+        return tl.where(x > 0, 1.0, tl.exp(tl.minimum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)))
+
+    @triton.jit(do_not_specialize=["N", "D", "CHUNK"])
+    def _linear_state_kernel(
+        K, V, KV, KSUM, N, D, CHUNK,
         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, F32: tl.constexpr,
     ):  # fmt: skip
+        """This chunk's sum of phi(k_s) v_s^T (d x d) and of phi(k_s) (d), float32."""
         bh = tl.program_id(0)
+        c = tl.program_id(1)
         base = bh * N * D
         offs_d = tl.arange(0, BLOCK_D)
         dm = offs_d < D
         kv = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
         ksum = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for n0 in range(0, N, BLOCK_N):
+        for n0 in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, N), BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             m = (offs_n < N)[:, None] & dm[None, :]
             k = load(K + base + offs_n[:, None] * D + offs_d[None, :], m, F32)
@@ -166,10 +205,26 @@ if HAS_TRITON:
             pk = tl.where(m, _elu1(k.to(tl.float32)), 0.0)  # padding rows must not add phi(0) = 1
             kv += dot(tl.trans(pk).to(v.dtype), v, F32)
             ksum += tl.sum(pk, 0)
+        part = bh * tl.num_programs(1) + c
         dd = offs_d[:, None] * D + offs_d[None, :]
-        tl.store(KV + bh * D * D + dd, kv, mask=dm[:, None] & dm[None, :])
-        tl.store(KSUM + bh * D + offs_d, ksum, mask=dm)
-        for n0 in range(0, N, BLOCK_N):
+        tl.store(KV + part * D * D + dd, kv, mask=dm[:, None] & dm[None, :])
+        tl.store(KSUM + part * D + offs_d, ksum, mask=dm)
+
+    @triton.jit(do_not_specialize=["eps", "N", "D", "CHUNK"])
+    def _linear_out_kernel(
+        Q, O, KV, KSUM, eps, N, D, CHUNK,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, F32: tl.constexpr,
+    ):  # fmt: skip
+        """out = phi(q) KV / (phi(q) . ksum + eps) for this chunk's queries."""
+        bh = tl.program_id(0)
+        c = tl.program_id(1)
+        base = bh * N * D
+        offs_d = tl.arange(0, BLOCK_D)
+        dm = offs_d < D
+        dd = offs_d[:, None] * D + offs_d[None, :]
+        kv = tl.load(KV + bh * D * D + dd, mask=dm[:, None] & dm[None, :], other=0.0)
+        ksum = tl.load(KSUM + bh * D + offs_d, mask=dm, other=0.0)
+        for n0 in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, N), BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             m = (offs_n < N)[:, None] & dm[None, :]
             q = load(Q + base + offs_n[:, None] * D + offs_d[None, :], m, F32)
@@ -178,12 +233,15 @@ if HAS_TRITON:
             den = tl.where(offs_n < N, tl.sum(pq * ksum[None, :], 1) + eps, 1.0)  # padding rows: no 0 / 0
             store_rounded(O + base + offs_n[:, None] * D + offs_d[None, :], num / den[:, None], m)
 
-    @triton.jit(do_not_specialize=["eps", "N", "D"])
-    def _linear_bwd_kernel(
-        Q, K, V, DO, KV, KSUM, DQ, DK, DV, eps, N, D,
+    @triton.jit(do_not_specialize=["eps", "N", "D", "CHUNK"])
+    def _linear_dq_kernel(
+        Q, DO, KV, KSUM, DQ, DKV, DKSUM, eps, N, D, CHUNK,
         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, F32: tl.constexpr,
     ):  # fmt: skip
+        """dq of this chunk's queries (out = num / den, num = phi(q) KV, den = phi(q) . ksum + eps), and
+        the chunk's parts of dKV = sum phi(q)^T dnum and dksum = sum dden phi(q)."""
         bh = tl.program_id(0)
+        c = tl.program_id(1)
         base = bh * N * D
         offs_d = tl.arange(0, BLOCK_D)
         dm = offs_d < D
@@ -192,8 +250,7 @@ if HAS_TRITON:
         ksum = tl.load(KSUM + bh * D + offs_d, mask=dm, other=0.0)
         dkv = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
         dksum = tl.zeros([BLOCK_D], dtype=tl.float32)
-        # queries: out = num / den, num = phi(q) KV, den = phi(q) . ksum + eps
-        for n0 in range(0, N, BLOCK_N):
+        for n0 in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, N), BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             m = (offs_n < N)[:, None] & dm[None, :]
             ptrs = base + offs_n[:, None] * D + offs_d[None, :]
@@ -205,12 +262,28 @@ if HAS_TRITON:
             dnum = do / den[:, None]
             dden = -tl.sum(dnum * num, 1) / den
             dpq = dot(dnum, tl.trans(kv), True) + dden[:, None] * ksum[None, :]
-            dq = dpq * tl.where(q > 0, 1.0, tl.exp(tl.minimum(q, 0.0, propagate_nan=tl.PropagateNan.ALL)))
-            store_rounded(DQ + ptrs, dq, m)
+            store_rounded(DQ + ptrs, dpq * _elu1_grad(q), m)
             dkv += dot(tl.trans(pq), dnum, True)
             dksum += tl.sum(dden[:, None] * pq, 0)
-        # keys and values: KV = sum_s phi(k_s) v_s^T, ksum = sum_s phi(k_s)
-        for n0 in range(0, N, BLOCK_N):
+        part = bh * tl.num_programs(1) + c
+        tl.store(DKV + part * D * D + dd, dkv, mask=dm[:, None] & dm[None, :])
+        tl.store(DKSUM + part * D + offs_d, dksum, mask=dm)
+
+    @triton.jit(do_not_specialize=["N", "D", "CHUNK"])
+    def _linear_dkdv_kernel(
+        K, V, DKV, DKSUM, DK, DV, N, D, CHUNK,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, F32: tl.constexpr,
+    ):  # fmt: skip
+        """dk, dv of this chunk's keys and values (KV = sum_s phi(k_s) v_s^T, ksum = sum_s phi(k_s))."""
+        bh = tl.program_id(0)
+        c = tl.program_id(1)
+        base = bh * N * D
+        offs_d = tl.arange(0, BLOCK_D)
+        dm = offs_d < D
+        dd = offs_d[:, None] * D + offs_d[None, :]
+        dkv = tl.load(DKV + bh * D * D + dd, mask=dm[:, None] & dm[None, :], other=0.0)
+        dksum = tl.load(DKSUM + bh * D + offs_d, mask=dm, other=0.0)
+        for n0 in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, N), BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             m = (offs_n < N)[:, None] & dm[None, :]
             ptrs = base + offs_n[:, None] * D + offs_d[None, :]
@@ -218,5 +291,5 @@ if HAS_TRITON:
             v = load(V + ptrs, m, F32).to(tl.float32)
             pk = tl.where(m, _elu1(k), 0.0)
             dpk = dot(v, tl.trans(dkv), True) + dksum[None, :]
-            store_rounded(DK + ptrs, dpk * tl.where(k > 0, 1.0, tl.exp(tl.minimum(k, 0.0, propagate_nan=tl.PropagateNan.ALL))), m)
+            store_rounded(DK + ptrs, dpk * _elu1_grad(k), m)
             store_rounded(DV + ptrs, dot(pk, dkv, True), m)
