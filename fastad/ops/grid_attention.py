@@ -207,8 +207,14 @@ def flex_grid_attention(q, k, v, h: int, w: int, window: int, scale: float, only
     tests of the mask off the GPU."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    fn = _compiled_flex() if compiled else flex_attention
-    return fn(q, k, v, block_mask=_block_mask(h, w, window, only, q.device), scale=scale)
+    mask = _block_mask(h, w, window, only, q.device)
+    if not compiled:
+        return flex_attention(q, k, v, block_mask=mask, scale=scale)
+    # one compiled graph per (grid, window, kind, shape, dtype): more than dynamo's default 8 recompiles
+    # of one function (RLR alone has 3 grids x 2 kinds), past which it would run FlexAttention's dense
+    # eager fallback
+    with torch._dynamo.config.patch(recompile_limit=max(256, torch._dynamo.config.recompile_limit)):
+        return _compiled_flex()(q, k, v, block_mask=mask, scale=scale)
 
 
 # ----------------------------------------------------------------------------------------------------
