@@ -16,12 +16,12 @@ keys) walks only the band of grid rows and columns its windows can reach, one gr
 that it costs O(N p^2 d) instead of O(N^2 d). Neighbour mask: flat 64-token tiles over the whole
 sequence (grid rows need not fit a tile), each classified from its grid rows: a tile outside every
 window of the block is all allowed and runs without the mask, the few that meet the window band get
-the mask. The mask itself is computed from indices. The ``*_reference`` functions build the dense mask as the authors' code does.
-Off the kernels (:mod:`fastad.ops.dispatch`) the ops run PyTorch's ``scaled_dot_product_attention``
-with the dense boolean mask: the same results, at the baselines' speed and memory. On CUDA a third
-candidate of the measuring dispatcher is FlexAttention (compiled ``flex_attention`` with the window
-rule as its ``mask_mod`` and a cached ``BlockMask``: tiles outside the band are skipped, tiles wholly
-inside it run without the mask).
+the mask. The mask itself is computed from indices. The ``*_reference`` functions build the dense
+mask as the authors' code does. Off the kernels (:mod:`fastad.ops.dispatch`) the ops run PyTorch's
+``scaled_dot_product_attention`` with the dense boolean mask: the same results, at the baselines'
+speed and memory. On CUDA a third candidate of the measuring dispatcher is FlexAttention (compiled
+``flex_attention`` with the window rule as its ``mask_mod`` and a cached ``BlockMask``: tiles outside
+the band are skipped, tiles wholly inside it run without the mask).
 """
 from __future__ import annotations
 
@@ -322,23 +322,16 @@ def _config(dtype: torch.dtype, d: int, w: int, cuda: bool, only: bool = True) -
 if HAS_TRITON:
 
     @triton.jit
-    def _band(first, last, H, W, R, ONLY: tl.constexpr):
+    def _band(first, last, H, W, R):
         """Grid rows and columns [r_lo, r_hi] x [c_lo, c_hi] reachable from the windows of the tokens
-        first..last (row-major indices): the window band for local attention, all cells otherwise."""
-        if ONLY:
-            r0 = first // W
-            r1 = last // W
-            r_lo = tl.maximum(r0 - R, 0)
-            r_hi = tl.minimum(r1 + R, H - 1)
-            c_lo = tl.where(r0 == r1, tl.maximum(first % W - R, 0), 0)
-            c_hi = tl.where(r0 == r1, tl.minimum(last % W + R, W - 1), W - 1)
-        else:
-            r_lo = 0
-            r_hi = H - 1
-            c_lo = 0
-            c_hi = W - 1
+        first..last (row-major indices): the window band of local attention."""
+        r0 = first // W
+        r1 = last // W
+        r_lo = tl.maximum(r0 - R, 0)
+        r_hi = tl.minimum(r1 + R, H - 1)
+        c_lo = tl.where(r0 == r1, tl.maximum(first % W - R, 0), 0)
+        c_hi = tl.where(r0 == r1, tl.minimum(last % W + R, W - 1), W - 1)
         return r_lo, r_hi, c_lo, c_hi
-
 
     @triton.jit
     def _allowed(rows_m, cols_m, rows_n, cols_n, valid, R, ONLY: tl.constexpr):
@@ -429,7 +422,7 @@ if HAS_TRITON:
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         last = tl.minimum(first + BLOCK_M, N) - 1
         if ONLY:
-            r_lo, r_hi, c_lo, c_hi = _band(first, last, H, W, R, ONLY)
+            r_lo, r_hi, c_lo, c_hi = _band(first, last, H, W, R)
             for kr in range(r_lo, r_hi + 1):
                 for c0 in range(c_lo, c_hi + 1, BLOCK_N):
                     k, v, cols_n, cn = _row_tile(K, V, base, kr, c0, c_hi, W, D, offs_d, dm, BLOCK_N, F32)
@@ -469,7 +462,7 @@ if HAS_TRITON:
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         last = tl.minimum(first + BLOCK_M, N) - 1
         if ONLY:
-            r_lo, r_hi, c_lo, c_hi = _band(first, last, H, W, R, ONLY)
+            r_lo, r_hi, c_lo, c_hi = _band(first, last, H, W, R)
             for kr in range(r_lo, r_hi + 1):
                 for c0 in range(c_lo, c_hi + 1, BLOCK_N):
                     k, v, cols_n, cn = _row_tile(K, V, base, kr, c0, c_hi, W, D, offs_d, dm, BLOCK_N, F32)
@@ -506,7 +499,7 @@ if HAS_TRITON:
         dv = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         last = tl.minimum(first + BLOCK_M, N) - 1
         if ONLY:
-            r_lo, r_hi, c_lo, c_hi = _band(first, last, H, W, R, ONLY)
+            r_lo, r_hi, c_lo, c_hi = _band(first, last, H, W, R)
             for qr in range(r_lo, r_hi + 1):
                 for c0 in range(c_lo, c_hi + 1, BLOCK_N):
                     q, do, cols_q, cq = _row_tile(Q, DO, base, qr, c0, c_hi, W, D, offs_d, dm, BLOCK_N, F32)
