@@ -76,6 +76,8 @@ def _flops(n: int, keys: int, dim: int, heads: int) -> float:
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("side,heads,dim,window", GRIDS)
 def test_masked_attention(benchmark, impl, kind, side, heads, dim, window):
+    if impl == "flex" and os.environ.get("FASTAD_FLEX") == "0":
+        pytest.skip("FASTAD_FLEX=0 (gpu_check.sh --quick: FlexAttention's compile time does not fit its 10 minutes)")
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(BATCH, heads, side * side, dim, generator=g).to(DEVICE).requires_grad_() for _ in range(3))
     inside = window_mask((side, side), window, "cpu")

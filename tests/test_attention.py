@@ -230,8 +230,8 @@ def test_flex_mask_is_the_window_rule(kind, grid, window):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (FlexAttention has no CPU backward)")
 @pytest.mark.parametrize("kind", list(MASKED))
-@pytest.mark.parametrize("grid,window", [((5, 7), 3), ((4, 4), 7), ((16, 16), 5), ((28, 28), 7)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+# (4, 4) x 7: the neighbour mask leaves no key (0 out, 0 gradients); each case compiles FlexAttention
+@pytest.mark.parametrize("grid,window,dtype", [((4, 4), 7, torch.float32), ((28, 28), 7, torch.bfloat16)])
 def test_flex_path_forward_and_backward_on_cuda(kind, grid, window, dtype):
     from fastad.ops import dispatch
 

@@ -2,6 +2,7 @@
 measured device type), and on CUDA the check that every implementation it may choose gives the op's
 documented results."""
 import json
+import os
 import subprocess
 import sys
 
@@ -378,3 +379,10 @@ def test_flex_is_measured_but_the_fixed_rule_takes_it_only_when_asked(tuner, mon
     got = neighbour_masked_attention(q, k, v, (5, 7), 3)
     assert timer.calls[-1] == "flex" and list(dispatch.choices().values())[-1]["choice"] == "flex"
     torch.testing.assert_close(got, neighbour_masked_attention_reference(q, k, v, (5, 7), 3))
+
+
+def test_fastad_flex_0_leaves_flexattention_out():
+    code = "from fastad.ops import dispatch; print(dispatch.settings['flex'])"
+    out = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env}).stdout.strip() for env in ({"FASTAD_FLEX": "0"}, {"FASTAD_FLEX": "1"})]
+    assert out == ["False", "None"]

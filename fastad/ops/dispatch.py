@@ -17,7 +17,7 @@ reference). An implementation *can run* on a tensor when:
   cached block mask: the window attention ops), it is not disabled, and the tensor is a 16- or 32-bit
   float CUDA tensor (FlexAttention has no CPU backward). It competes in the measuring rule; the fixed
   rule takes it only inside ``kernels(flex=True)`` (so ``FASTAD_AUTOTUNE=0`` and ``kernels(triton=False)``
-  keep their meaning);
+  keep their meaning); ``FASTAD_FLEX=0`` in the environment leaves it out;
 - ``'reference'``: always.
 
 **The fixed rule** (:func:`implementation`) takes the first that can run, in that order, except
@@ -88,8 +88,10 @@ except ImportError:  # pragma: no cover - older torch
 
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # extension / triton / flex: the kernel families; autotune: the measuring rule (FASTAD_AUTOTUNE=0: off)
-# (flex: None = measured only, True = also the fixed rule's, False = never)
-settings = {"extension": True, "triton": True, "flex": None, "autotune": os.environ.get("FASTAD_AUTOTUNE", "1") != "0"}
+# (flex: None = measured only, True = also the fixed rule's, False = never: FASTAD_FLEX=0, which also
+# saves its compile time, tens of seconds per shape, where the first calls are what counts)
+settings = {"extension": True, "triton": True, "flex": False if os.environ.get("FASTAD_FLEX") == "0" else None,
+            "autotune": os.environ.get("FASTAD_AUTOTUNE", "1") != "0"}
 # device types on which run() measures (the CPU paths are chosen by the fixed rule; tests add "cpu")
 AUTOTUNED_DEVICE_TYPES = {"cuda"}
 _ORDER = ("extension", "triton", "flex", "reference")
