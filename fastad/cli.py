@@ -420,12 +420,20 @@ def _parallel_mode(args, world: int, jobs: int) -> str:
 
 
 def run(args) -> int:
+    """``fastad run``: the jobs of the arguments; the writing process holds ``--out`` exclusively."""
+    import contextlib
+
+    with contextlib.ExitStack() as held:
+        return _run(args, held)
+
+
+def _run(args, held) -> int:
     import torch
     from torch.utils.data import ConcatDataset
 
     from . import distributed
     from .engine import score
-    from .faults import atomic_write, check_writable
+    from .faults import atomic_write, check_writable, exclusive_folder
     from .overlays import save_overlays
 
     ctx = distributed.init(args.device)
@@ -466,6 +474,9 @@ def run(args) -> int:
     if mode in ("jobs", "shard") and not args.out:
         raise UsageError(f"--{'shard' if shard else 'parallel jobs'} writes each finished job under --out; pass --out DIR")
     if mode in ("serial", "data") and args.out and not quiet:
+        # a second run into the same --out stops here with one line, before it touches a file; jobs
+        # and shards write one file per job atomically and share --out by design
+        held.enter_context(exclusive_folder(args.out, "--out"))
         _keep_previous_results(args.out)
     common = dict(batch_size=args.batch_size, num_workers=args.num_workers)
     built = iter([first])  # the first model is reused, then a fresh one per class

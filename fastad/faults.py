@@ -71,6 +71,37 @@ def check_writable(folder: str | os.PathLike, what: str) -> None:
         raise type(exc)(exc.errno or errno.EIO, f"{what} {folder} is not writable: {reason}") from None
 
 
+@contextlib.contextmanager
+def exclusive_folder(folder: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (``folder/.fastad.lock``, ``fcntl.flock``) for the block, so
+    that two fastad processes never write one folder's files at once. The lock ends with the block or
+    the process (a crashed run leaves no stale lock); the file names its holder.
+
+    Raises:
+        OSError (EBUSY) naming ``folder``, ``what`` (e.g. ``'--out'``) and the holder when another
+        process holds it.
+    """
+    import fcntl
+    import socket
+    import time
+
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    fd = os.open(os.path.join(folder, ".fastad.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 300).decode(errors="replace").strip() or "another process"
+            raise OSError(errno.EBUSY, f"{what} {folder} is being written by another fastad run ({holder}); wait for "
+                          f"it to finish or pass another {what}") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """Whether ``exc`` is a device (or host allocator) out-of-memory error."""
     return isinstance(exc, torch.cuda.OutOfMemoryError) or (

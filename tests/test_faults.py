@@ -254,6 +254,27 @@ def test_unwritable_output_is_an_error_before_any_work(tmp_path, capsys):
         out.chmod(0o755)
 
 
+def test_a_second_run_into_a_busy_out_is_one_line_and_touches_nothing(tmp_path, capsys):
+    out = tmp_path / "results"
+    assert main(["run", "--out", str(out), "--no-cache", "--overlays", "0"]) == 0
+    def results():  # every file but the lock itself
+        return {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".fastad.lock"}
+
+    before = results()
+    holder = subprocess.Popen([sys.executable, "-c", f"from fastad.faults import exclusive_folder\nimport sys, time\n"
+                               f"with exclusive_folder({str(out)!r}, '--out'):\n    print('held', flush=True)\n"
+                               f"    sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        msg = cli_error(capsys, ["run", "--out", str(out), "--no-cache", "--overlays", "0"])
+        assert f"--out {out} is being written by another fastad run (pid {holder.pid} on " in msg and "another --out" in msg
+        assert results() == before and sorted(before) == ["results.json", "results.md"]  # nothing touched
+    finally:
+        holder.kill()  # a killed holder leaves no stale lock
+        holder.wait()
+    assert main(["run", "--out", str(out), "--no-cache", "--overlays", "0"]) == 0
+
+
 def test_out_of_memory_names_the_stage_and_the_knob(monkeypatch, capsys):
     with pytest.raises(torch.cuda.OutOfMemoryError, match=r"out of memory in the kNN search: cap its memory with --set bank_memory=BYTES"):
         with memory_stage("the kNN search", "cap its memory with --set bank_memory=BYTES"):
@@ -355,6 +376,7 @@ def test_earlier_results_are_kept_not_overwritten(tmp_path, capsys):
     first = (out / "results.json").read_text()
     assert main(args) == 0 and main(args) == 0
     assert "kept the earlier results.json as results.json.~2~" in capsys.readouterr().out
-    assert sorted(os.listdir(out)) == ["results.json", "results.json.~1~", "results.json.~2~", "results.md",
+    # (and the lock file of the run that writes --out)
+    assert sorted(os.listdir(out)) == [".fastad.lock", "results.json", "results.json.~1~", "results.json.~2~", "results.md",
                                        "results.md.~1~", "results.md.~2~"]
     assert (out / "results.json.~1~").read_text() == first
