@@ -39,7 +39,7 @@ except ImportError as exc:  # importing fastad never needs anomalib; this module
 import torch
 
 from .. import metrics
-from ..metrics.aupro import label_regions
+from ..metrics.aupro import label_regions, pro_after
 from ..metrics.ranking import RankedScores
 from ..metrics.streaming import _cat
 from ..ops import FeatureBank, greedy_coreset
@@ -264,6 +264,11 @@ class _BinaryCurve:
         else:
             self.confmat += _confmat(preds, target, self.thresholds)
 
+    def compute(self) -> torch.Tensor:
+        """float32: fastad's exact metric, or (binned) the area over torchmetrics' binned curve. Comes
+        after AnomalibMetric.compute, which answers None for a non-strict metric never updated."""
+        return _float32(super().compute()) if self.thresholds is None else self._binned_area()
+
     def _exact_counts(self):
         """(tp, fp) float64 at every distinct score, highest first, from fastad's one sort."""
         tp, fp, _ = self._ranked().curve()
@@ -275,11 +280,7 @@ class AUROC(AnomalibMetric, _BinaryCurve, metrics.AUROC):
     fastad's ranking: float32 result, ``generate_figure()`` (anomalib's ROC figure), torchmetrics'
     ``thresholds`` / ``ignore_index`` / ``validate_args``."""
 
-    def compute(self) -> torch.Tensor:
-        if self.thresholds is None:
-            return _float32(super().compute())
-        if getattr(self, "_update_count", 1) == 0 and not self.strict:
-            return None
+    def _binned_area(self) -> torch.Tensor:
         fpr, tpr = self._compute()
         return auc(fpr, tpr, reorder=True)
 
@@ -301,11 +302,7 @@ class AUPR(AnomalibMetric, _BinaryCurve, metrics.AveragePrecision):
     """anomalib's ``AUPR`` (average precision) on fastad's ranking: float32 result, ``generate_figure()``
     (anomalib's PR figure), torchmetrics' ``thresholds`` / ``ignore_index`` / ``validate_args``."""
 
-    def compute(self) -> torch.Tensor:
-        if self.thresholds is None:
-            return _float32(super().compute())
-        if getattr(self, "_update_count", 1) == 0 and not self.strict:
-            return None
+    def _binned_area(self) -> torch.Tensor:
         prec, rec = self._compute()
         prec = torch.where(torch.isnan(prec), torch.zeros_like(prec), prec)
         rec = torch.where(torch.isnan(rec), torch.zeros_like(rec), rec)
@@ -382,14 +379,12 @@ class AUPRO(AnomalibMetric, _MapInputs, metrics.AUPRO):
         limit = float(self.fpr_limit)
         device = maps.device
         edge = torch.tensor([0.0, limit], device=device), torch.zeros(2, device=device)
-        labels, n_regions = label_regions(masks)
-        if n_regions == 0 or bool(masks.all()):
+        regions = label_regions(masks)
+        if regions[1] == 0 or bool(masks.all()):
             return edge
         ranked = RankedScores(maps, masks)
         tp, fp, _ = ranked.curve()
-        lab = labels.reshape(-1).to(device)[ranked.order[ranked.labels]]
-        weight = 1.0 / (torch.bincount(lab).double()[lab] * n_regions)  # each anomalous pixel's share of the PRO
-        pro = torch.cat([weight.new_zeros(1), torch.cumsum(weight, 0)])[tp.long()]
+        pro = pro_after(ranked, regions)[tp.long()]
         zero = fp.new_zeros(1)
         fpr = torch.cat([zero, fp / ranked.n_neg]).clamp(max=1.0).float()
         pro = torch.cat([zero, pro]).clamp(max=1.0).float()

@@ -9,7 +9,7 @@ import torch
 
 from .ranking import RankedScores
 
-__all__ = ["aupro", "aupro_reference", "label_regions"]
+__all__ = ["aupro", "aupro_reference", "label_regions", "pro_after"]
 
 
 def label_regions(masks: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -70,13 +70,19 @@ def aupro(
         raise ValueError(f"maps {tuple(maps.shape)} and masks {tuple(masks.shape)} must have one shape")
     ranked = ranked if ranked is not None else RankedScores(maps, masks)
     ranked._need_both("AUPRO")
-    labels, n_regions = regions if regions is not None else label_regions(masks)
+    tp, fp = ranked.counts()
+    pro = pro_after(ranked, regions if regions is not None else label_regions(masks))[tp.long()]
+    return _area(fp / ranked.n_neg, pro, fpr_limit)
+
+
+def pro_after(ranked: RankedScores, regions: tuple[torch.Tensor, int]) -> torch.Tensor:
+    """(n_pos + 1,) float64: the per-region overlap once the k highest-scoring anomalous pixels of
+    ``ranked`` are predicted anomalous, k = 0 .. n_pos (``regions``: :func:`label_regions` of the masks)."""
+    labels, n_regions = regions
     # region of every anomalous pixel, in the sorted order; each adds 1 / (|region| * R) to the PRO
     lab = labels.reshape(-1).to(ranked.order.device)[ranked.order[ranked.labels]]
     weight = 1.0 / (torch.bincount(lab).double()[lab] * n_regions)
-    tp, fp = ranked.counts()
-    pro = torch.cat([weight.new_zeros(1), torch.cumsum(weight, 0)])[tp.long()]  # PRO after tp anomalous pixels
-    return _area(fp / ranked.n_neg, pro, fpr_limit)
+    return torch.cat([weight.new_zeros(1), torch.cumsum(weight, 0)])
 
 
 def aupro_reference(maps: torch.Tensor, masks: torch.Tensor, fpr_limit: float = 0.3) -> float:

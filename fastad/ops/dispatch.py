@@ -124,8 +124,13 @@ def kernels(*, extension: bool | None = None, triton: bool | None = None, flex: 
         settings.update(saved)
 
 
+def _extension_built(device: torch.device) -> bool:
+    """Whether fastad._C holds kernels for ``device``'s type (C++ on the CPU, CUDA on the GPU)."""
+    return (device.type == "cpu" and HAS_EXTENSION) or (device.type == "cuda" and CUDA_COMPILED)
+
+
 def _extension_runs(device: torch.device) -> bool:
-    if (device.type == "cpu" and HAS_EXTENSION) or (device.type == "cuda" and CUDA_COMPILED):
+    if _extension_built(device):
         return True
     if device.type not in _warned:
         _warned.add(device.type)
@@ -374,11 +379,11 @@ def _write_cache(entry: str, value: dict) -> None:
 
 def describe(device: torch.device | str) -> str:
     """One line naming ``device`` and the kernel families that can run there, e.g. ``'cuda:0 (NVIDIA
-    H200): extension (C++/CUDA), Triton, FlexAttention, PyTorch; measuring dispatcher on'``."""
+    H200): extension (CUDA), Triton, FlexAttention, PyTorch; measuring dispatcher'``."""
     device = torch.device(device)
     probe = torch.empty(0, device=device)
     families = ["extension (C++)" if device.type == "cpu" else "extension (CUDA)"] if (
-        settings["extension"] and ((device.type == "cpu" and HAS_EXTENSION) or (device.type == "cuda" and CUDA_COMPILED))) else []
+        settings["extension"] and _extension_built(device)) else []
     if _triton_runs(probe):
         families.append("Triton (interpreted)" if device.type == "cpu" else "Triton")
     if _flex_runs(probe):

@@ -44,7 +44,6 @@ _U = 2.0 ** -8  # unit roundoff of bfloat16, the coarsest GEMM the candidate bou
 _PAIR_ELEMENTS = 1 << 22  # pairs x dim per chunk of the PyTorch re-scoring
 _TOP_EXTRA = 15  # the Triton re-scoring takes the k + 15 best scores (rounded up to a power of two) per query
 _TOP_MAX = 256  # ... at most: a larger k takes the PyTorch re-scoring
-_EPS = 1e-12  # F.normalize's eps: a zero vector has cosine 0 with everything
 
 
 def operand_roundoff(dtype: torch.dtype) -> float:

@@ -184,6 +184,21 @@ if HAS_TRITON:
     def _elu1_grad(x):
         return tl.where(x > 0, 1.0, tl.exp(tl.minimum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)))
 
+    @triton.jit
+    def _load_state(S, SUM, bh, D, offs_d, dm):
+        """(bh)'s d x d state and d-vector (float32, 0 outside D)."""
+        dd = offs_d[:, None] * D + offs_d[None, :]
+        return (tl.load(S + bh * D * D + dd, mask=dm[:, None] & dm[None, :], other=0.0),
+                tl.load(SUM + bh * D + offs_d, mask=dm, other=0.0))
+
+    @triton.jit
+    def _store_part(S, SUM, s, ssum, D, offs_d, dm):
+        """This program's (bh, chunk) partial state and d-vector into the (bh, chunks, ...) buffers."""
+        part = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        dd = offs_d[:, None] * D + offs_d[None, :]
+        tl.store(S + part * D * D + dd, s, mask=dm[:, None] & dm[None, :])
+        tl.store(SUM + part * D + offs_d, ssum, mask=dm)
+
     @triton.jit(do_not_specialize=["N", "D", "CHUNK"])
     def _linear_state_kernel(
         K, V, KV, KSUM, N, D, CHUNK,
@@ -205,10 +220,7 @@ if HAS_TRITON:
             pk = tl.where(m, _elu1(k.to(tl.float32)), 0.0)  # padding rows must not add phi(0) = 1
             kv += dot(tl.trans(pk).to(v.dtype), v, F32)
             ksum += tl.sum(pk, 0)
-        part = bh * tl.num_programs(1) + c
-        dd = offs_d[:, None] * D + offs_d[None, :]
-        tl.store(KV + part * D * D + dd, kv, mask=dm[:, None] & dm[None, :])
-        tl.store(KSUM + part * D + offs_d, ksum, mask=dm)
+        _store_part(KV, KSUM, kv, ksum, D, offs_d, dm)
 
     @triton.jit(do_not_specialize=["eps", "N", "D", "CHUNK"])
     def _linear_out_kernel(
@@ -221,9 +233,7 @@ if HAS_TRITON:
         base = bh * N * D
         offs_d = tl.arange(0, BLOCK_D)
         dm = offs_d < D
-        dd = offs_d[:, None] * D + offs_d[None, :]
-        kv = tl.load(KV + bh * D * D + dd, mask=dm[:, None] & dm[None, :], other=0.0)
-        ksum = tl.load(KSUM + bh * D + offs_d, mask=dm, other=0.0)
+        kv, ksum = _load_state(KV, KSUM, bh, D, offs_d, dm)
         for n0 in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, N), BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             m = (offs_n < N)[:, None] & dm[None, :]
@@ -245,9 +255,7 @@ if HAS_TRITON:
         base = bh * N * D
         offs_d = tl.arange(0, BLOCK_D)
         dm = offs_d < D
-        dd = offs_d[:, None] * D + offs_d[None, :]
-        kv = tl.load(KV + bh * D * D + dd, mask=dm[:, None] & dm[None, :], other=0.0)
-        ksum = tl.load(KSUM + bh * D + offs_d, mask=dm, other=0.0)
+        kv, ksum = _load_state(KV, KSUM, bh, D, offs_d, dm)
         dkv = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
         dksum = tl.zeros([BLOCK_D], dtype=tl.float32)
         for n0 in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, N), BLOCK_N):
@@ -265,9 +273,7 @@ if HAS_TRITON:
             store_rounded(DQ + ptrs, dpq * _elu1_grad(q), m)
             dkv += dot(tl.trans(pq), dnum, True)
             dksum += tl.sum(dden[:, None] * pq, 0)
-        part = bh * tl.num_programs(1) + c
-        tl.store(DKV + part * D * D + dd, dkv, mask=dm[:, None] & dm[None, :])
-        tl.store(DKSUM + part * D + offs_d, dksum, mask=dm)
+        _store_part(DKV, DKSUM, dkv, dksum, D, offs_d, dm)
 
     @triton.jit(do_not_specialize=["N", "D", "CHUNK"])
     def _linear_dkdv_kernel(
@@ -280,9 +286,7 @@ if HAS_TRITON:
         base = bh * N * D
         offs_d = tl.arange(0, BLOCK_D)
         dm = offs_d < D
-        dd = offs_d[:, None] * D + offs_d[None, :]
-        dkv = tl.load(DKV + bh * D * D + dd, mask=dm[:, None] & dm[None, :], other=0.0)
-        dksum = tl.load(DKSUM + bh * D + offs_d, mask=dm, other=0.0)
+        dkv, dksum = _load_state(DKV, DKSUM, bh, D, offs_d, dm)
         for n0 in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, N), BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             m = (offs_n < N)[:, None] & dm[None, :]
