@@ -23,6 +23,7 @@ Rows (the tables are printed at the end; bench/RESULTS.md keeps the measured one
 Each needs ../shared/data/mvtec/bottle and is skipped without it. FASTAD_BENCH_ITERS sets the
 training iterations timed per row (default 2 on the CPU, 20 on CUDA).
 """
+import argparse
 import json
 import os
 import subprocess
@@ -189,14 +190,14 @@ def _cli_run(args, cache_dir) -> float:
 def _data_before_backbone(args, cache_dir) -> float:
     """Seconds `fastad run` spends on data before any model work: building the sets, validating every
     file, the cache pass, then reading every train and test item once."""
-    from fastad import cli
+    from fastad import runs
 
-    parser_args = cli.argparse.Namespace(no_cache="--no-cache" in args, cache=str(cache_dir), cache_max_gb=50.0)
+    parser_args = argparse.Namespace(no_cache="--no-cache" in args, cache=str(cache_dir), cache_max_gb=50.0)
     t0 = time.perf_counter()
-    model = cli._build("patchcore", {})
-    sets = cli._datasets(f"mvtec:{DATA}", ["bottle"], model.transform())
-    sets, _ = cli._check_data(sets, quiet=True)
-    sets = cli._cache_sets(parser_args, sets)
+    model = runs._build("patchcore", {})
+    sets = runs._datasets(f"mvtec:{DATA}", ["bottle"], model.transform())
+    sets, _ = runs._check_data(sets, quiet=True)
+    sets = runs._cache_sets(parser_args, sets)
     for _, train, test in sets:
         for ds in (train, test):
             for i in range(len(ds)):

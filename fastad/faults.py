@@ -18,7 +18,12 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-__all__ = ["atomic_write", "check_writable", "is_out_of_memory", "memory_stage"]
+__all__ = ["UsageError", "atomic_write", "check_writable", "exclusive_folder", "is_out_of_memory", "memory_stage"]
+
+
+class UsageError(Exception):
+    """A user error (bad arguments or data): the command line prints it as one line
+    ``fastad: error: ...`` and exits with 2."""
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from conftest import TINY_DINOMALY, write_defect_images
-from fastad import cli
+from fastad import cli, runs
 from fastad.data import ImageTransform, WithReferences, mvtec
 from fastad.models import MODELS, create_model
 from fastad.ops import dispatch
@@ -36,7 +36,7 @@ def _cli_model_args(monkeypatch, argv, command="run"):
         seen.update(kwargs)
         raise Built
 
-    monkeypatch.setattr(cli, "_build", build)
+    monkeypatch.setattr(runs, "_build", build)
     with pytest.raises(Built):
         cli.main([command, "--debug", *argv])
     return seen
@@ -46,7 +46,7 @@ def _cli_model_args(monkeypatch, argv, command="run"):
 def test_every_recipe_row_is_what_the_cli_builds(monkeypatch, row):
     params = inspect.signature(MODELS[row["model"]].__init__).parameters
     assert set(row["args"]) <= set(params), "a recipe argument the model does not take"
-    cli._check_types(row["model"], row["args"])  # values of the arguments' types
+    runs._check_types(row["model"], row["args"])  # values of the arguments' types
     for kind in row["data"]:
         assert recipe_for(row["model"], kind, row["setting"]) is row
         if row["setting"] == "pretrain":  # fastad pretrain's rows
@@ -93,8 +93,8 @@ def test_select_on_test_is_labelled_and_picks_the_best(tmp_path, monkeypatch):
     argv = ["run", "--model", "fod", "--set", "weights=random", "--set", "image_size=64", "--set", "depth=1",
             "--set", "iterations=4", "--set", "train_batch_size=2", "--select-on-test", "2", "--out", str(out), "--overlays", "0"]
     seen = []
-    real = cli._select_on_test.__globals__["_fmt"]
-    monkeypatch.setattr(cli, "_fmt", lambda v: seen.append(v) or real(v))
+    real = runs._select_on_test.__globals__["_fmt"]
+    monkeypatch.setattr(runs, "_fmt", lambda v: seen.append(v) or real(v))
     assert cli.main(argv) == 0
     row = json.loads((out / "results.json").read_text())[0]
     assert row["selection"].startswith("TEST-SET SELECTION")

@@ -245,6 +245,9 @@ class AnomalyModel(nn.Module):
     # autocast at precision 'bf16' / 'fp16'; their outputs come back float32, so losses, quantiles,
     # maps and scores stay float32, as do the weights and the optimizer states
     autocast_modules: ClassVar[tuple[str, ...]] = ()
+    # what ``fastad run`` measured on the test set to label new images (fastad.metrics.calibration:
+    # thresholds, min-max statistics, the protocol); saved with the model, None until evaluated
+    calibration: dict | None = None
 
     @property
     def precision(self) -> str:
@@ -400,7 +403,7 @@ class AnomalyModel(nn.Module):
         """Read back what :meth:`checkpoint_state` wrote."""
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the model (weights, fitted buffers, config, and :meth:`checkpoint_state`) to one
+        """Write the model (weights, fitted buffers, config, :attr:`calibration` and :meth:`checkpoint_state`) to one
         safetensors file, atomically (:func:`fastad.faults.atomic_write`): a failed or killed write
         leaves the previous file as it was."""
         from safetensors.torch import save_file
@@ -419,6 +422,8 @@ class AnomalyModel(nn.Module):
         tensors.update(extra)
         meta = {"format": FORMAT, "model": self.registry_name or type(self).__name__, "class": type(self).__name__,
                 "fastad": __version__, "config": json.loads(config), **meta}
+        if self.calibration is not None:
+            meta["calibration"] = self.calibration
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"fastad": json.dumps(meta)}))
 
     def load_checkpoint(self, path: str | os.PathLike, *, restore_rng: bool = True) -> AnomalyModel:
@@ -435,6 +440,7 @@ class AnomalyModel(nn.Module):
         except RuntimeError as exc:  # missing / unexpected keys, shapes of a differently built model
             raise ValueError(f"{path} does not fit this {type(self).__name__}: {' '.join(str(exc).split())[:400]}") from None
         self.restore_checkpoint_state(tensors, meta, restore_rng)
+        self.calibration = meta.get("calibration") if isinstance(meta.get("calibration"), dict) else None
         return self
 
 
