@@ -116,11 +116,21 @@ def main(argv=None) -> int:
     cannot be written, a NaN loss, out of memory); ``--debug`` raises it with its traceback instead."""
     parser = argparse.ArgumentParser(prog="fastad", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    common.add_argument("--skip-bad-images", action="store_true",
-                        help="skip missing/unreadable images and masks (listed in a warning and in results.json) "
-                             "instead of stopping")
+    scoring = argparse.ArgumentParser(add_help=False)  # every command that runs a model
+    scoring.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    scoring.add_argument("--skip-bad-images", action="store_true",
+                         help="skip missing/unreadable images and masks (listed in a warning and in results.json) "
+                              "instead of stopping")
+    scoring.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                         help="the encoders and trainable networks under autocast in bfloat16 / float16 (weights, "
+                              "optimizer states, losses, maps, scores and metrics stay float32; fp16 trains with a "
+                              "dynamic loss scale); default fp32 (see the README: Speed)")
+    scoring.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
+                         help="torch.compile the encoders and trainable networks, for scoring (MODE: torch's "
+                              "reduce-overhead = CUDA graphs for fixed-size batches, or max-autotune) and training "
+                              "steps (default mode); a network that fails to compile runs eager with a warning; same "
+                              "results within float32 rounding")
+    common = argparse.ArgumentParser(add_help=False, parents=[scoring])  # and those that read datasets
     common.add_argument("--seed", type=int, default=0, help="torch's seed before each model is built (weights, "
                         "dropout; the models' own seeds, e.g. of the coreset, are --set seed=N)")
     common.add_argument("--on-nan", default="stop", choices=["stop", "skip"],
@@ -134,15 +144,6 @@ def main(argv=None) -> int:
     common.add_argument("--cache-max-gb", type=float, default=50.0,
                         help="cap of the cache folder in GiB: least recently used files are removed to make room; a "
                              "dataset over the cap is read uncached, with a warning (default 50)")
-    common.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
-                        help="the encoders and trainable networks under autocast in bfloat16 / float16 (weights, "
-                             "optimizer states, losses, maps, scores and metrics stay float32; fp16 trains with a "
-                             "dynamic loss scale); default fp32 (see the README: Speed)")
-    common.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
-                        help="torch.compile the encoders and trainable networks, for scoring (MODE: torch's "
-                             "reduce-overhead = CUDA graphs for fixed-size batches, or max-autotune) and training "
-                             "steps (default mode); a network that fails to compile runs eager with a warning; same "
-                             "results within float32 rounding")
     r = sub.add_parser("run", help="fit and evaluate a model", parents=[common])
     from .models import MODELS
 
@@ -208,7 +209,7 @@ def main(argv=None) -> int:
                        "--parallel jobs runs", parents=[common])
     m.add_argument("out", help="the --out folder of those runs")
     pr = sub.add_parser("predict", help="score new images with a saved model (a --checkpoint-dir file of fastad run): "
-                        "predictions.csv, anomaly maps and overlays under --out", parents=[common])
+                        "predictions.csv, anomaly maps and overlays under --out", parents=[scoring])
     pr.add_argument("checkpoint", help="a model file written by fastad run --checkpoint-dir (or model.save)")
     pr.add_argument("inputs", nargs="+", metavar="INPUT",
                     help="image files, folders (searched recursively), glob patterns or list files (.txt / .csv: one "

@@ -129,7 +129,10 @@ def predict_command(args) -> int:
         raise UsageError(f"--maps expects png, npy, both or none (or png,npy), got {args.maps!r}")
     device = distributed.resolve_device(args.device)
     print(f"device {_device_line(device)}", flush=True)
-    model = load_checkpoint(args.checkpoint, device=device)
+    runtime = {"precision": args.precision} if args.precision != "fp32" else {}
+    if args.compile:
+        runtime["compile"] = args.compile
+    model = load_checkpoint(args.checkpoint, device=device, **runtime)
     cal = model.calibration or {}
     threshold = args.threshold if args.threshold is not None else cal.get("image_threshold")
     if not cal:
@@ -157,7 +160,9 @@ def predict_command(args) -> int:
         scores, maps, ds = predict_images(model, paths, protocol=cal.get("protocol", "fastad"),
                                           batch_size=args.batch_size, num_workers=args.num_workers)
         have_stats = "image_min" in cal
-        normalised = normalise(scores, threshold, cal["image_min"], cal["image_max"]) if have_stats and threshold is not None else None
+        normalised = None
+        if have_stats and threshold is not None:
+            normalised = normalise(scores, threshold, cal["image_min"], cal["image_max"])
         labels = (scores.double() >= threshold) if threshold is not None else None
         # maps: anomalib's rule (the pixel threshold, else the image one, with the maps' statistics);
         # without stored statistics the 16-bit PNGs span this run's maps

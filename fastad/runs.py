@@ -435,6 +435,7 @@ def _run(args, held) -> int:
     from . import distributed
     from .engine import score
     from .faults import atomic_write, check_writable, exclusive_folder
+    from .metrics.calibration import calibrate
     from .overlays import save_overlays
 
     ctx = distributed.init(args.device)
@@ -524,7 +525,7 @@ def _run(args, held) -> int:
         res = {"class": name, "model": g.model, "dataset": g.label, "data": g.data, "setting": args.setting,
                "n_train": len(train), "fit_s": fit_s, "image_size": list(model.image_size),
                "resize_size": list(model.resize_size), **metrics,
-               "image_threshold": _threshold(scores, labels), "skipped_images": g.skipped.get(name, []),
+               "image_threshold": calibrate(scores, labels)["image_threshold"], "skipped_images": g.skipped.get(name, []),
                **g.described, "selection": selection}
         if args.out and args.overlays:
             prefix = f"{g.model}-{g.label}-{name}" if sweep else name
@@ -581,14 +582,6 @@ def _run(args, held) -> int:
         merge(args.out)
         print(f"wrote {os.path.join(args.out, 'results.json')} ({len(jobs)} jobs on {ctx.world} processes)", flush=True)
     return 0
-
-
-def _threshold(scores, labels) -> float | None:
-    """The image-level F1-optimal threshold of a job's test scores (None with one class only)."""
-    from .metrics.ranking import RankedScores
-
-    ranked = RankedScores(scores.double(), labels)
-    return float(ranked.f1_max_threshold()[1]) if ranked.n_pos and ranked.n_neg else None
 
 
 def _claim(store, key: str, order: list[int]):

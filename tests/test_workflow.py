@@ -255,7 +255,7 @@ def test_predict_scores_as_the_model_and_labels_at_the_stored_threshold(model, s
     assert not (out2 / "maps").exists()
 
 
-def test_predict_lists_bad_inputs_and_works_without_a_stored_threshold(strips, tmp_path, capsys):
+def test_predict_lists_bad_inputs_and_works_without_a_stored_threshold(strips, tmp_path, capsys, monkeypatch):
     from fastad.models import create_model
     from fastad.data import SyntheticDataset
 
@@ -277,6 +277,15 @@ def test_predict_lists_bad_inputs_and_works_without_a_stored_threshold(strips, t
     assert "skipped 2 input(s)" in captured.err
     rows = _predictions(tmp_path / "p")
     assert len(rows) == 8 and all(r["label"] == "" and r["normalised_score"] == "" and float(r["score"]) > 0 for r in rows)
+    # --precision reaches the loaded model (its encoder under bf16 autocast)
+    import fastad.models
+
+    seen = {}
+    real = fastad.models.load_checkpoint
+    monkeypatch.setattr(fastad.models, "load_checkpoint", lambda *a, **kw: seen.update(kw) or real(*a, **kw))
+    assert main(["predict", str(tmp_path / "raw.safetensors"), str(folder / "good-000.png"), "--out", str(tmp_path / "b"),
+                 "--precision", "bf16", "--overlays", "0"]) == 0
+    assert seen["precision"] == "bf16" and len(_predictions(tmp_path / "b")) == 1
     # a truncated checkpoint is one line
     (tmp_path / "cut.safetensors").write_bytes((tmp_path / "raw.safetensors").read_bytes()[:100])
     assert "truncated or corrupt" in cli_error(capsys, ["predict", str(tmp_path / "cut.safetensors"), str(folder),
