@@ -425,6 +425,26 @@ def test_shards_and_merge_give_the_serial_tables(folders, serial, tmp_path):
     assert (sharded / "results.md").read_text().splitlines()[0] == f"# fastad patchcore on mvtec:{folders} (separate)"
 
 
+def test_a_sweep_in_jobs_mode_equals_the_serial_sweep(folders, tmp_path):
+    """Two models x two datasets: every (model, dataset, class) one job of the shared queue."""
+    def argv(out, *extra):
+        return ["run", "--model", "patchcore,padim", "--data", "synthetic", "--data", f"mvtec:{folders}",
+                "--set", "image_size=48", "--set", "crop_fraction=1.0", "--overlays", "0", "--out", str(out), *extra]
+
+    assert distributed.spawn(_cli_job, 1, argv(tmp_path / "serial")) == [0]
+    assert distributed.spawn(_cli_job, 2, argv(tmp_path / "jobs", "--parallel", "jobs")) == [0, 0]
+    assert sorted(p.name for p in (tmp_path / "jobs" / "jobs").iterdir()) == sorted(
+        f"{m}-{d}-{c}.json" for m in ("patchcore", "padim")
+        for d, c in (("synthetic", "synthetic"), ("mvtec", "a"), ("mvtec", "b"), ("mvtec", "c")))
+
+    def keyed(out):
+        rows = json.loads((Path(out) / "results.json").read_text())
+        return [((r["dataset"], r["model"], r["class"]), {k: v for k, v in r.items() if k.startswith(("image_", "pixel_"))})
+                for r in rows]
+
+    assert keyed(tmp_path / "jobs") == keyed(tmp_path / "serial")  # same rows, same order
+
+
 def test_data_mode_equals_a_serial_run(folders, serial, tmp_path):
     data = tmp_path / "data"
     assert distributed.spawn(_cli_job, 2, _args(folders, data, "--classes", "a", "c", "--parallel", "data")) == [0, 0]
