@@ -17,7 +17,8 @@ def pick_examples(scores: torch.Tensor, labels: torch.Tensor, n: int = 4) -> lis
     return anomalous + normal
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -31,7 +32,7 @@ def save_overlay(image: torch.Tensor, amap: torch.Tensor, path: str, *, title: s
     """One PNG: the image, the anomaly map over it (colour scale ``lo``..``hi``) and, with ``mask``,
     the ground truth. ``image``: (3, H, W) ImageNet-normalised float; ``amap``: (h, w) (a map at
     another size is stretched over the image); ``mask``: (H, W). Returns ``path``."""
-    plt = _pyplot()
+    plt = pyplot()
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     pixels = (image.float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
     fig, axes = plt.subplots(1, 3 if mask is not None else 2, figsize=(9 if mask is not None else 6, 3.2))

@@ -21,11 +21,15 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["dataset_plot", "job_curves", "job_name", "job_plot", "keep_previous_results", "report_html", "results_markdown",
-           "summary_markdown", "summary_tables", "write_results"]
+from .overlays import pyplot
+
+__all__ = ["METRIC_HEADS", "dataset_plot", "job_curves", "job_name", "job_plot", "keep_previous_results", "report_html", "results_markdown",
+           "safe_name", "summary_markdown", "summary_tables", "write_results"]
 
 PLOTS = "plots"
 SUMMARY_METRICS = (("image_auroc", "I-AUROC"), ("pixel_auroc", "P-AUROC"), ("mad", "mAD"))
+# the column heads of fastad.metrics.METRICS and mAD, in that order
+METRIC_HEADS = ("I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO", "mAD")
 
 
 def fmt(v) -> str:
@@ -56,9 +60,19 @@ def recipe_line(row: dict) -> str:
     return text + (f"; --set {user}" + (" (wins over the recipe)" if row.get("recipe") else "") if user else "")
 
 
+def safe_name(text: str) -> str:
+    """``text`` as a file name: characters outside [A-Za-z0-9._-] as '_'."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", text)
+
+
 def job_name(row: dict) -> str:
-    """The file name stem of a job's plots: MODEL-DATASET-CLASS (characters outside [A-Za-z0-9._-] as '_')."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", f"{row['model']}-{row.get('dataset', 'data')}-{row['class']}")
+    """The file name stem of a job's plots: MODEL-DATASET-CLASS (:func:`safe_name`)."""
+    return safe_name(f"{row['model']}-{row.get('dataset', 'data')}-{row['class']}")
+
+
+def _plot_links(rows: list[dict]) -> str:
+    """results.md's line linking each job's plot."""
+    return "- plots: " + ", ".join(f"[{r['class']}]({PLOTS}/{job_name(r)}.png)" for r in rows)
 
 
 def results_markdown(rows: list[dict], title: str) -> str:
@@ -67,7 +81,7 @@ def results_markdown(rows: list[dict], title: str) -> str:
     from .metrics import METRICS
 
     cols = [*METRICS, "mad"]
-    head = ["class", "I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO", "mAD", "fit s", "img/s"]
+    head = ["class", *METRIC_HEADS, "fit s", "img/s"]
     lines = [f"# {title}", ""]
     if rows and "protocol" in rows[0]:  # what the numbers are comparable with
         lines += [f"- recipe: {recipe_line(rows[0])}", f"- protocol: {rows[0]['protocol']}"]
@@ -85,14 +99,6 @@ def results_markdown(rows: list[dict], title: str) -> str:
              for r in rows if r.get("pixel_note")]
     notes += [f"- {r['class']}: {r['selection']}" for r in rows if r.get("selection", "last") != "last"]
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
-
-
-def _ordered(values) -> list:
-    seen = []
-    for v in values:
-        if v not in seen:
-            seen.append(v)
-    return seen
 
 
 def _groups(rows: list[dict]) -> dict[str, dict[str, list[dict]]]:
@@ -117,14 +123,14 @@ def summary_tables(rows: list[dict]) -> dict[str, tuple[list[str], list[list[str
     out = {}
     for dataset, by_model in _groups(rows).items():
         models = list(by_model)
-        classes = _ordered(r["class"] for rs in by_model.values() for r in rs)
+        classes = list(dict.fromkeys(r["class"] for rs in by_model.values() for r in rs))
         head = ["class", *(f"{m} {label}" for m in models for _, label in SUMMARY_METRICS)]
         cell = {(m, r["class"]): r for m, rs in by_model.items() for r in rs}
         body = [[c, *(fmt(_number(cell[(m, c)][k])) if (m, c) in cell else "" for m in models for k, _ in SUMMARY_METRICS)]
                 for c in classes]
         if len(classes) > 1:
             body.append(["**mean**", *(fmt(mean([r[k] for r in by_model[m]])) for m in models for k, _ in SUMMARY_METRICS)])
-        speed = [[m, f"{_speed(by_model[m])[0]:.1f}", f"{_speed(by_model[m])[1]:.1f}"] for m in models]
+        speed = [[m, *(f"{v:.1f}" for v in _speed(by_model[m]))] for m in models]
         out[dataset] = (head, body, speed)
     return out
 
@@ -142,18 +148,14 @@ def summary_markdown(rows: list[dict], title: str, titles: dict[tuple[str, str],
         lines += [f"## {dataset}", ""] + _md_table(head, body) + [""]
         lines += _md_table(["model", "fit s", "test img/s"], speed) + [""]
         if plots:
-            lines += [f"![{dataset}]({PLOTS}/{_safe(dataset)}.png)", ""]
+            lines += [f"![{dataset}]({PLOTS}/{safe_name(dataset)}.png)", ""]
     for dataset, by_model in _groups(rows).items():
         for model, rs in by_model.items():
             table = results_markdown(rs, titles.get((model, dataset), f"{model} on {dataset}"))
             lines += ["#" + table.rstrip("\n").replace("\n# ", "\n## "), ""]
             if plots:
-                lines += [f"- plots: " + ", ".join(f"[{r['class']}]({PLOTS}/{job_name(r)}.png)" for r in rs), ""]
+                lines += [_plot_links(rs), ""]
     return "\n".join(lines)
-
-
-def _safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", text)
 
 
 def keep_previous_results(out: str) -> None:
@@ -178,45 +180,35 @@ def write_results(out: str, rows: list[dict], title: str, titles: dict[tuple[str
 
     text = json.dumps([plain(r) for r in rows], indent=2)
     atomic_write(os.path.join(out, "results.json"), lambda tmp: Path(tmp).write_text(text))
-    pairs = _ordered((r["model"], r.get("dataset", "data")) for r in rows)
+    pairs = {(r["model"], r.get("dataset", "data")) for r in rows}
     if len(pairs) > 1:
         table = summary_markdown(rows, title, titles or {}, plots=report)
     else:
         table = results_markdown(rows, title)
         if report and rows:
-            table += "\n- plots: " + ", ".join(f"[{r['class']}]({PLOTS}/{job_name(r)}.png)" for r in rows) + \
-                     f"; everything in one page: [report.html](report.html)\n"
+            table += f"\n{_plot_links(rows)}; everything in one page: [report.html](report.html)\n"
     atomic_write(os.path.join(out, "results.md"), lambda tmp: Path(tmp).write_text(table))
     if report:
-        for dataset in _groups(rows):
-            dataset_plot(os.path.join(out, PLOTS, f"{_safe(dataset)}.png"), [r for r in rows if r.get("dataset", "data") == dataset])
+        for dataset, by_model in _groups(rows).items():
+            dataset_plot(os.path.join(out, PLOTS, f"{safe_name(dataset)}.png"), [r for rs in by_model.values() for r in rs])
         page = report_html(out, rows, title)
         atomic_write(os.path.join(out, "report.html"), lambda tmp: Path(tmp).write_text(page))
 
 
 # -- plots ------------------------------------------------------------------------------------------------------
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _save(fig, path: str) -> None:
     from .faults import atomic_write
 
     os.makedirs(os.path.dirname(path), exist_ok=True)
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
-    _pyplot().close(fig)
+    pyplot().close(fig)
 
 
 def dataset_plot(path: str, rows: list[dict]) -> None:
     """One PNG for one dataset: image AUROC, pixel AUROC and mAD per class (panels), one bar per model."""
-    plt = _pyplot()
-    by_model = {m: {r["class"]: r for r in rows if r["model"] == m} for m in _ordered(r["model"] for r in rows)}
-    classes = _ordered(r["class"] for r in rows)
+    plt = pyplot()
+    by_model = {m: {r["class"]: r for r in rows if r["model"] == m} for m in dict.fromkeys(r["model"] for r in rows)}
+    classes = list(dict.fromkeys(r["class"] for r in rows))
     fig, axes = plt.subplots(1, len(SUMMARY_METRICS), squeeze=False,
                              figsize=(3 * max(3.0, 0.35 * len(classes) * len(by_model) + 1), 3.6))
     width = 0.8 / len(by_model)
@@ -267,7 +259,7 @@ def job_plot(path: str, scores: torch.Tensor, labels: torch.Tensor, threshold: f
     from .faults import atomic_write
 
     data = {**job_curves(scores, labels), "threshold": threshold}
-    plt = _pyplot()
+    plt = pyplot()
     fig, (roc, pr, hist) = plt.subplots(1, 3, figsize=(12, 3.6))
     if data["fpr"]:
         roc.plot(data["fpr"], data["tpr"], drawstyle="default")
@@ -317,14 +309,14 @@ def report_html(out: str, rows: list[dict], title: str) -> str:
     parts = [f"<h1>{html.escape(title)}</h1>"]
     for dataset, (head, body, speed) in summary_tables(rows).items():
         parts += [f"<h2>{html.escape(dataset)}</h2>", _html_table(head, body), _html_table(["model", "fit s", "test img/s"], speed)]
-        plot = os.path.join(out, PLOTS, f"{_safe(dataset)}.png")
+        plot = os.path.join(out, PLOTS, f"{safe_name(dataset)}.png")
         if os.path.exists(plot):
             parts.append(_embedded(plot, f"{dataset}: metrics per class"))
     cols = [*METRICS, "mad"]
     for r in rows:
         name = job_name(r)
         parts.append(f"<h3>{html.escape(r['model'])} on {html.escape(r.get('dataset', 'data'))}: {html.escape(r['class'])}</h3>")
-        parts.append(_html_table(["I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO", "mAD", "threshold"],
+        parts.append(_html_table([*METRIC_HEADS, "threshold"],
                                  [[*(fmt(_number(r.get(c))) for c in cols),
                                    "n/a" if r.get("image_threshold") is None else f"{r['image_threshold']:.6g}"]]))
         plot = os.path.join(out, PLOTS, f"{name}.png")

@@ -11,7 +11,6 @@ import inspect
 import json
 import math
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from pathlib import Path
 
 from .faults import UsageError
 from .report import fmt as _fmt
-from .report import job_name, job_plot, keep_previous_results, plain, recipe_line, write_results
+from .report import job_name, job_plot, keep_previous_results, plain, recipe_line, safe_name, write_results
 
 KINDS = ("synthetic", "mvtec", "mpdd", "btad", "visa", "realiad", "mtd", "folder", "imagefolder", "list")
 JOBS = "jobs"  # --out's folder of finished (model, dataset, class) jobs: one JSON file each
@@ -110,7 +109,7 @@ def dataset_labels(specs: list[str]) -> list[str]:
     two specs share a kind (a one-line error if that still repeats)."""
     kinds = [s.partition(":")[0] for s in specs]
     labels = [k if kinds.count(k) == 1 else f"{k}-{Path(s.partition(':')[2]).name}" for k, s in zip(kinds, specs)]
-    labels = [re.sub(r"[^A-Za-z0-9._-]", "_", x) for x in labels]
+    labels = [safe_name(x) for x in labels]
     repeated = sorted({x for x in labels if labels.count(x) > 1})
     if repeated:
         raise UsageError(f"--data: several data specs are named {', '.join(repeated)}; give each --data once "
