@@ -75,6 +75,50 @@ def test_masked_attention_large(path, device, kind):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+# (grid, window, tile widths): every width the cost model may pick on some device, including widths
+# that leave slots of a tile empty (16 // 3 = 5 rows of 3), a grid wider than a tile (40 > 16) and
+# the whole row
+@pytest.mark.parametrize("grid,window,widths", [((5, 7), 3, [1, 3, 7]), ((3, 40), 5, [2, 5, 16]), ((9, 6), 11, [4, 6])])
+def test_local_window_kernels_for_any_tile_width(device, monkeypatch, grid, window, widths):
+    """The local kernels walk 2-D tiles of TW columns and the flattened band of their windows; each
+    width gives the reference's forward and gradients (the host picks the width per shape)."""
+    from fastad.ops import dispatch, grid_attention
+
+    skip_unless_runs("triton", device)
+    monkeypatch.setitem(dispatch.settings, "triton", True)
+    block_m = grid_attention._config(torch.float32, 8, grid[1], device == "cuda")["BLOCK_M"]
+    for tw in widths:
+        th = block_m // tw
+        tiles = -(-grid[0] // th) * -(-grid[1] // tw)
+        monkeypatch.setattr(grid_attention, "_tiling", lambda *a, tw=tw, tiles=tiles: (tw, tiles))
+        q, k, v = _qkv((2, 3, grid[0] * grid[1], 8), torch.float32, device)
+        _compare(local_window_attention, local_window_attention_reference, q, k, v, grid, window)
+
+
+def test_local_window_tiles_compute_fewer_pairs():
+    """The 2-D tiles chosen for the benchmarked RLR / Dinomaly shapes (CUDA tiles) compute no more
+    (query, key) pairs than whole-row blocks, and at 64x64 window 11 at most 3x the pairs inside the
+    windows (whole rows: about 6x)."""
+    from fastad.ops import window_mask
+    from fastad.ops.grid_attention import _band_sizes, _config, _tiling
+
+    for side, d, window in [(16, 64, 5), (28, 64, 7), (32, 32, 7), (64, 16, 11)]:
+        for dtype in (torch.bfloat16, torch.float32):
+            cfg = _config(dtype, d, side, cuda=True)
+            bm, bn, r = cfg["BLOCK_M"], cfg["BLOCK_N"], window // 2
+
+            def pairs(tw):
+                rows, cols = _band_sizes(side, bm // tw, r), _band_sizes(side, tw, r)
+                return bm * sum(nr * nc * -(-(br * bc) // bn) * bn for br, nr in rows.items() for bc, nc in cols.items())
+
+            tw, tiles = _tiling(side, side, r, True, bm, bn)
+            assert tiles == -(-side // (bm // tw)) * -(-side // tw)
+            assert pairs(tw) <= pairs(min(side, bm)), (side, dtype)
+            if side == 64:
+                assert pairs(tw) <= 3 * int(window_mask((side, side), window).sum()), dtype
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_masked_attention_semantics(path, device):
     skip_unless_runs(path, device)
     q, k, v = (torch.randn(1, 2, 12, 16, device=device) for _ in range(3))

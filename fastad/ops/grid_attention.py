@@ -12,8 +12,10 @@ same (H, W) grid, flattened row-major: N = H * W.
 
 The Triton kernels are flash-attention style (online softmax, the log-sum-exp saved for a backward
 pass that recomputes the probabilities). Local attention: each block of queries (or, backward, of
-keys) walks only the band of grid rows and columns its windows can reach, one grid row per tile, so
-that it costs O(N p^2 d) instead of O(N^2 d). Neighbour mask: flat 64-token tiles over the whole
+keys) is a 2-D tile of the grid (TH rows x TW columns, NATTEN's token order without moving the
+tokens) and walks only the band of cells its windows can reach, flattened into key tiles, so that it
+costs O(N p^2 d) instead of O(N^2 d); the host picks TW per shape to compute the fewest pairs
+(:func:`_tiling`). Neighbour mask: flat 64-token tiles over the whole
 sequence (grid rows need not fit a tile), each classified from its grid rows: a tile outside every
 window of the block is all allowed and runs without the mask, the few that meet the window band get
 the mask. The mask itself is computed from indices. The ``*_reference`` functions build the dense
@@ -25,6 +27,7 @@ the band are skipped, tiles wholly inside it run without the mask).
 """
 from __future__ import annotations
 
+import collections
 import functools
 import math
 
@@ -231,8 +234,8 @@ def _grid_attention(
     o = torch.empty_like(q)
     lse = torch.empty((b, nh, n), dtype=torch.float32, device=q.device)
     cfg = _config(q.dtype, d, w, q.is_cuda, only)
-    grid = (triton.cdiv(n, cfg["BLOCK_M"]), b * nh)
-    _fwd_kernel[grid](q, k, v, o, lse, scale, n, d, h, w, radius, ONLY=only, **cfg)
+    tw, tiles = _tiling(h, w, radius, only, cfg["BLOCK_M"], cfg["BLOCK_N"])
+    _fwd_kernel[(tiles, b * nh)](q, k, v, o, lse, scale, n, d, h, w, radius, tw, ONLY=only, **cfg)
     return o, lse
 
 
@@ -252,9 +255,10 @@ def _grid_attention_backward(
     delta = (do.float() * o.float()).sum(-1)  # rowsum(dO * O), FlashAttention-2's D
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     cfg = _config(q.dtype, d, w, q.is_cuda, only)
-    grid = (triton.cdiv(n, cfg["BLOCK_M"]), b * nh)
-    _bwd_dq_kernel[grid](q, k, v, do, lse, delta, dq, scale, n, d, h, w, radius, ONLY=only, **cfg)
-    _bwd_dkdv_kernel[grid](q, k, v, do, lse, delta, dk, dv, scale, n, d, h, w, radius, ONLY=only, **cfg)
+    tw, tiles = _tiling(h, w, radius, only, cfg["BLOCK_M"], cfg["BLOCK_N"])
+    grid = (tiles, b * nh)
+    _bwd_dq_kernel[grid](q, k, v, do, lse, delta, dq, scale, n, d, h, w, radius, tw, ONLY=only, **cfg)
+    _bwd_dkdv_kernel[grid](q, k, v, do, lse, delta, dk, dv, scale, n, d, h, w, radius, tw, ONLY=only, **cfg)
     return dq, dk, dv
 
 
@@ -304,7 +308,8 @@ def _config(dtype: torch.dtype, d: int, w: int, cuda: bool, only: bool = True) -
     """Constexprs and launch options for head dim ``d`` on a grid ``w`` wide, local (``only``) or
     neighbour-masked attention (fastad.ops.compile_check compiles every CUDA one)."""
     block_d = max(16, triton.next_power_of_2(d))
-    # local: one grid row (or a part) per key block; neighbour mask: flat 64-token key blocks
+    # neighbour mask: flat 64-token key blocks; local: key blocks of the flattened band, sized by
+    # the grid width (the band is about a grid row wide or narrower)
     block_n = max(16, min(64, triton.next_power_of_2(w))) if only else 64
     # float32 products (no TF32) for float32 inputs, like the reference; bfloat16 tiles are also
     # widened under the interpreter, whose bfloat16 tl.dot is wrong
@@ -319,19 +324,66 @@ def _config(dtype: torch.dtype, d: int, w: int, cuda: bool, only: bool = True) -
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, F32=f32, num_warps=warps, num_stages=3)
 
 
+def _band_sizes(n: int, tile: int, radius: int) -> collections.Counter:
+    """How many tiles of ``tile`` cells along a grid side of ``n`` reach each band length (the cells
+    their windows of radius ``radius`` cover, cut at the borders)."""
+    return collections.Counter(min(min(t + tile, n) - 1 + radius, n - 1) - max(t - radius, 0) + 1
+                               for t in range(0, n, tile))
+
+
+@functools.lru_cache(maxsize=256)
+def _tiling(h: int, w: int, radius: int, only: bool, block_m: int, block_n: int) -> tuple[int, int]:
+    """(TW, programs per head) of the kernels. Neighbour mask: BLOCK_M consecutive tokens per program
+    (TW unused). Local attention: 2-D tiles of TH = BLOCK_M // TW rows x TW columns, each walking the
+    flattened band its windows reach in BLOCK_N-token key tiles; TW is the width for which the
+    (query, key) pairs computed, sum over tiles of BLOCK_M x the band rounded up to BLOCK_N, are
+    fewest (on ties the widest: longer contiguous rows). 64x64 grid, window 11, 64-token tiles: 8 x 8
+    tiles compute 384 keys per query where whole grid rows compute 704 (the window holds 121)."""
+    if not only:
+        return 1, triton.cdiv(h * w, block_m)
+    best = None
+    for tw in range(min(w, block_m), 0, -1):
+        th = block_m // tw
+        rows, cols = _band_sizes(h, th, radius), _band_sizes(w, tw, radius)
+        pairs = sum(nr * nc * triton.cdiv(br * bc, block_n) for br, nr in rows.items() for bc, nc in cols.items())
+        if best is None or pairs < best[0]:
+            best = pairs, tw, triton.cdiv(h, th) * triton.cdiv(w, tw)
+    return best[1], best[2]
+
+
 if HAS_TRITON:
 
     @triton.jit
-    def _band(first, last, H, W, R):
-        """Grid rows and columns [r_lo, r_hi] x [c_lo, c_hi] reachable from the windows of the tokens
-        first..last (row-major indices): the window band of local attention."""
-        r0 = first // W
-        r1 = last // W
+    def _window_tile(pid, H, W, R, TW, BLOCK_M: tl.constexpr):
+        """Local attention's 2-D tile ``pid``: TH = BLOCK_M // TW grid rows x TW columns, row-major
+        over the tiles (the last ones cut at the grid). Returns the tokens (row-major indices, their
+        rows and columns, which slots hold one) and the band their windows reach: rows
+        r_lo.. and columns c_lo.. c_lo + bw - 1, nb = rows x bw cells."""
+        th = BLOCK_M // TW
+        r0 = (pid // tl.cdiv(W, TW)) * th
+        c0 = (pid % tl.cdiv(W, TW)) * TW
+        i = tl.arange(0, BLOCK_M)
+        rows = r0 + i // TW
+        cols = c0 + i % TW
+        valid = (i < th * TW) & (rows < H) & (cols < W)
         r_lo = tl.maximum(r0 - R, 0)
-        r_hi = tl.minimum(r1 + R, H - 1)
-        c_lo = tl.where(r0 == r1, tl.maximum(first % W - R, 0), 0)
-        c_hi = tl.where(r0 == r1, tl.minimum(last % W + R, W - 1), W - 1)
-        return r_lo, r_hi, c_lo, c_hi
+        c_lo = tl.maximum(c0 - R, 0)
+        bw = tl.minimum(tl.minimum(c0 + TW, W) - 1 + R, W - 1) - c_lo + 1
+        nb = (tl.minimum(tl.minimum(r0 + th, H) - 1 + R, H - 1) - r_lo + 1) * bw
+        return rows * W + cols, valid, rows, cols, r_lo, c_lo, bw, nb
+
+    @triton.jit
+    def _band_tile(A, B, base, j0, r_lo, c_lo, bw, nb, W, D, offs_d, dm, BLOCK_N: tl.constexpr, F32: tl.constexpr):
+        """Rows of A and B for the band cells j0 .. j0 + BLOCK_N - 1 (row-major over the band
+        rectangle, cut at nb): one flat list, so no tile is wasted on a band narrower than a tile."""
+        j = j0 + tl.arange(0, BLOCK_N)
+        valid = j < nb
+        rows = r_lo + j // bw
+        cols = c_lo + j % bw
+        offs = rows * W + cols
+        ptrs = base + offs[:, None] * D + offs_d[None, :]
+        mask = valid[:, None] & dm[None, :]
+        return load(A + ptrs, mask, F32), load(B + ptrs, mask, F32), offs, rows, cols, valid
 
     @triton.jit
     def _allowed(rows_m, cols_m, rows_n, cols_n, valid, R, ONLY: tl.constexpr):
@@ -389,51 +441,53 @@ if HAS_TRITON:
         dst = pt * (dot(v, tl.trans(do), F32) - delta[None, :])
         return dot(dst.to(q.dtype), q, F32), dot(pt.to(do.dtype), do, F32)
 
-    @triton.jit
-    def _row_tile(A, B, base, r, c0, c_hi, W, D, offs_d, dm, BLOCK_N: tl.constexpr, F32: tl.constexpr):
-        """Rows of A and B for the grid cells (r, c0 .. c0 + BLOCK_N - 1), cut at column c_hi."""
-        cols = c0 + tl.arange(0, BLOCK_N)
-        valid = cols <= c_hi
-        ptrs = base + (r * W + cols)[:, None] * D + offs_d[None, :]
-        mask = valid[:, None] & dm[None, :]
-        return load(A + ptrs, mask, F32), load(B + ptrs, mask, F32), cols, valid
-
     # no scalar argument is specialised (no variants for a value of 1 or a multiple of 16): one compiled
     # variant per constexpr set, as fastad.ops.compile_check compiles them
-    _SCALARS = ["scale", "N", "D", "H", "W", "R"]
+    _SCALARS = ["scale", "N", "D", "H", "W", "R", "TW"]
+
+    @triton.jit
+    def _tokens(pid, N, H, W, R, TW, ONLY: tl.constexpr, BLOCK_M: tl.constexpr):
+        """The block of program ``pid``: local attention a 2-D tile (:func:`_window_tile`), the
+        neighbour mask BLOCK_M consecutive tokens (first .. last). Returns (indices, valid, rows,
+        cols, then the band (r_lo, c_lo, bw, nb) or (first, last, 0, 0))."""
+        if ONLY:
+            offs, valid, rows, cols, a, b, c, e = _window_tile(pid, H, W, R, TW, BLOCK_M)
+        else:
+            offs = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+            valid = offs < N
+            rows = offs // W
+            cols = offs % W
+            a = pid * BLOCK_M
+            b = tl.minimum(a + BLOCK_M, N) - 1
+            c = 0
+            e = 0
+        return offs, valid, rows, cols, a, b, c, e
 
     @triton.jit(do_not_specialize=_SCALARS)
     def _fwd_kernel(
-        Q, K, V, O, LSE, scale, N, D, H, W, R,
+        Q, K, V, O, LSE, scale, N, D, H, W, R, TW,
         ONLY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, F32: tl.constexpr,
     ):  # fmt: skip
         bh = tl.program_id(1)
-        first = tl.program_id(0) * BLOCK_M
-        offs_m = first + tl.arange(0, BLOCK_M)
+        offs_m, mm, rows_m, cols_m, b0, b1, bw, nb = _tokens(tl.program_id(0), N, H, W, R, TW, ONLY, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
-        mm = offs_m < N
         dm = offs_d < D
         base = bh * N * D
         q = load(Q + base + offs_m[:, None] * D + offs_d[None, :], mm[:, None] & dm[None, :], F32)
-        rows_m = offs_m // W
-        cols_m = offs_m % W
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        last = tl.minimum(first + BLOCK_M, N) - 1
         if ONLY:
-            r_lo, r_hi, c_lo, c_hi = _band(first, last, H, W, R)
-            for kr in range(r_lo, r_hi + 1):
-                for c0 in range(c_lo, c_hi + 1, BLOCK_N):
-                    k, v, cols_n, cn = _row_tile(K, V, base, kr, c0, c_hi, W, D, offs_d, dm, BLOCK_N, F32)
-                    s = dot(q, tl.trans(k), F32) * scale
-                    ok = _allowed(rows_m, cols_m, kr + tl.zeros([BLOCK_N], dtype=tl.int32), cols_n, cn[None, :], R, ONLY)
-                    m_i, l_i, acc = _fwd_step(tl.where(ok, s, float("-inf")), v, m_i, l_i, acc, F32)
+            for j0 in range(0, nb, BLOCK_N):
+                k, v, _, rows_n, cols_n, cn = _band_tile(K, V, base, j0, b0, b1, bw, nb, W, D, offs_d, dm, BLOCK_N, F32)
+                s = dot(q, tl.trans(k), F32) * scale
+                ok = _allowed(rows_m, cols_m, rows_n, cols_n, cn[None, :], R, ONLY)
+                m_i, l_i, acc = _fwd_step(tl.where(ok, s, float("-inf")), v, m_i, l_i, acc, F32)
         else:
             for n0 in range(0, N, BLOCK_N):
                 k, v, offs_n, cn = _flat_tile(K, V, base, n0, N, D, offs_d, dm, BLOCK_N, F32)
                 s = dot(q, tl.trans(k), F32) * scale
-                s = _neighbour_masked(s, rows_m, cols_m, offs_n, cn, first, last, n0, N, W, R, BLOCK_N)
+                s = _neighbour_masked(s, rows_m, cols_m, offs_n, cn, b0, b1, n0, N, W, R, BLOCK_N)
                 m_i, l_i, acc = _fwd_step(s, v, m_i, l_i, acc, F32)
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -442,14 +496,12 @@ if HAS_TRITON:
 
     @triton.jit(do_not_specialize=_SCALARS)
     def _bwd_dq_kernel(
-        Q, K, V, DO, LSE, DELTA, DQ, scale, N, D, H, W, R,
+        Q, K, V, DO, LSE, DELTA, DQ, scale, N, D, H, W, R, TW,
         ONLY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, F32: tl.constexpr,
     ):  # fmt: skip
         bh = tl.program_id(1)
-        first = tl.program_id(0) * BLOCK_M
-        offs_m = first + tl.arange(0, BLOCK_M)
+        offs_m, mm, rows_m, cols_m, b0, b1, bw, nb = _tokens(tl.program_id(0), N, H, W, R, TW, ONLY, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
-        mm = offs_m < N
         dm = offs_d < D
         base = bh * N * D
         qd_mask = mm[:, None] & dm[None, :]
@@ -457,68 +509,54 @@ if HAS_TRITON:
         do = load(DO + base + offs_m[:, None] * D + offs_d[None, :], qd_mask, F32)
         lse = tl.load(LSE + bh * N + offs_m, mask=mm, other=float("inf"))
         delta = tl.load(DELTA + bh * N + offs_m, mask=mm, other=0.0)
-        rows_m = offs_m // W
-        cols_m = offs_m % W
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        last = tl.minimum(first + BLOCK_M, N) - 1
         if ONLY:
-            r_lo, r_hi, c_lo, c_hi = _band(first, last, H, W, R)
-            for kr in range(r_lo, r_hi + 1):
-                for c0 in range(c_lo, c_hi + 1, BLOCK_N):
-                    k, v, cols_n, cn = _row_tile(K, V, base, kr, c0, c_hi, W, D, offs_d, dm, BLOCK_N, F32)
-                    s = dot(q, tl.trans(k), F32) * scale
-                    ok = _allowed(rows_m, cols_m, kr + tl.zeros([BLOCK_N], dtype=tl.int32), cols_n, cn[None, :], R, ONLY)
-                    dq += _dq_step(tl.where(ok, s, float("-inf")), k, v, do, lse, delta, F32)
+            for j0 in range(0, nb, BLOCK_N):
+                k, v, _, rows_n, cols_n, cn = _band_tile(K, V, base, j0, b0, b1, bw, nb, W, D, offs_d, dm, BLOCK_N, F32)
+                s = dot(q, tl.trans(k), F32) * scale
+                ok = _allowed(rows_m, cols_m, rows_n, cols_n, cn[None, :], R, ONLY)
+                dq += _dq_step(tl.where(ok, s, float("-inf")), k, v, do, lse, delta, F32)
         else:
             for n0 in range(0, N, BLOCK_N):
                 k, v, offs_n, cn = _flat_tile(K, V, base, n0, N, D, offs_d, dm, BLOCK_N, F32)
                 s = dot(q, tl.trans(k), F32) * scale
-                s = _neighbour_masked(s, rows_m, cols_m, offs_n, cn, first, last, n0, N, W, R, BLOCK_N)
+                s = _neighbour_masked(s, rows_m, cols_m, offs_n, cn, b0, b1, n0, N, W, R, BLOCK_N)
                 dq += _dq_step(s, k, v, do, lse, delta, F32)
         store_rounded(DQ + base + offs_m[:, None] * D + offs_d[None, :], dq * scale, qd_mask)
 
     @triton.jit(do_not_specialize=_SCALARS)
     def _bwd_dkdv_kernel(
-        Q, K, V, DO, LSE, DELTA, DK, DV, scale, N, D, H, W, R,
+        Q, K, V, DO, LSE, DELTA, DK, DV, scale, N, D, H, W, R, TW,
         ONLY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, F32: tl.constexpr,
     ):  # fmt: skip
-        # one block of BLOCK_M keys; the queries that can see them lie in the same (symmetric) band
+        # one block of BLOCK_M keys (tiled as the queries are); the queries that can see them lie in
+        # the same (symmetric) band
         bh = tl.program_id(1)
-        first = tl.program_id(0) * BLOCK_M
-        offs_k = first + tl.arange(0, BLOCK_M)
+        offs_k, km, rows_k, cols_k, b0, b1, bw, nb = _tokens(tl.program_id(0), N, H, W, R, TW, ONLY, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
-        km = offs_k < N
         dm = offs_d < D
         base = bh * N * D
         kd_mask = km[:, None] & dm[None, :]
         k = load(K + base + offs_k[:, None] * D + offs_d[None, :], kd_mask, F32)
         v = load(V + base + offs_k[:, None] * D + offs_d[None, :], kd_mask, F32)
-        rows_k = offs_k // W
-        cols_k = offs_k % W
         dk = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        last = tl.minimum(first + BLOCK_M, N) - 1
         if ONLY:
-            r_lo, r_hi, c_lo, c_hi = _band(first, last, H, W, R)
-            for qr in range(r_lo, r_hi + 1):
-                for c0 in range(c_lo, c_hi + 1, BLOCK_N):
-                    q, do, cols_q, cq = _row_tile(Q, DO, base, qr, c0, c_hi, W, D, offs_d, dm, BLOCK_N, F32)
-                    offs_q = qr * W + cols_q
-                    # transposed scores: keys x queries
-                    st = dot(k, tl.trans(q), F32) * scale
-                    ok = _allowed(rows_k, cols_k, qr + tl.zeros([BLOCK_N], dtype=tl.int32), cols_q, cq[None, :], R, ONLY)
-                    ddk, ddv = _dkdv_step(tl.where(ok, st, float("-inf")), q, do, v, LSE + bh * N, DELTA + bh * N,
-                                          offs_q, cq, F32)
-                    dk += ddk
-                    dv += ddv
+            for j0 in range(0, nb, BLOCK_N):
+                q, do, offs_q, rows_q, cols_q, cq = _band_tile(Q, DO, base, j0, b0, b1, bw, nb, W, D, offs_d, dm, BLOCK_N, F32)
+                st = dot(k, tl.trans(q), F32) * scale  # transposed scores: keys x queries
+                ok = _allowed(rows_k, cols_k, rows_q, cols_q, cq[None, :], R, ONLY)
+                ddk, ddv = _dkdv_step(tl.where(ok, st, float("-inf")), q, do, v, LSE + bh * N, DELTA + bh * N,
+                                      offs_q, cq, F32)
+                dk += ddk
+                dv += ddv
         else:
             for n0 in range(0, N, BLOCK_N):
                 q, do, offs_q, cq = _flat_tile(Q, DO, base, n0, N, D, offs_d, dm, BLOCK_N, F32)
                 st = dot(k, tl.trans(q), F32) * scale
-                st = _neighbour_masked(st, rows_k, cols_k, offs_q, cq, first, last, n0, N, W, R, BLOCK_N)
+                st = _neighbour_masked(st, rows_k, cols_k, offs_q, cq, b0, b1, n0, N, W, R, BLOCK_N)
                 ddk, ddv = _dkdv_step(st, q, do, v, LSE + bh * N, DELTA + bh * N, offs_q, cq, F32)
                 dk += ddk
                 dv += ddv
         store_rounded(DK + base + offs_k[:, None] * D + offs_d[None, :], dk * scale, kd_mask)
         store_rounded(DV + base + offs_k[:, None] * D + offs_d[None, :], dv, kd_mask)
-
