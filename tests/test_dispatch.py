@@ -159,6 +159,15 @@ def test_a_corrupt_or_foreign_cache_is_ignored_and_rewritten(tuner, tmp_path, mo
     assert timer.calls == ["triton", "reference"]
     data = json.loads(path.read_text())
     assert data["fastad"] != "0.0.1" and data["entries"][key]["choice"] == "triton"
+    # the same version measured with other kernel sources (an edited op file): not trusted either
+    assert data["kernels"] == dispatch._kernels_digest()
+    path.write_text(json.dumps({**data, "kernels": "0" * 16, "entries": {key: {"choice": "reference", "seconds": {}}}}))
+    _fresh_process(monkeypatch)
+    timer = tuner(triton=1e-3, reference=2e-3)
+    quantile(_x(), 0.9)
+    assert timer.calls == ["triton", "reference"]
+    data = json.loads(path.read_text())
+    assert data["entries"][key]["choice"] == "triton"
     # an entry naming no implementation is dropped, the rest kept
     path.write_text(json.dumps({**data, "entries": {**data["entries"], "x|cpu|float32|fwd": {"choice": "magic"}}}))
     _fresh_process(monkeypatch)

@@ -28,7 +28,7 @@ since the extension's float64 warp per query reuses no bank row).
 device name, forward only or forward + backward) times every implementation that can run,
 synchronised (one warm-up call, then the best of three rounds of five), and keeps the fastest, in
 memory and in a small JSON file (:func:`cache_path`) that later processes read; a corrupt file, or
-one written by another fastad / torch / Triton version, is ignored and rewritten. Only
+one written by another fastad / torch / Triton version or other kernel sources, is ignored and rewritten. Only
 implementations with the op's documented exactness compete, so the choice never changes a result
 beyond it: quantile / select_rank are bit-identical to ``torch.quantile`` / ``kthvalue`` on every
 path; nearest_reference's paths are float64-exact with the lowest index on ties; the attention ops
@@ -45,6 +45,7 @@ extension reaches their bandwidth floor, so timing them would cost more than it 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import os
@@ -332,10 +333,20 @@ def cache_path() -> Path:
     return Path(base) / "fastad" / "autotune.json"
 
 
+@functools.lru_cache(maxsize=1)
+def _kernels_digest() -> str:
+    """SHA-256 (16 hex digits) of the op sources (fastad/ops/*.py): a kernel changed within one fastad
+    version (a development checkout, a patch) invalidates the timings measured with the old one."""
+    h = hashlib.sha256()
+    for f in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def _header() -> dict:
     from fastad import __version__
 
-    return {"format": _FORMAT, "fastad": __version__, "torch": torch.__version__,
+    return {"format": _FORMAT, "fastad": __version__, "kernels": _kernels_digest(), "torch": torch.__version__,
             "triton": triton.__version__ if HAS_TRITON else None}
 
 
