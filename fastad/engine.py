@@ -1,6 +1,7 @@
 """Fit a model on normal images, score a test set, compute the metrics, time each stage."""
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
@@ -9,15 +10,31 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from . import distributed
+from .data.cache import batch_source
 from .faults import memory_stage
 from .metrics import compute_metrics
 from .models import create_model
 
 
-def _loader(ds: Dataset, batch_size: int, num_workers: int, desc: str):
-    """Batches of ``ds`` in order, with a progress bar on a terminal (none in logs)."""
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    return tqdm(loader, desc=desc, unit="batch", leave=False, disable=None)
+def _batches(model, ds: Dataset, batch_size: int, num_workers: int):
+    """(images on the model's device, batch) of ``ds`` in order, with a progress bar on a terminal
+    (none in logs), without a host read: cached pixels are gathered as training gathers them (on
+    CUDA resident on the device when they fit; normalised there; finite by construction), other
+    sets are collated by a DataLoader (pinned on CUDA), checked on the host copy
+    (:meth:`~fastad.models.base.AnomalyModel.validate_images`) and sent with a non-blocking copy."""
+    device = model.device
+    source = batch_source(ds, device)
+    if source is not None:
+        starts = range(0, len(ds), batch_size)
+        for start in tqdm(starts, desc="predict", unit="batch", leave=False, disable=None):
+            batch = source(list(range(start, min(start + batch_size, len(ds)))))
+            yield batch["image"], batch
+        return
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
+    for batch in tqdm(loader, desc="predict", unit="batch", leave=False, disable=None):
+        model.validate_images(batch["image"])
+        yield batch["image"].to(device, non_blocking=True), batch
 
 
 @torch.no_grad()
@@ -49,19 +66,24 @@ def _predict(model, ds: Dataset, batch_size: int, num_workers: int, placeholders
     image whose results are dropped (a rank whose share of a collective forward has run out), and
     empty tensors for an empty share of ``whole``."""
     scores, maps, labels, masks, has_mask = [], [], [], [], []
-    for batch in _loader(ds, batch_size, num_workers, "predict"):
+    for images, batch in _batches(model, ds, batch_size, num_workers):
+        # FeatureNorm's references are checked by its forward, on the device
         extra = {"references": batch["references"]} if "references" in batch else {}
-        with memory_stage("inference", "lower --batch-size"):
-            s, m = model(batch["image"], **extra)
+        with memory_stage("inference", "lower --batch-size"), (contextlib.nullcontext() if extra else model.checked_inputs()):
+            s, m = model(images, **extra)
         mask = batch["mask"]
         if mask.shape != m.shape:  # the contract: maps at the input size
             raise ValueError(f"{type(model).__name__} returned maps of shape {tuple(m.shape)} for masks of shape "
                              f"{tuple(mask.shape)}; a fastad model returns maps at the input image size")
-        scores.append(s.cpu())
-        maps.append(m.cpu())
+        # non-blocking device-to-host copies (into pinned memory): the next batch is read and sent
+        # while the device still works on this one; they have all landed after the synchronize below
+        scores.append(s.to("cpu", non_blocking=True))
+        maps.append(m.to("cpu", non_blocking=True))
         labels.append(torch.as_tensor(batch["label"]))
-        masks.append(mask)
+        masks.append(mask.to("cpu", non_blocking=True))
         has_mask.append(torch.as_tensor(batch.get("has_mask", torch.ones(len(mask), dtype=torch.bool)), dtype=torch.bool))
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
     for _ in range(placeholders):
         with memory_stage("inference", "lower --batch-size"):
             model(whole[0]["image"].unsqueeze(0))

@@ -221,3 +221,101 @@ def test_the_training_losses_read_nothing_on_the_host(path, name, monkeypatch):
     reads.active = False
     assert reads.count == 0
     assert torch.isfinite(loss)
+
+
+# inference: engine.predict checks the images on the host copy (or gathers finite cached pixels) and
+# runs each forward in a checked_inputs block, so these models' forwards read nothing on the host
+# (PatchCore's and FeatureNorm's kNN validate their features: a read each, left as they are)
+SYNC_FREE_FORWARD = ["padim", "dinomaly", "minimaxad", "rlr", "fod"]
+
+
+@pytest.mark.parametrize("name", SYNC_FREE_FORWARD)
+def test_predict_forwards_read_nothing_on_the_host(tmp_path, monkeypatch, name):
+    from fastad.engine import predict
+    from test_model_contract import TINY
+
+    torch.manual_seed(0)
+    model = create_model(name, **{**TINY[name], "crop_fraction": 1.0})
+    root = _defect_folder(tmp_path / "d", size=64)
+    model.fit(folder(root, "train", model.transform()), progress=False)
+    model.eval()
+    test = folder(root, "test", model.transform())
+    reads, per_forward = _HostReads(monkeypatch), []
+    forward = model.forward
+
+    def counted(*a, **k):
+        start = reads.count
+        out = forward(*a, **k)
+        per_forward.append(reads.count - start)
+        return out
+
+    model.forward = counted
+    plain = predict(model, test, batch_size=2)  # collated, checked on the host
+    fast = predict(model, cached(test, tmp_path / "cache"), batch_size=2)  # gathered from the cache
+    reads.active = False
+    assert per_forward == [0] * 6  # 3 + 3 batches of the 6 test images
+    for a, b in zip(plain, fast):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert plain[1].shape == (6, *model.image_size) and not plain[0].is_cuda
+
+
+def test_predict_still_rejects_a_nan_image_and_checked_inputs_skips_only_the_scan(tmp_path):
+    from fastad.engine import predict
+
+    torch.manual_seed(0)
+    model = create_model("padim", image_size=64, crop_fraction=1.0)
+    root = _defect_folder(tmp_path / "d", size=64)
+    model.fit(folder(root, "train", model.transform()), progress=False)
+    test = folder(root, "test", model.transform())
+
+    class WithNaN(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(test)
+
+        def __getitem__(self, i):
+            item = dict(test[i])
+            if i == 4:
+                item["image"] = item["image"].clone()
+                item["image"][1, 7, 3] = float("nan")
+            return item
+
+    with pytest.raises(ValueError, match="PaDiM got images with NaN or inf values; expected finite values"):
+        predict(model, WithNaN(), batch_size=2)
+    bad = WithNaN()[4]["image"][None]
+    with pytest.raises(ValueError, match="NaN or inf"):
+        model(bad)
+    with model.checked_inputs():  # the caller vouches for the values: no scan, the other checks stay
+        assert torch.isnan(model(bad).maps).any()
+        with pytest.raises(ValueError, match=r"expects images of shape \(B, 3, H, W\)"):
+            model(bad[0])
+    with pytest.raises(ValueError, match="NaN or inf"):  # the block restored the check
+        model(bad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_predict_makes_no_host_sync_on_cuda_until_the_end(tmp_path, monkeypatch, use_cache):
+    from fastad.engine import predict
+
+    torch.manual_seed(0)
+    model = create_model("padim", image_size=64, crop_fraction=1.0).cuda()
+    root = _defect_folder(tmp_path / "d", size=64)
+    model.fit(folder(root, "train", model.transform()), progress=False)
+    test = folder(root, "test", model.transform())
+    if use_cache:
+        test = cached(test, tmp_path / "cache")
+    want = predict(model, test, batch_size=2)  # the first calls may set things up (dispatcher, cuBLAS)
+    synchronize = torch.cuda.synchronize
+
+    def final(*a):  # the one wait, after the last batch
+        torch.cuda.set_sync_debug_mode(0)
+        synchronize(*a)
+
+    monkeypatch.setattr(torch.cuda, "synchronize", final)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = predict(model, test, batch_size=2)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    for a, b in zip(want, got):
+        assert torch.equal(a, b)

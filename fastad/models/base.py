@@ -19,6 +19,7 @@ A model is an :class:`AnomalyModel` (an ``nn.Module``) registered by name with :
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
@@ -345,9 +346,16 @@ class AnomalyModel(nn.Module):
         return torch.device("cpu")
 
     def check_images(self, images, finite: bool = True) -> torch.Tensor:
-        """Validate a batch for :meth:`forward` and return it as float32 on the model's device.
-        Raises TypeError / ValueError naming what was wrong and what was expected. ``finite=False``
-        skips the NaN/inf test (a host read) for images known finite (gathered from cached uint8 pixels)."""
+        """Validate a batch for :meth:`forward` (:meth:`validate_images`) and return it as float32 on
+        the model's device. ``finite=False`` skips the NaN/inf test (a host read) for images known
+        finite (gathered from cached uint8 pixels); so does a :meth:`checked_inputs` block."""
+        self.validate_images(images, finite and not self._inputs_checked)
+        return images.to(self.device, torch.float32)
+
+    def validate_images(self, images, finite: bool = True) -> None:
+        """Raise TypeError / ValueError naming what was wrong and what was expected, unless ``images``
+        is a (B, 3, H, W) floating-point batch of at least one image, of a size this model takes, and
+        (``finite``) without NaN/inf (a host read: on CUDA a device sync)."""
         name = type(self).__name__
         if not isinstance(images, torch.Tensor):
             raise TypeError(f"{name} expects a (B, 3, H, W) float tensor, got {type(images).__name__}")
@@ -364,7 +372,20 @@ class AnomalyModel(nn.Module):
             raise ValueError(f"{name} was built for image_size {self.image_size}; the input size {h}x{w} differs")
         if h % self.input_multiple or w % self.input_multiple:
             raise ValueError(f"{name}: image sides must be a multiple of the patch or stride ({self.input_multiple}), got {h}x{w}")
-        return images.to(self.device, torch.float32)
+
+    _inputs_checked = False
+
+    @contextlib.contextmanager
+    def checked_inputs(self):
+        """A block in which :meth:`check_images` skips its NaN/inf test: for a caller that validated
+        the images before sending them to the device (:func:`fastad.engine.predict` checks the host
+        copy, or gathers cached uint8 pixels), so that a CUDA forward enqueues its kernels without
+        waiting for the device."""
+        saved, self._inputs_checked = self._inputs_checked, True
+        try:
+            yield self
+        finally:
+            self._inputs_checked = saved
 
     # -- the contract ---------------------------------------------------------------------------------------
     def fit(self, data, *, num_workers: int = 0, progress: bool | None = None) -> AnomalyModel:
