@@ -12,11 +12,12 @@ Rows (the tables are printed at the end; bench/RESULTS.md keeps the measured one
   gradients): the authors' per-parameter StableAdamW (a host read per parameter) against the
   multi-tensor update.
 - training iterations of Dinomaly (ViT-B/14, 392 px) and MiniMaxAD (UniRepLKNet-N, 256 px), batch 16,
-  random weights, on bottle: the authors' way (PIL per epoch in the training process, per-parameter
+  random weights, and RLR (EfficientNet-Lite0, 256 px, its batch 4), on bottle: the authors' way (PIL per epoch in the training process, per-parameter
   StableAdamW, every loss and NaN check read on the host) against fastad's (cached batches, sync-free
   steps), and fastad's at precision bf16 / fp16 and compiled (compile=True; on the CPU only with
-  FASTAD_BENCH_COMPILE=1: compiling the training graphs there takes minutes); iterations/s,
-  images/s and the share of each iteration spent waiting for data.
+  FASTAD_BENCH_COMPILE=1: compiling the training graphs there takes minutes), and on CUDA Dinomaly's
+  and RLR's fp32 step with the Triton kernels forced against the PyTorch paths of the same ops;
+  iterations/s, images/s and the share of each iteration spent waiting for data.
 - a whole `fastad run` of PatchCore on bottle (fresh processes): wall clock with --no-cache, a first
   run into an empty cache, a second run; and, in-process, the time the run spends on data before
   the backbone (validation, cache, reading every train and test item) in each case.
@@ -38,8 +39,9 @@ import torch
 
 from fastad.data import ImageTransform, mvtec
 from fastad.data.cache import batch_source, cached
-from fastad.models import Dinomaly, MiniMaxAD
+from fastad.models import RLR, Dinomaly, MiniMaxAD
 from fastad.models.training import _epoch_batches
+from fastad.ops import dispatch
 from fastad.optim import StableAdamW
 
 DEVICE = os.environ.get("FASTAD_BENCH_DEVICE", "cpu")
@@ -91,7 +93,11 @@ def test_data_path(benchmark, tmp_path):
 
 
 COMPILE = DEVICE == "cuda" or os.environ.get("FASTAD_BENCH_COMPILE") == "1"
-TRAIN_IMPLS = ["authors", "fastad", "fastad bf16", "fastad fp16", "fastad bf16 compiled"]
+# "fastad kernels" / "fastad PyTorch ops": fastad's fp32 row with the kernel families forced (the
+# Triton attention, select and loss kernels, or the PyTorch paths of the same ops; CUDA only: the CPU
+# always takes the PyTorch paths)
+PATHS = {"fastad kernels": dict(triton=True), "fastad PyTorch ops": dict(triton=False, flex=False)}
+TRAIN_IMPLS = ["authors", "fastad", *PATHS, "fastad bf16", "fastad fp16", "fastad bf16 compiled"]
 
 
 def _dinomaly(**kw):
@@ -158,22 +164,31 @@ def _training_row(make, transform, impl):
     return step / ITERS, wait / ITERS, model.train_batch_size
 
 
+TRAINED = {"Dinomaly ViT-B/14 392px": lambda **kw: Dinomaly(weights="random", **kw),
+           "MiniMaxAD UniRepLKNet-N 256px": lambda **kw: MiniMaxAD(weights="random", **kw),
+           "RLR EfficientNet-Lite0 256px": lambda **kw: RLR(**kw)}
+
+
 @needs_bottle
 @pytest.mark.parametrize("impl", TRAIN_IMPLS)
-@pytest.mark.parametrize("name", ["Dinomaly ViT-B/14 392px", "MiniMaxAD UniRepLKNet-N 256px"])
+@pytest.mark.parametrize("name", list(TRAINED))
 def test_training_iterations(benchmark, name, impl):
     if "compiled" in impl and not COMPILE:
         pytest.skip("compiled rows: on CUDA, or FASTAD_BENCH_COMPILE=1 on the CPU (minutes of compiling)")
-    kw = {"precision": impl.split()[1] if impl.count(" ") else "fp32", "compile": "compiled" in impl}
-    if name.startswith("Dinomaly"):
-        make, transform = (lambda: _dinomaly(**kw)), DINOMALY_TRANSFORM
-    else:
-        def make():
-            torch.manual_seed(0)
-            return MiniMaxAD(weights="random", **kw).to(DEVICE)
-        transform = make().transform()
+    if impl in PATHS and DEVICE != "cuda":
+        pytest.skip("kernel rows: CUDA only (the CPU always takes the PyTorch paths)")
+    if impl in PATHS and name.startswith("MiniMaxAD"):
+        pytest.skip("kernel rows: Dinomaly and RLR (the attention models)")
+    kw = {"precision": "fp32" if impl in PATHS or " " not in impl else impl.split()[1], "compile": "compiled" in impl}
+
+    def make():
+        torch.manual_seed(0)
+        return TRAINED[name](**kw).to(DEVICE)
+
+    transform = DINOMALY_TRANSFORM if name.startswith("Dinomaly") else make().transform()
     out = {}
-    benchmark.pedantic(lambda: out.setdefault("r", _training_row(make, transform, impl)), rounds=1, iterations=1)
+    with dispatch.kernels(**PATHS.get(impl, {})):
+        benchmark.pedantic(lambda: out.setdefault("r", _training_row(make, transform, impl)), rounds=1, iterations=1)
     per_it, wait, bs = out["r"]
     benchmark.extra_info.update(device=DEVICE, iterations=ITERS, s_per_iteration=per_it, data_wait_s=wait,
                                 data_wait_share=wait / per_it, images_per_s=bs / per_it)
@@ -241,12 +256,16 @@ def teardown_module(module):
         print(f"| speed-up | {a[0] / f[0]:.2f}x |")
     names = dict.fromkeys(k[1] for k in _rows if isinstance(k, tuple) and k[0] == "train")
     if names:
-        print(f"\n| training, batch 16, {ITERS} iterations | way | it/s | images/s | data wait |\n|---|---|---|---|---|")
+        print(f"\n| training, {ITERS} iterations | way | batch | it/s | images/s | data wait |\n|---|---|---|---|---|---|")
         for name in names:
             for impl in TRAIN_IMPLS:
                 r = _rows.get(("train", name, impl))
                 if r:
-                    print(f"| {name} | {impl} | {1 / r[0]:.3f} | {r[2] / r[0]:.1f} | {100 * r[1] / r[0]:.1f}% |")
+                    print(f"| {name} | {impl} | {r[2]} | {1 / r[0]:.3f} | {r[2] / r[0]:.1f} | {100 * r[1] / r[0]:.1f}% |")
+        for name in names:  # the kernels against the PyTorch paths of the same ops (CUDA)
+            k, t = _rows.get(("train", name, "fastad kernels")), _rows.get(("train", name, "fastad PyTorch ops"))
+            if k and t:
+                print(f"{name}: a training step with the kernels is {t[0] / k[0]:.2f}x the PyTorch paths' speed")
     if "run" in _rows:
         r = _rows["run"]
         print("\n| fastad run PatchCore bottle | --no-cache | first run | second run |\n|---|---|---|---|")
