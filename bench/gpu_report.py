@@ -1,5 +1,5 @@
 """Write ``gpu_check.md`` from what ``bench/gpu_check.sh`` left in a folder: ``tests.xml`` (pytest's
-JUnit XML), ``bench.json`` (pytest-benchmark), ``bench.txt`` (the suites' printed ratio tables) and
+JUnit XML), ``bench-SUITE.json`` (pytest-benchmark, one per suite), ``bench.txt`` (the suites' printed ratio tables) and
 ``autotune.json`` (what fastad.ops.dispatch measured and chose while the benchmarks ran).
 
     python bench/gpu_report.py REPORT_DIR
@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import json
 import platform
+import re
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -63,16 +64,22 @@ def test_lines(path: Path) -> tuple[list[str], int]:
     return head + bad, int(bool(bad))
 
 
-def bench_lines(path: Path, peak: float | None) -> list[str]:
-    """One row per benchmark: min / mean seconds, rounds, GB/s (% of the device's peak) and the bandwidth
-    floor (the bytes at peak) where the benchmark recorded the bytes it must move (``extra_info['bytes']``),
-    TFLOP/s where it recorded its FLOPs (``extra_info['flops']``)."""
-    if not path.exists():
-        return [f"no benchmark results ({path} missing)"]
-    data = json.loads(path.read_text())
+def bench_lines(paths: list[Path], peak: float | None) -> list[str]:
+    """One row per benchmark of the pytest-benchmark files ``paths`` (gpu_check.sh writes one per suite):
+    min / mean seconds, rounds, GB/s (% of the device's peak) and the bandwidth floor (the bytes at
+    peak) where the benchmark recorded the bytes it must move (``extra_info['bytes']``), TFLOP/s where
+    it recorded its FLOPs (``extra_info['flops']``)."""
+    if not paths:
+        return ["no benchmark results (no bench*.json)"]
     rows = ["| benchmark | min (ms) | mean (ms) | rounds | GB/s | % of peak | TFLOP/s | floor (ms) |",
             "|---|---|---|---|---|---|---|---|"]
-    for b in data.get("benchmarks", []):
+    benchmarks = []
+    for path in paths:
+        try:
+            benchmarks += json.loads(path.read_text()).get("benchmarks", [])
+        except ValueError:
+            rows.insert(0, f"unreadable benchmark file {path.name} (a suite stopped while writing it)")
+    for b in benchmarks:
         s, info = b["stats"], b.get("extra_info", {})
         gbs = pct = tflops = floor = ""
         if info.get("bytes"):
@@ -101,11 +108,17 @@ def choice_lines(path: Path) -> list[str]:
     return rows
 
 
+# what the suites print that the report keeps: Markdown tables and headings, the ratio lines
+# ("...: fastad 1.00 ms, sdpa 2.00 ms, 2.00x"), their titles, and gpu_check.sh's own notes on suites
+# stopped or not run for time
+_KEPT = re.compile(r"^(\||#|gpu_check:|throughput,)|speed-up|\d\.\d+x$")
+
+
 def ratio_lines(path: Path) -> list[str]:
-    """The ratio tables the suites printed (their Markdown table lines)."""
+    """The ratio tables and lines the suites printed, and which suites the time limit cut."""
     if not path.exists():
         return []
-    return [line for line in path.read_text().splitlines() if line.startswith("|") or line.startswith("#")]
+    return [line for line in path.read_text().splitlines() if _KEPT.search(line)]
 
 
 def main(argv=None) -> int:
@@ -113,7 +126,8 @@ def main(argv=None) -> int:
     dev, peak = device_lines()
     tests, failed = test_lines(folder / "tests.xml")
     text = "\n".join(["# fastad GPU check", "", *dev, "", "## Tests", "", *tests, "", "## Benchmarks (CUDA)", "",
-                      *bench_lines(folder / "bench.json", peak), "", "## Ratio tables (baseline time / fastad time)", "",
+                      *bench_lines(sorted(folder.glob("bench*.json"), key=lambda p: p.stat().st_mtime), peak), "",
+                      "## Ratio tables (baseline time / fastad time)", "",
                       *ratio_lines(folder / "bench.txt"), "", "## What the dispatcher chose (measured on this device)", "",
                       *choice_lines(folder / "autotune.json"), ""])
     (folder / "gpu_check.md").write_text(text)

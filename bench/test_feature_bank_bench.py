@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from fastad.ops import FeatureBank, feature_bank
+from mvtec_data import mvtec_root
 
-DATA = Path(os.environ.get("FASTAD_MVTEC", Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec"))
+DATA = mvtec_root()
 DEVICE = os.environ.get("FASTAD_BENCH_DEVICE", "cpu")
 
 

@@ -21,7 +21,8 @@ Rows (the tables are printed at the end; bench/RESULTS.md keeps the measured one
 - a whole `fastad run` of PatchCore on bottle (fresh processes): wall clock with --no-cache, a first
   run into an empty cache, a second run; and, in-process, the time the run spends on data before
   the backbone (validation, cache, reading every train and test item) in each case.
-Each needs ../shared/data/mvtec/bottle and is skipped without it. FASTAD_BENCH_ITERS sets the
+Each needs MVTec AD bottle (bench/mvtec_data.py: ../shared/data/mvtec, or with FASTAD_BENCH_STANDIN=1 a
+synthetic stand-in of its layout and size, named in the tables) and is skipped without it. FASTAD_BENCH_ITERS sets the
 training iterations timed per row (default 2 on the CPU, 20 on CUDA).
 """
 import argparse
@@ -43,11 +44,12 @@ from fastad.models import RLR, Dinomaly, MiniMaxAD
 from fastad.models.training import _epoch_batches
 from fastad.ops import dispatch
 from fastad.optim import StableAdamW
+from mvtec_data import mvtec_root, standin
 
 DEVICE = os.environ.get("FASTAD_BENCH_DEVICE", "cpu")
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec"
+DATA = mvtec_root()
 ITERS = int(os.environ.get("FASTAD_BENCH_ITERS", 20 if DEVICE == "cuda" else 2))
-needs_bottle = pytest.mark.skipif(not (DATA / "bottle").is_dir(), reason="needs ../shared/data/mvtec/bottle")
+needs_bottle = pytest.mark.skipif(not (DATA / "bottle").is_dir(), reason="needs ../shared/data/mvtec/bottle (or FASTAD_BENCH_STANDIN=1)")
 _rows: dict = {}
 
 
@@ -92,7 +94,8 @@ def test_data_path(benchmark, tmp_path):
                      ("cached items (warm)", warm), (f"cached batches of 16 on {DEVICE}", batch)]
 
 
-COMPILE = DEVICE == "cuda" or os.environ.get("FASTAD_BENCH_COMPILE") == "1"
+# FASTAD_BENCH_COMPILE=0 leaves them out on CUDA too (gpu_check.sh --quick: minutes of compiling each)
+COMPILE = os.environ.get("FASTAD_BENCH_COMPILE", "1" if DEVICE == "cuda" else "0") == "1"
 # "fastad kernels" / "fastad PyTorch ops": fastad's fp32 row with the kernel families forced (the
 # Triton attention, select and loss kernels, or the PyTorch paths of the same ops; CUDA only: the CPU
 # always takes the PyTorch paths)
@@ -174,7 +177,7 @@ TRAINED = {"Dinomaly ViT-B/14 392px": lambda **kw: Dinomaly(weights="random", **
 @pytest.mark.parametrize("name", list(TRAINED))
 def test_training_iterations(benchmark, name, impl):
     if "compiled" in impl and not COMPILE:
-        pytest.skip("compiled rows: on CUDA, or FASTAD_BENCH_COMPILE=1 on the CPU (minutes of compiling)")
+        pytest.skip("compiled rows: FASTAD_BENCH_COMPILE=1, the default on CUDA (minutes of compiling)")
     if impl in PATHS and DEVICE != "cuda":
         pytest.skip("kernel rows: CUDA only (the CPU always takes the PyTorch paths)")
     if impl in PATHS and name.startswith("MiniMaxAD"):
@@ -243,7 +246,8 @@ def test_whole_run(benchmark, tmp_path):
 def teardown_module(module):
     if not _rows:
         return
-    print(f"\n\nthroughput, device {DEVICE}, {torch.get_num_threads()} threads")
+    data = "a synthetic stand-in of bottle (bench/mvtec_data.py)" if standin() else "MVTec AD bottle"
+    print(f"\n\nthroughput, device {DEVICE}, {torch.get_num_threads()} threads, on {data}")
     if "data" in _rows:
         pil = _rows["data"][0][1]
         print("\n| data path (bottle, 448 -> 392) | ms / image | images/s | vs PIL |\n|---|---|---|---|")
