@@ -34,7 +34,7 @@ def _batches(model, ds: Dataset, batch_size: int, num_workers: int):
                         pin_memory=device.type == "cuda")
     for batch in tqdm(loader, desc="predict", unit="batch", leave=False, disable=None):
         model.validate_images(batch["image"])
-        yield batch["image"].to(device, non_blocking=True), batch
+        yield batch["image"].to(device, non_blocking=device.type == "cuda"), batch
 
 
 @torch.no_grad()
@@ -66,6 +66,7 @@ def _predict(model, ds: Dataset, batch_size: int, num_workers: int, placeholders
     image whose results are dropped (a rank whose share of a collective forward has run out), and
     empty tensors for an empty share of ``whole``."""
     scores, maps, labels, masks, has_mask = [], [], [], [], []
+    cuda = model.device.type == "cuda"  # other devices copy back blocking: no stream to wait on below
     for images, batch in _batches(model, ds, batch_size, num_workers):
         # FeatureNorm's references are checked by its forward, on the device
         extra = {"references": batch["references"]} if "references" in batch else {}
@@ -77,12 +78,12 @@ def _predict(model, ds: Dataset, batch_size: int, num_workers: int, placeholders
                              f"{tuple(mask.shape)}; a fastad model returns maps at the input image size")
         # non-blocking device-to-host copies (into pinned memory): the next batch is read and sent
         # while the device still works on this one; they have all landed after the synchronize below
-        scores.append(s.to("cpu", non_blocking=True))
-        maps.append(m.to("cpu", non_blocking=True))
+        scores.append(s.to("cpu", non_blocking=cuda))
+        maps.append(m.to("cpu", non_blocking=cuda))
         labels.append(torch.as_tensor(batch["label"]))
-        masks.append(mask.to("cpu", non_blocking=True))
+        masks.append(mask.to("cpu", non_blocking=cuda))
         has_mask.append(torch.as_tensor(batch.get("has_mask", torch.ones(len(mask), dtype=torch.bool)), dtype=torch.bool))
-    if model.device.type == "cuda":
+    if cuda:
         torch.cuda.synchronize(model.device)
     for _ in range(placeholders):
         with memory_stage("inference", "lower --batch-size"):
