@@ -1,3 +1,5 @@
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -100,17 +102,13 @@ def test_local_window_tiles_compute_fewer_pairs():
     (query, key) pairs than whole-row blocks, and at 64x64 window 11 at most 3x the pairs inside the
     windows (whole rows: about 6x)."""
     from fastad.ops import window_mask
-    from fastad.ops.grid_attention import _band_sizes, _config, _tiling
+    from fastad.ops.grid_attention import _config, _pairs, _tiling
 
     for side, d, window in [(16, 64, 5), (28, 64, 7), (32, 32, 7), (64, 16, 11)]:
         for dtype in (torch.bfloat16, torch.float32):
             cfg = _config(dtype, d, side, cuda=True)
             bm, bn, r = cfg["BLOCK_M"], cfg["BLOCK_N"], window // 2
-
-            def pairs(tw):
-                rows, cols = _band_sizes(side, bm // tw, r), _band_sizes(side, tw, r)
-                return bm * sum(nr * nc * -(-(br * bc) // bn) * bn for br, nr in rows.items() for bc, nc in cols.items())
-
+            pairs = functools.partial(_pairs, side, side, r, bm, bn)
             tw, tiles = _tiling(side, side, r, True, bm, bn)
             assert tiles == -(-side // (bm // tw)) * -(-side // tw)
             assert pairs(tw) <= pairs(min(side, bm)), (side, dtype)

@@ -331,24 +331,27 @@ def _band_sizes(n: int, tile: int, radius: int) -> collections.Counter:
                                for t in range(0, n, tile))
 
 
+def _pairs(h: int, w: int, radius: int, block_m: int, block_n: int, tw: int) -> int:
+    """(query, key) pairs the local kernels compute on an h x w grid with tiles TW = ``tw`` wide:
+    over the tiles, BLOCK_M x the band their windows reach rounded up to whole BLOCK_N key tiles."""
+    rows, cols = _band_sizes(h, block_m // tw, radius), _band_sizes(w, tw, radius)
+    return block_m * sum(nr * nc * triton.cdiv(br * bc, block_n) * block_n
+                         for br, nr in rows.items() for bc, nc in cols.items())
+
+
 @functools.lru_cache(maxsize=256)
 def _tiling(h: int, w: int, radius: int, only: bool, block_m: int, block_n: int) -> tuple[int, int]:
     """(TW, programs per head) of the kernels. Neighbour mask: BLOCK_M consecutive tokens per program
     (TW unused). Local attention: 2-D tiles of TH = BLOCK_M // TW rows x TW columns, each walking the
     flattened band its windows reach in BLOCK_N-token key tiles; TW is the width for which the
-    (query, key) pairs computed, sum over tiles of BLOCK_M x the band rounded up to BLOCK_N, are
-    fewest (on ties the widest: longer contiguous rows). 64x64 grid, window 11, 64-token tiles: 8 x 8
-    tiles compute 384 keys per query where whole grid rows compute 704 (the window holds 121)."""
+    (query, key) pairs computed (:func:`_pairs`) are fewest (on ties the widest: longer contiguous
+    rows). 64x64 grid, window 11, 64-token tiles: 8 x 8 tiles compute 384 keys per query where whole
+    grid rows compute 704 (the window holds 121)."""
     if not only:
         return 1, triton.cdiv(h * w, block_m)
-    best = None
-    for tw in range(min(w, block_m), 0, -1):
-        th = block_m // tw
-        rows, cols = _band_sizes(h, th, radius), _band_sizes(w, tw, radius)
-        pairs = sum(nr * nc * triton.cdiv(br * bc, block_n) for br, nr in rows.items() for bc, nc in cols.items())
-        if best is None or pairs < best[0]:
-            best = pairs, tw, triton.cdiv(h, th) * triton.cdiv(w, tw)
-    return best[1], best[2]
+    # min keeps the first of equal counts: the widest
+    tw = min(range(min(w, block_m), 0, -1), key=lambda t: _pairs(h, w, radius, block_m, block_n, t))
+    return tw, triton.cdiv(h, block_m // tw) * triton.cdiv(w, tw)
 
 
 if HAS_TRITON:
