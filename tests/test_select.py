@@ -213,3 +213,47 @@ def test_dim_and_nonfinite_are_validated():
             quantile(x, 0.5, nonfinite=bad)
         with pytest.raises(ValueError, match="nonfinite must be one of"):
             select_rank(x, 0, nonfinite=bad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("passes", ["atomic", "ballot"])
+def test_both_radix_schedules_are_exact(path, device, passes, monkeypatch):
+    # the schedule follows the installed Triton's tl.histogram (11-bit digits with shared-memory
+    # atomics, 8-bit with warp ballots): both must give the same bits, whichever Triton runs CI
+    from fastad.ops import select
+
+    skip_unless_runs(path, device)
+    if path != "triton":
+        pytest.skip("the schedules are the Triton path's")
+    monkeypatch.setattr(select, "_schedule", lambda: passes)
+    cases = dict(_awkward(), randn=torch.randn(65537), nan=torch.tensor([1.0, float("nan"), 2.0]),
+                 inf=torch.tensor([3.0, -float("inf"), 1.0]))
+    for name, x in cases.items():
+        x = x.to(device)
+        if not torch.isfinite(x).all():
+            with pytest.raises(ValueError, match="NaN or inf"):
+                quantile(x, 0.5)
+            assert torch.isnan(quantile(x, 0.5, nonfinite="nan"))
+            continue
+        for q in (0.0, 0.3, 0.9999, 1.0):
+            assert torch.equal(quantile(x, q), quantile_reference(x, q)), (name, q)
+            assert torch.equal(_quantile(x.contiguous().view(-1), q, square=True), quantile_reference(x * x, q)), (name, q)
+        rows = x.reshape(-1, x.shape[-1]) if x.dim() > 1 else x.reshape(1, -1)
+        assert torch.equal(quantile(rows, 0.7, dim=1), quantile_reference(rows, 0.7, dim=1)), name
+        rank = x.numel() // 3
+        assert torch.equal(select_rank(x, rank), select_rank_reference(x, rank)), name
+
+
+def test_radix_schedule_follows_the_triton_histogram_lowering(monkeypatch):
+    # Triton < 3.8 (the GPU image's 3.6) lowers tl.histogram to warp ballots: 8-bit digits there
+    from fastad.ops import select
+
+    assert [sum(bits for _, bits in p) for p in select._SCHEDULES.values()] == [32, 32]
+    for passes in select._SCHEDULES.values():  # digits tile the 32-bit key, most significant first
+        assert [shift for shift, _ in passes] == [32 - sum(b for _, b in passes[: i + 1]) for i in range(len(passes))]
+    for version, want in [("3.6.0", "ballot"), ("3.7.1", "ballot"), ("3.8.0", "atomic"), ("3.10.0", "atomic"),
+                          ("4.0.0+git1234", "atomic")]:
+        monkeypatch.setattr(select.triton, "__version__", version)
+        select._schedule.cache_clear()
+        assert select._schedule() == want, version
+    select._schedule.cache_clear()

@@ -126,9 +126,10 @@ def configs(max_width: int = 129) -> list[Config]:
             add("linear_attention._linear_out_kernel", dict(Q=dt, O=dt, **state), cfg, ["eps"])
             add("linear_attention._linear_dq_kernel", dict(Q=dt, DO=dt, DQ=dt, DKV="fp32", DKSUM="fp32", **state), cfg, ["eps"])
             add("linear_attention._linear_dkdv_kernel", dict(K=dt, V=dt, DK=dt, DV=dt, DKV="fp32", DKSUM="fp32"), cfg)
-        for p, square in itertools.product(range(len(se._PASSES)), (False, True)):
-            add("select._radix_hist_kernel", dict(x_ptr=dt, hist_ptr="i32", bad_ptr="i32", state_ptr="i32"),
-                se._hist_config(p, square, cuda=True))
+        for passes in se._SCHEDULES.values():  # both: which one runs depends on the Triton installed
+            for p, square in itertools.product(range(len(passes)), (False, True)):
+                add("select._radix_hist_kernel", dict(x_ptr=dt, hist_ptr="i32", bad_ptr="i32", state_ptr="i32"),
+                    se._hist_config(passes, p, square, cuda=True))
         for square in (False, True):
             add("select._radix_next_kernel", dict(x_ptr=dt, state_ptr="i32"), se._next_config(square, cuda=True))
         add("hard_mining._square_tail_kernel", dict(x_ptr=dt, tau_ptr="fp32", count_ptr="i32", sum_ptr="fp32"),
@@ -139,8 +140,9 @@ def configs(max_width: int = 129) -> list[Config]:
         add("hard_mining._cosine_grad_kernel",
             dict(a_ptr=dt, b_ptr=dt, out_ptr=dt, coef_a_ptr="fp32", coef_b_ptr="fp32", scale_ptr="fp32"), hm._POINT_CONFIG)
     # the per-row pick and value kernels read only the select state: no input dtype
-    for p, nxt in itertools.product(range(len(se._PASSES)), (False, True)):
-        add("select._radix_pick_kernel", dict(hist_ptr="i32", state_ptr="i32"), se._pick_config(p, nxt))
+    for passes in se._SCHEDULES.values():
+        for p, nxt in itertools.product(range(len(passes)), (False, True)):
+            add("select._radix_pick_kernel", dict(hist_ptr="i32", state_ptr="i32"), se._pick_config(passes, p, nxt))
     for nxt in (False, True):
         add("select._radix_values_kernel", dict(state_ptr="i32", out_ptr="fp32"), se._values_config(nxt))
     # the kNN / nearest re-scoring reads float32 rows whatever the input dtype; k up to the Triton limit
@@ -354,7 +356,9 @@ def main(argv=None) -> int:
             json.dump({"triton": rows, "extension": ext_rows}, f, indent=1)
     bad = failures(rows)
     kernels = len({c.kernel for c in chosen})
-    print(f"compile check: {len(chosen)} configurations of {kernels} kernels x {len(targets)} targets = {len(rows)} compiles; "
+    import triton
+
+    print(f"compile check (Triton {triton.__version__}): {len(chosen)} configurations of {kernels} kernels x {len(targets)} targets = {len(rows)} compiles; "
           f"{len(ext_rows)} extension kernel entries; {len(bad)} failure(s)")
     for b in bad:
         print(f"FAIL {b}")

@@ -1,11 +1,13 @@
 """Exact k-th value and quantile of a whole tensor (or of every row along a dim), of any size, without
 sorting, and without a host read on the GPU.
 
-The Triton path is a three-pass radix select: the float32 values are mapped to order-preserving
-uint32 keys, and each pass histograms 11 (then 11, then 10) bits of the keys that still match the
-prefix found so far, 2048 bins per row, one histogram per program in registers. After each pass one
-small program per row scans the row's histogram and picks the bin that holds the rank, on the device:
-the passes run back to back and nothing is read by the host (the same select is graph-capturable).
+The Triton path is a radix select: the float32 values are mapped to order-preserving uint32 keys,
+and each pass histograms the next digit of the keys that still match the prefix found so far, one
+histogram per program. Three passes of 11 bits (2048 bins) where Triton builds histograms with
+shared-memory atomics (from 3.8), four of 8 bits where it uses warp ballots, whose cost grows with the
+bins (see :data:`_SCHEDULES`). After each pass one small program per row scans the row's histogram and
+picks the bin that holds the rank, on the device: the passes run back to back and nothing is read by
+the host (the same select is graph-capturable).
 The first pass also counts NaN/inf, so checking the input costs no extra read. After the last pass
 the bin holding the rank *is* the value; the next larger value (needed by the interpolation of
 :func:`quantile`) is almost always in the same histogram, else one more pass (a masked min) finds it,
@@ -36,8 +38,8 @@ path reads each histogram on the host (the collectives do anyway) and always rai
 from __future__ import annotations
 
 import functools
-
 import math
+import re
 
 import numpy as np
 import torch
@@ -50,12 +52,28 @@ from .dispatch import HAS_TRITON, implementation
 
 __all__ = ["quantile", "quantile_reference", "select_rank", "select_rank_reference"]
 
-_PASSES = ((21, 11), (10, 11), (0, 10))  # (shift, bits) of each radix pass, most significant first
-_BINS = 2048
+# (shift, bits) of each radix pass, most significant first, for each way Triton lowers tl.histogram
+# (read from its PTX for sm_90, instructions per element of a 4096-element block). From Triton 3.8 one
+# shared-memory atomic per element, nearly flat in the bin count (15 at 2048 bins): three passes of
+# 11 bits read the input least. Before 3.8 (the GPU image's 3.6) warp ballots whose cost grows with
+# bins / 32 (325 at 2048 bins, 82 at 256), so the pass is compute-bound: four passes of 8 bits do
+# a third of the work of three of 11.
+_SCHEDULES = {"atomic": ((21, 11), (10, 11), (0, 10)), "ballot": ((24, 8), (16, 8), (8, 8), (0, 8))}
 _MAX_NUMEL = 2**31 - 1  # int32 offsets within a row in the kernels
 # per-row select state, int32 (keys are uint32 bit patterns): the key prefix found so far, the rank
 # left inside it, the next larger key (sign-flipped, for the int32 atomic min) and "scan needed"
 _PREFIX, _RANK, _NEXT, _SCAN, _STATE = 0, 1, 2, 3, 4
+
+
+@functools.cache
+def _schedule() -> str:
+    """The radix passes the installed Triton runs fastest: 'atomic' (Triton >= 3.8) or 'ballot'."""
+    major, minor = (int(v) for v in re.findall(r"\d+", triton.__version__)[:2]) if HAS_TRITON else (0, 0)
+    return "atomic" if (major, minor) >= (3, 8) else "ballot"
+
+
+def _bins(passes) -> int:
+    return 1 << max(bits for _, bits in passes)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -360,15 +378,16 @@ def _radix_select(rows: torch.Tensor, rank: int, square: bool, nxt: bool):
     if n > _MAX_NUMEL:
         raise ValueError(f"x has {n} elements per row; the Triton select supports at most {_MAX_NUMEL}")
     cuda = rows.is_cuda
-    block = _hist_config(0, square, cuda)["BLOCK"]
+    passes = _SCHEDULES[_schedule()]
+    block = _hist_config(passes, 0, square, cuda)["BLOCK"]
     grid = (max(1, min(triton.cdiv(n, block), max_programs(rows) // r)), r)
-    hist = torch.zeros((len(_PASSES), r, _BINS), dtype=torch.int32, device=rows.device)
+    hist = torch.zeros((len(passes), r, _bins(passes)), dtype=torch.int32, device=rows.device)
     bad = torch.zeros(r, dtype=torch.int32, device=rows.device)
     state = torch.zeros((r, _STATE), dtype=torch.int32, device=rows.device)
     state[:, _RANK] = rank
-    for p in range(len(_PASSES)):
-        _radix_hist_kernel[grid](rows, n, hist[p], bad, state, **_hist_config(p, square, cuda))
-        _radix_pick_kernel[(r,)](hist[p], state, **_pick_config(p, nxt))
+    for p in range(len(passes)):
+        _radix_hist_kernel[grid](rows, n, hist[p], bad, state, **_hist_config(passes, p, square, cuda))
+        _radix_pick_kernel[(r,)](hist[p], state, **_pick_config(passes, p, nxt))
     if nxt:
         _radix_next_kernel[grid](rows, n, state, **_next_config(square, cuda))
     return state, bad
@@ -382,15 +401,15 @@ def _radix_values(state: torch.Tensor, nxt: bool) -> torch.Tensor:
 
 
 # constexprs and launch options of each launch (the compile check lists the CUDA ones)
-def _hist_config(p: int, square: bool, cuda: bool) -> dict:
-    shift, bits = _PASSES[p]
+def _hist_config(passes, p: int, square: bool, cuda: bool) -> dict:
+    shift, bits = passes[p]
     return dict(SHIFT=shift, PREFIX_SHIFT=shift + bits, DIGIT_MASK=(1 << bits) - 1, FIRST=p == 0, SQUARE=square,
-                BLOCK=4096 if cuda else 65536, BINS=_BINS, STATE=_STATE, num_warps=4, num_stages=3)
+                BLOCK=4096 if cuda else 65536, BINS=_bins(passes), STATE=_STATE, num_warps=4, num_stages=3)
 
 
-def _pick_config(p: int, nxt: bool) -> dict:
-    last = p == len(_PASSES) - 1
-    return dict(BITS=_PASSES[p][1], BINS=_BINS, STATE=_STATE, LAST=last, NEXT=nxt and last,
+def _pick_config(passes, p: int, nxt: bool) -> dict:
+    last = p == len(passes) - 1
+    return dict(BITS=passes[p][1], BINS=_bins(passes), STATE=_STATE, LAST=last, NEXT=nxt and last,
                 num_warps=4, num_stages=1)
 
 
@@ -435,24 +454,20 @@ if HAS_TRITON:
         prefix = tl.load(state_ptr + row * STATE).to(tl.uint32, bitcast=True)
         step = tl.num_programs(0) * BLOCK
         hist = tl.zeros([BINS], dtype=tl.int32)
-        dropped = tl.zeros([BLOCK], dtype=tl.int32)
-        bad = tl.zeros([BLOCK], dtype=tl.int32)
+        bad = tl.zeros([], dtype=tl.int32)  # a scalar (a BLOCK-wide counter costs registers)
         for start in range(pid * BLOCK, n, step):
             offs = start + tl.arange(0, BLOCK)
             m = offs < n
             x = tl.load(x_row + offs, mask=m, other=0.0).to(tl.float32)
             key = _ordered_keys(x, SQUARE)
             if FIRST:
-                bad += ((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32)
+                bad += tl.sum(((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32))
             else:
                 m = m & ((key >> PREFIX_SHIFT) == prefix)
-            digit = tl.where(m, (key >> SHIFT) & DIGIT_MASK, 0).to(tl.int32)
-            hist += tl.histogram(digit, BINS)
-            dropped += (~m).to(tl.int32)  # counted in bin 0 above; taken out below
-        hist -= tl.where(tl.arange(0, BINS) == 0, tl.sum(dropped), 0)
+            hist += tl.histogram(((key >> SHIFT) & DIGIT_MASK).to(tl.int32), BINS, mask=m)
         tl.atomic_add(hist_ptr + row * BINS + tl.arange(0, BINS), hist)
         if FIRST:
-            tl.atomic_add(bad_ptr + row, tl.sum(bad))
+            tl.atomic_add(bad_ptr + row, bad)
 
     @triton.jit
     def _radix_pick_kernel(
