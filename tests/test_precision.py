@@ -139,9 +139,10 @@ def test_fp16_trains_with_a_loss_scale_and_float32_master_weights(name):
     assert scores.dtype == maps.dtype == torch.float32 and torch.isfinite(maps).all()
 
 
-# Dinomaly: StableAdamW, skipped on the device; its float16 decoder overflows at 2^40. FOD: torch
-# Adam, the host path; its trained levels run in float32 (not autocast), which overflow at 2^127
-@pytest.mark.parametrize("name, log_scale", [("dinomaly", 40), ("fod", 127)])
+# Dinomaly: StableAdamW, skipped on the device; its float16 decoder overflows at scales above about
+# 2^11 here (2^10 with torch 2.11): 2^24 takes about 13 overflows, well inside the 30 iterations. FOD:
+# torch Adam, the host path; its trained levels run in float32 (not autocast), which overflow at 2^127
+@pytest.mark.parametrize("name, log_scale", [("dinomaly", 24), ("fod", 127)])
 def test_a_loss_scale_overflow_skips_the_update_exactly(name, log_scale):
     """A scale too large overflows the backward pass: those updates leave weights and optimizer
     states exactly as they were, halve the scale, count as overflows (not NaN/inf iterations: no

@@ -20,6 +20,8 @@ def test_triton_kernels_run_in_ci():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_sort_fallback_is_torch_quantile(n, dtype, monkeypatch):
     # the reference's fallback for a torch that refuses large inputs reproduces torch.quantile bit for bit
+    if n > 2**24 and torch.__version__ < (2, 14):
+        pytest.skip("this torch's quantile refuses more than 2**24 elements: nothing to compare with")
     x = torch.randn(n, dtype=dtype)
     for q in QS if n < 2**24 else (0.9999, 0.3):  # a full sort per q
         assert torch.equal(_sorted_quantile(x, q), torch.quantile(x, q)), q
