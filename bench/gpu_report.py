@@ -26,7 +26,10 @@ def device_lines() -> tuple[list[str], float | None]:
     try:
         import triton
 
-        lines.append(f"- triton {triton.__version__}")
+        from fastad.ops import select
+
+        lines.append(f"- triton {triton.__version__} (radix select: {select._schedule()} digits, "
+                     f"{'/'.join(str(b) for _, b in select._SCHEDULES[select._schedule()])} bits)")
     except ImportError:
         lines.append("- triton: not installed")
     import fastad

@@ -395,3 +395,23 @@ def test_fastad_flex_0_leaves_flexattention_out():
     out = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env={**os.environ, **env}).stdout.strip() for env in ({"FASTAD_FLEX": "0"}, {"FASTAD_FLEX": "1"})]
     assert out == ["False", "None"]
+
+
+def test_an_interpreter_that_cannot_run_is_named(monkeypatch):
+    # Triton <= 3.6's interpreter int()s 1-element arrays, which numpy >= 2.4 refuses: said in one
+    # line (and the CPU takes the PyTorch paths) instead of an InterpreterError inside every kernel
+    import numpy
+
+    try:
+        int(numpy.array([1]))
+        refuses = False
+    except TypeError:
+        refuses = True
+    monkeypatch.setattr(dispatch.triton, "__version__", "3.6.0")
+    problem = dispatch._interpreter_problem()
+    assert bool(problem) == refuses
+    if refuses:
+        assert problem == (f"Triton 3.6.0's interpreter (TRITON_INTERPRET=1) cannot run with numpy {numpy.__version__}: "
+                           "install numpy<2.4 or Triton >= 3.7")
+    monkeypatch.setattr(dispatch.triton, "__version__", "3.7.0")
+    assert dispatch._interpreter_problem() == ""

@@ -49,6 +49,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 import time
 import warnings
@@ -88,6 +89,29 @@ except ImportError:  # pragma: no cover - older torch
     HAS_FLEX = False
 
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _interpreter_problem() -> str:
+    """Why the installed Triton cannot interpret kernels on the CPU, or ''. Triton <= 3.6 passes each
+    scalar argument as a 1-element array and converts it with int(), which numpy >= 2.4 refuses."""
+    import numpy
+
+    try:
+        int(numpy.array([1]))
+        return ""
+    except TypeError:
+        pass
+    major, minor = (int(p) for p in re.findall(r"\d+", triton.__version__)[:2]) if HAS_TRITON else (3, 7)
+    if (major, minor) >= (3, 7):
+        return ""
+    return (f"Triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1) cannot run with numpy "
+            f"{numpy.__version__}: install numpy<2.4 or Triton >= 3.7")
+
+
+if TRITON_INTERPRET and _interpreter_problem():  # the CPU then takes the PyTorch paths, said once here
+    warnings.warn(f"fastad: {_interpreter_problem()}; the Triton kernels are left out on the CPU", RuntimeWarning,
+                  stacklevel=2)
+    TRITON_INTERPRET = False
 # extension / triton / flex: the kernel families; autotune: the measuring rule (FASTAD_AUTOTUNE=0: off)
 # (flex: None = measured only, True = also the fixed rule's, False = never: FASTAD_FLEX=0, which also
 # saves its compile time, tens of seconds per shape, where the first calls are what counts)
