@@ -53,11 +53,11 @@ from .dispatch import HAS_TRITON, implementation
 __all__ = ["quantile", "quantile_reference", "select_rank", "select_rank_reference"]
 
 # (shift, bits) of each radix pass, most significant first, for each way Triton lowers tl.histogram
-# (read from its PTX for sm_90, instructions per element of a 4096-element block). From Triton 3.8 one
-# shared-memory atomic per element, nearly flat in the bin count (15 at 2048 bins): three passes of
-# 11 bits read the input least. Before 3.8 (the GPU image's 3.6) warp ballots whose cost grows with
-# bins / 32 (325 at 2048 bins, 82 at 256), so the pass is compute-bound: four passes of 8 bits do
-# a third of the work of three of 11.
+# (the pass's PTX for sm_90, instructions per element of a 4096-element block; bench/RESULTS.md,
+# session 45). From Triton 3.8 one shared-memory atomic per element, nearly flat in the bin count
+# (26 at 2048 bins, 22 at 256): three passes of 11 bits read the input least. Before 3.8 (the GPU
+# image's 3.6) warp ballots whose cost grows with bins / 32 (336 at 2048 bins, 93 at 256), so the
+# pass is compute-bound: four passes of 8 bits do 2.7x less work than three of 11.
 _SCHEDULES = {"atomic": ((21, 11), (10, 11), (0, 10)), "ballot": ((24, 8), (16, 8), (8, 8), (0, 8))}
 _MAX_NUMEL = 2**31 - 1  # int32 offsets within a row in the kernels
 # per-row select state, int32 (keys are uint32 bit patterns): the key prefix found so far, the rank
