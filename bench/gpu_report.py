@@ -28,8 +28,9 @@ def device_lines() -> tuple[list[str], float | None]:
 
         from fastad.ops import select
 
-        lines.append(f"- triton {triton.__version__} (radix select: {select._schedule()} digits, "
-                     f"{'/'.join(str(b) for _, b in select._SCHEDULES[select._schedule()])} bits)")
+        schedule = select._schedule()
+        lines.append(f"- triton {triton.__version__} (radix select: {schedule} digits, "
+                     f"{'/'.join(str(b) for _, b in select._SCHEDULES[schedule])} bits)")
     except ImportError:
         lines.append("- triton: not installed")
     import fastad

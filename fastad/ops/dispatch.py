@@ -62,7 +62,7 @@ import torch
 
 __all__ = ["AUTOTUNED_DEVICE_TYPES", "CUDA_COMPILED", "HAS_EXTENSION", "HAS_TRITON", "TRITON_INTERPRET", "bucket",
            "HAS_FLEX", "cache_path", "choices", "current", "describe", "forced", "implementation", "kernels",
-           "require_triton", "run", "settings"]
+           "require_triton", "run", "settings", "triton_version"]
 
 try:
     from fastad import _C  # noqa: F401  (importing registers torch.ops.fastad.*)
@@ -91,6 +91,12 @@ except ImportError:  # pragma: no cover - older torch
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def triton_version() -> tuple[int, int]:
+    """(major, minor) of the installed Triton ((0, 0) without one): its lowering and its interpreter
+    differ between versions."""
+    return tuple(int(v) for v in re.findall(r"\d+", triton.__version__)[:2]) if HAS_TRITON else (0, 0)
+
+
 def _interpreter_problem() -> str:
     """Why the installed Triton cannot interpret kernels on the CPU, or ''. Triton <= 3.6 passes each
     scalar argument as a 1-element array and converts it with int(), which numpy >= 2.4 refuses."""
@@ -101,16 +107,15 @@ def _interpreter_problem() -> str:
         return ""
     except TypeError:
         pass
-    major, minor = (int(p) for p in re.findall(r"\d+", triton.__version__)[:2]) if HAS_TRITON else (3, 7)
-    if (major, minor) >= (3, 7):
+    if not HAS_TRITON or triton_version() >= (3, 7):
         return ""
     return (f"Triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1) cannot run with numpy "
             f"{numpy.__version__}: install numpy<2.4 or Triton >= 3.7")
 
 
-if TRITON_INTERPRET and _interpreter_problem():  # the CPU then takes the PyTorch paths, said once here
-    warnings.warn(f"fastad: {_interpreter_problem()}; the Triton kernels are left out on the CPU", RuntimeWarning,
-                  stacklevel=2)
+_problem = _interpreter_problem() if TRITON_INTERPRET else ""
+if _problem:  # the CPU then takes the PyTorch paths, said once here
+    warnings.warn(f"fastad: {_problem}; the Triton kernels are left out on the CPU", RuntimeWarning, stacklevel=2)
     TRITON_INTERPRET = False
 # extension / triton / flex: the kernel families; autotune: the measuring rule (FASTAD_AUTOTUNE=0: off)
 # (flex: None = measured only, True = also the fixed rule's, False = never: FASTAD_FLEX=0, which also

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 
 import numpy as np
 import torch
@@ -68,8 +67,7 @@ _PREFIX, _RANK, _NEXT, _SCAN, _STATE = 0, 1, 2, 3, 4
 @functools.cache
 def _schedule() -> str:
     """The radix passes the installed Triton runs fastest: 'atomic' (Triton >= 3.8) or 'ballot'."""
-    major, minor = (int(v) for v in re.findall(r"\d+", triton.__version__)[:2]) if HAS_TRITON else (0, 0)
-    return "atomic" if (major, minor) >= (3, 8) else "ballot"
+    return "atomic" if dispatch.triton_version() >= (3, 8) else "ballot"
 
 
 def _bins(passes) -> int:
